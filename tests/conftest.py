@@ -1,0 +1,61 @@
+"""Shared fixtures: an isolated state dir per test and one tiny model per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Nothing in the tests may reach a hub: fail fast instead of hanging on the closed network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture()
+def tmp_home(tmp_path, monkeypatch) -> Path:
+    """A fresh LMFORGE_HOME for one test."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("LMFORGE_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def session_home(tmp_path_factory) -> Path:
+    """A state dir shared by the whole session (models imported once)."""
+    return tmp_path_factory.mktemp("lmforge-home")
+
+
+@pytest.fixture(scope="session")
+def tiny_config(session_home):
+    """The tiny preset, pointed at the session state dir."""
+    from configs.schema import load
+
+    return load(REPO / "configs" / "tiny.yaml", [f"home={session_home}"])
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_config) -> Path:
+    """The 2-layer tiny Llama with SmolLM2's tokenizer, imported once per session."""
+    from tasks.models import import_model
+
+    manifest = import_model("tiny", tiny_config.home, tiny_config.model)
+    return Path(manifest["path"])
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Real Prefect API (temporary SQLite-backed server) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture()
+def mlflow_uri(tmp_path) -> str:
+    """A fresh MLflow SQLite store for one test."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
