@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from configs.data_schema import DataConfig
 
@@ -100,6 +100,20 @@ class SFTConfig(Section):
     """Lightning precision string, e.g. '32-true', 'bf16-mixed'."""
     checkpoint_every_n_steps: int = Field(50, ge=1)
     """Write a resumable checkpoint every N optimiser steps (and on SIGTERM)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Valid checkpoints kept per run (older ones are deleted; a corrupt newest falls back to the next)."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Gradient-norm clipping; None = no clipping."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, roughly 30% slower."""
+    num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes (tokenisation is done up front, so 0 is usually fastest)."""
+    tasks: list[Literal["sentiment", "ner", "summarization", "generation"]] | None = None
+    """Curated tasks to train on; None = all tasks in the training split."""
+    max_train_samples_per_task: int | None = Field(None, ge=1)
+    """Cap on training records per task (a seeded sample); None = all."""
+    evaluate: bool = True
+    """Evaluate base and tuned model on the validation split after training (uses the evaluate section)."""
     seed: int = 0
     """Seed for data order, dropout and LoRA init."""
 
@@ -195,26 +209,71 @@ class AlignConfig(Section):
 
 # --------------------------------------------------------------------------- quantize
 class QuantizeConfig(Section):
-    variants: list[Literal["int8", "int4", "int8_full", "qat_int4", "qat_int8"]] = ["int8", "int4"]
-    """OpenVINO variants to export (fp32 reference and merged HF weights are always written)."""
+    """Export of deployable variants: merged HF weights, OpenVINO IR (PTQ and QAT), base IR + adapter."""
+
+    variants: list[Literal["int8", "int4", "int8_full", "qat_int4", "qat_int8"]] = ["int8", "int4", "qat_int4"]
+    """OpenVINO variants to export besides the always-written fp32_ir, merged_hf and adapter. int8/int4:
+    weight-only PTQ; int8_full: weights and activations (calibrated); qat_*: NNCF QAT with absorbable LoRA."""
+    runtime_lora: bool = True
+    """Also write base_ir: the un-merged base model as IR plus the adapter, for openvino_genai.Adapter hot-swap."""
+    base_ir_weight_format: Literal["fp32", "int8"] = "int8"
+    """Weight precision of the base_ir variant (LoRA is applied at runtime on top of it)."""
     int4_group_size: int = Field(64, ge=8)
-    """Group size for INT4 weight compression."""
+    """Group size for INT4 weight compression (PTQ and QAT)."""
     int4_ratio: float = Field(1.0, gt=0, le=1)
     """Share of layers in INT4 (rest INT8)."""
+    int4_sym: bool = False
+    """Symmetric INT4 (no zero point); asymmetric is usually more accurate on small models."""
     awq: bool = True
     """Data-aware AWQ for INT4."""
     scale_estimation: bool = True
     """Data-aware scale estimation for INT4."""
     calibration_samples: int = Field(64, ge=1)
-    """Curated samples used for calibration."""
+    """Curated samples used for calibration (PTQ) and as QAT training texts."""
     qat_steps: int = Field(50, ge=1)
     """QAT optimisation steps (FQ_LORA)."""
     qat_learning_rate: float = Field(1e-4, gt=0)
-    """QAT learning rate."""
+    """QAT learning rate for the absorbable LoRA adapters (quantiser scales get a tenth of it)."""
+    qat_loss: Literal["distill", "task"] = "distill"
+    """'distill': KL divergence to the fp32 merged model's logits; 'task': next-token loss on the answer tokens."""
+    qat_lora_rank: int = Field(32, ge=1)
+    """Rank of the absorbable LoRA adapters NNCF inserts into each INT4 fake quantiser."""
+    qat_batch_size: int = Field(4, ge=1)
+    """Sequences per QAT step."""
+    qat_max_seq_len: int = Field(256, ge=8)
+    """Longest QAT training sequence in tokens (longer texts are truncated)."""
+    qat_compile: bool = False
+    """Let NNCF torch.compile its fake-quantise kernels; compiling costs ~10 s per shape up front and only
+    pays off on long runs with fixed shapes."""
+    seed: int = 0
+    """Seed for calibration sampling, QAT data order and adapter initialisation."""
     merged_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     """Dtype of the merged HF weights written for vLLM."""
+    allow_base_name_mismatch: bool = False
+    """Accept an adapter whose base_model_name_or_path names another model when all shapes still match
+    (e.g. the base was copied or renamed)."""
+    selection: Literal["smallest", "fastest"] = "smallest"
+    """Selection policy among variants whose task metrics stay within max_metric_drop of fp32: the smallest on
+    disk, or the fastest at the highest measured concurrency."""
     max_metric_drop: float = Field(1.0, ge=0)
-    """Selection policy: smallest variant whose task metrics stay within this many points of fp32."""
+    """Selection policy: largest allowed drop of any selection metric below fp32, in points (0..100 scale)."""
+    selection_metrics: list[str] = ["sentiment_accuracy", "ner_f1", "summarization_rougeL"]
+    """Metrics (names from tasks.evaluate, 0..1 fractions) the drop is checked on; missing ones are ignored."""
+    bench_max_new_tokens: int = Field(64, ge=1)
+    """Tokens generated per request when measuring tokens/s."""
+    bench_concurrency: list[int] = [1, 8]
+    """Concurrent requests at which tokens/s is measured (ContinuousBatchingPipeline)."""
+    bench_cache_gb: float = Field(1.0, gt=0)
+    """KV-cache size given to ContinuousBatchingPipeline when benchmarking and evaluating."""
+    evaluate_variants: bool = True
+    """Score every variant on the curated validation split (tasks.evaluate); off = sizes and speed only."""
+
+    @field_validator("bench_concurrency")
+    @classmethod
+    def _positive_concurrency(cls, value: list[int]) -> list[int]:
+        if not value or any(n < 1 for n in value):
+            raise ValueError("needs at least one entry, each >= 1")
+        return sorted(set(value))
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -251,13 +310,30 @@ class RegistryConfig(Section):
 
 
 # --------------------------------------------------------------------------- serve
+ServeTask = Literal["sentiment", "ner", "summarization", "generation"]
+
+
 class VariantConfig(Section):
-    name: str
-    """Variant name, returned in the X-Lmforge-Variant header."""
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    """Variant name, returned in the X-Lmforge-Variant header (letters, digits, '_', '-', '.')."""
     model_uri: str
-    """Registry alias URI (models:/lmforge-assistant@champion) or a local model directory."""
+    """Registry alias URI (models:/lmforge-assistant@champion), a version URI (models:/name/3) or a local IR dir."""
     weight: float = Field(1.0, ge=0)
     """Traffic share relative to the other variants."""
+    adapter: str | None = None
+    """LoRA adapter (safetensors file or PEFT dir) applied at runtime on top of the model; None = none."""
+    backend: Literal["openvino", "vllm", "hf"] | None = None
+    """Engine for this variant; None = serve.backend."""
+    url: str | None = None
+    """OpenAI-compatible server (e.g. a running vLLM) serving this variant; implies backend vllm. model_uri
+    then only supplies the tokenizer/chat template (a local model dir or registry URI)."""
+
+
+class TaskRoute(Section):
+    variant: str | None = None
+    """Variant that serves this task; None = the A/B split like any other request."""
+    adapter: str | None = None
+    """LoRA adapter (name loaded into that variant, or a path) used for this task; None = the variant's default."""
 
 
 class ServeConfig(Section):
@@ -272,16 +348,72 @@ class ServeConfig(Section):
         VariantConfig(name="challenger", model_uri="models:/lmforge-assistant@challenger", weight=0.1),
     ]
     """A/B variants and their weights."""
+    served_model: str = "lmforge-assistant"
+    """Model id clients send to get the A/B split; a variant's name pins that variant."""
     poll_interval_s: float = Field(10.0, gt=0)
     """How often the registry watcher checks for moved aliases."""
+    watch: bool = True
+    """Poll the registry and hot-swap variants whose alias moved."""
     request_timeout_s: float = Field(60.0, gt=0)
     """Per-request time limit before the fallback variant is tried."""
+    fallback_variant: str | None = None
+    """Variant that takes a request whose own variant timed out or failed (and new requests while it is down)."""
     max_queue: int = Field(64, ge=1)
     """Requests waiting beyond this are shed with 503."""
+    max_concurrency: int = Field(16, ge=1)
+    """Requests generating at once across the gateway; more wait in the queue."""
+    priority_shares: dict[str, float] = {"high": 1.0, "normal": 0.75, "low": 0.5}
+    """Priority class -> share of max_queue its requests may fill (low sheds first under load)."""
     rate_limit_per_minute: int = Field(600, ge=1)
     """Default per-key token-bucket rate."""
+    rate_limit_burst: int = Field(60, ge=1)
+    """Default per-key bucket size (requests allowed back to back)."""
+    auth: bool = True
+    """Require an API key (Authorization: Bearer); keys are managed with `lmforge keys`."""
+    default_max_tokens: int = Field(256, ge=1)
+    """Completion length when a request gives no max_tokens."""
+    max_tokens_limit: int = Field(4096, ge=1)
+    """Largest max_tokens accepted; larger values are a 400."""
+    task_routes: dict[ServeTask, TaskRoute] = {}
+    """JSON-RPC task -> variant/adapter; tasks left out use the A/B split."""
+    device: str = "CPU"
+    """OpenVINO device."""
+    cache_gb: float = Field(1.0, gt=0)
+    """KV-cache size per OpenVINO engine, in GB."""
+    max_num_seqs: int = Field(32, ge=1)
+    """Sequences one engine batches at once."""
+    num_threads: int | None = Field(None, ge=1)
+    """OpenVINO inference threads; None = all cores."""
+    warmup_tokens: int = Field(4, ge=1)
+    """Tokens generated to warm a freshly loaded engine before it takes traffic."""
+    drain_timeout_s: float = Field(30.0, ge=0)
+    """On SIGTERM or swap: how long in-flight requests may take to finish."""
     vllm_url: str | None = None
     """URL of a running vLLM server; None = start one from .venv-vllm when backend is vllm."""
+    vllm_python: Path = Path(".venv-vllm/bin/python")
+    """Interpreter of the vLLM environment (make vllm-env), used when the gateway starts vLLM itself."""
+    vllm_args: list[str] = ["--gpu-memory-utilization", "0.15"]
+    """Extra arguments for the managed vLLM server."""
+    vllm_startup_timeout_s: float = Field(300.0, gt=0)
+    """How long a managed vLLM server may take to become ready."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeConfig:
+        names = [v.name for v in self.variants]
+        if not names:
+            raise ValueError("serve.variants must list at least one variant")
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must be unique, got {names}")
+        if sum(v.weight for v in self.variants) <= 0:
+            raise ValueError("variant weights must have a positive total")
+        if self.fallback_variant is not None and self.fallback_variant not in names:
+            raise ValueError(f"fallback_variant {self.fallback_variant!r} is not a variant ({', '.join(names)})")
+        for task, route in self.task_routes.items():
+            if route.variant is not None and route.variant not in names:
+                raise ValueError(f"task_routes.{task}.variant {route.variant!r} is not a variant ({', '.join(names)})")
+        if self.served_model in names:
+            raise ValueError(f"served_model {self.served_model!r} must differ from the variant names")
+        return self
 
 
 # --------------------------------------------------------------------------- root
