@@ -1,0 +1,84 @@
+"""Content-addressed results of pipeline stages, so a re-run resumes at the stage that failed.
+
+Each stage's result is stored under ``<home>/pipeline/cache/<stage>-<key>.json`` where ``key``
+hashes everything the stage's output depends on (config section, upstream versions, code
+recipe). A stored result is reused only while every path it names still exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def stage_key(stage: str, inputs: dict[str, Any]) -> str:
+    """Short content hash of a stage's inputs."""
+    payload = json.dumps({"stage": stage, **inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def cached_stage(home: Path, stage: str, inputs: dict[str, Any], run: Callable[[], dict[str, Any]],
+                 path_keys: tuple[str, ...] = ()) -> tuple[dict[str, Any], bool]:
+    """Return the stored result for these inputs, or run the stage and store its result.
+
+    Args:
+        home: state directory.
+        stage: stage name.
+        inputs: everything the result depends on (JSON-serialisable, ``str()`` used otherwise).
+        run: computes the result (a JSON-serialisable dict).
+        path_keys: result keys holding paths that must still exist for the result to be reused.
+
+    Returns:
+        (result, reused)
+    """
+    key = stage_key(stage, inputs)
+    file = Path(home) / "pipeline" / "cache" / f"{stage}-{key}.json"
+    stored = _read(file)
+    if stored is not None and all(stored.get(k) and Path(stored[k]).exists() for k in path_keys):
+        log.info("stage %s: reusing result %s (inputs unchanged)", stage, key)
+        _progress(home, stage, "reused", key)
+        return stored, True
+    _progress(home, stage, "running", key)
+    started = time.perf_counter()
+    result = run()
+    result = json.loads(json.dumps(result, default=str))
+    result["stage_seconds"] = round(time.perf_counter() - started, 1)
+    _write_atomic(file, result)
+    _progress(home, stage, "done", key)
+    return result, False
+
+
+def read_progress(home: Path) -> dict[str, Any]:
+    """The pipeline's progress file: stage -> {status, key, at}."""
+    return _read(Path(home) / "pipeline" / "progress.json") or {}
+
+
+def _progress(home: Path, stage: str, status: str, key: str) -> None:
+    file = Path(home) / "pipeline" / "progress.json"
+    progress = _read(file) or {}
+    progress[stage] = {"status": status, "key": key, "at": time.time()}
+    _write_atomic(file, progress)
+
+
+def _read(file: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_atomic(file: Path, payload: dict[str, Any]) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+    os.replace(tmp, file)
