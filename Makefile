@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 run: setup
 	$(BIN)/lmforge models import $(ARGS)
+	$(BIN)/lmforge run $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest $(ARGS)

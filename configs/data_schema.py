@@ -118,7 +118,9 @@ class CleaningRule(_Section):
         try:  # re validates the template (group references, escapes) even when nothing matches
             re.compile(self.pattern, compile_flags(self.flags)).sub(self.replacement, "")
         except (re.error, IndexError) as err:
-            raise ValueError(f"cleaning rule {self.name!r}: replacement {self.replacement!r} is invalid: {err}") from None
+            raise ValueError(
+                f"cleaning rule {self.name!r}: replacement {self.replacement!r} is invalid: {err}"
+            ) from None
         return self
 
 
@@ -150,7 +152,9 @@ DEFAULT_RULES: list[CleaningRule] = [
     _rule("html_entities", r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});", "@html_unescape"),
     _rule("html_breaks", r"<\s*(?:br|/p|/div|/li|/h[1-6])\s*/?\s*>", "\n", ["IGNORECASE"]),
     _rule("html_tags", r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>", " "),
-    _rule("whitespace", r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]{2,}|[\t\u00a0\u2000-\u200a\u202f\u205f\u3000]", " "),
+    # Runs of blanks, and any single blank that is not a plain space (only real changes match).
+    _rule("whitespace", r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]{2,}|[\t\u00a0\u2000-\u200a\u202f\u205f\u3000]",
+          " "),
     # SST/PTB detokenisation: `` '' quotes, split contractions, spaced punctuation. It runs before
     # PII masking so that tokenised numbers ("( 212 ) 859-1610") are masked in their usual shape.
     _rule("detok_quotes", r"``\s*|\s*''", '"'),
@@ -272,7 +276,8 @@ DEFAULT_TEMPLATES: dict[str, TemplateConfig] = {
         instructions=[
             "Write the next line of this conversation. Reply with that line only.\n\n{input}",
             "Continue the dialogue below with one short reply from the next speaker.\n\n{input}",
-            "Here is the start of a conversation. What does the other person say next? Give only their words.\n\n{input}",
+            "Here is the start of a conversation. What does the other person say next? "
+            "Give only their words.\n\n{input}",
         ],
     ),
 }
@@ -293,6 +298,8 @@ DEFAULT_SOURCES: list[SourceConfig] = [
 
 # --------------------------------------------------------------------------- section
 class DataConfig(_Section):
+    """Dataset curation: which raw sources, how they are cleaned, deduplicated, rendered and split."""
+
     raw_dir: Path = Path("data/raw")
     """Folder holding the raw sources (relative: from the working directory, else from the project root)."""
     seed: int = 0
@@ -332,7 +339,8 @@ class DataConfig(_Section):
         if dupes := sorted({n for n in rule_names if rule_names.count(n) > 1}):
             raise ValueError(f"cleaning rule names must be unique; repeated: {', '.join(dupes)}")
         if unknown := sorted(set(self.disabled_rules) - set(rule_names)):
-            raise ValueError(f"disabled_rules names unknown rules: {', '.join(unknown)} (rules: {', '.join(rule_names)})")
+            raise ValueError(f"disabled_rules names unknown rules: {', '.join(unknown)} "
+                             f"(rules: {', '.join(rule_names)})")
         for rule in self.rules:
             if unknown := sorted(set(rule.sources) - set(names)):
                 raise ValueError(f"cleaning rule {rule.name!r} names unknown sources: {', '.join(unknown)}")

@@ -108,12 +108,18 @@ class SFTConfig(Section):
     """Recompute activations in the backward pass: less memory, roughly 30% slower."""
     num_workers: int = Field(0, ge=0)
     """DataLoader worker processes (tokenisation is done up front, so 0 is usually fastest)."""
+    cpu_threads: int | None = Field(None, ge=1)
+    """Torch intra-op threads per training process on CPU (also used for the before/after evaluation);
+    None = CPU cores / local processes, so DDP ranks on one machine do not oversubscribe it.
+    On a CPU shared with other jobs, 1 avoids OpenMP threads waiting on each other."""
     tasks: list[Literal["sentiment", "ner", "summarization", "generation"]] | None = None
     """Curated tasks to train on; None = all tasks in the training split."""
     max_train_samples_per_task: int | None = Field(None, ge=1)
     """Cap on training records per task (a seeded sample); None = all."""
     evaluate: bool = True
     """Evaluate base and tuned model on the validation split after training (uses the evaluate section)."""
+    eval_max_samples_per_task: int | None = Field(None, ge=1)
+    """Validation examples per task for that before/after evaluation; None = evaluate.max_samples_per_task."""
     seed: int = 0
     """Seed for data order, dropout and LoRA init."""
 
@@ -144,13 +150,17 @@ RewardName = Literal["sentiment", "ner", "ner_recall", "ner_precision", "instruc
 
 
 class AlignStageConfig(Section):
-    name: str
-    """Stage name, shown in logs and MLflow."""
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    """Stage name, shown in logs, MLflow metric names and the stage's directory (letters, digits, '_', '-', '.')."""
     max_steps: int = Field(20, ge=1)
     """Optimiser steps in this stage."""
     reward_weights: dict[RewardName, float] = Field(min_length=1)
     """Reward name -> weight; names: sentiment, ner (per-sample F1), ner_recall, ner_precision,
     instruction (rule-based format score), rouge (summaries), judge (see tasks/rewards.py)."""
+    tasks: list[Literal["sentiment", "ner", "summarization", "generation"]] | None = None
+    """Curated tasks whose training prompts this stage samples; None = the tasks its task-specific rewards
+    score (sentiment -> sentiment, ner* -> ner, rouge -> summarization), or every task when it has only
+    task-agnostic rewards (instruction, judge)."""
 
     @field_validator("reward_weights")
     @classmethod
@@ -183,28 +193,73 @@ class AlignConfig(Section):
     format_max_words: dict[str, int] = {"summarization": 60, "generation": 150}
     """Instruction reward: word limit per free-text task; longer outputs score limit/words."""
 
+    kl_beta: float = Field(0.04, ge=0)
+    """KL coefficient to the reference policy: the adapter each stage starts from (the SFT adapter in
+    stage 1); 0 = no KL term and no reference forward pass."""
+    clip_epsilon: float = Field(0.2, gt=0)
+    """PPO clip range of the probability ratio (1 - eps, 1 + eps)."""
+    num_generations: int = Field(4, ge=2)
+    """Completions sampled per prompt: the group whose mean reward is the baseline."""
+    num_iterations: int = Field(1, ge=1)
+    """Optimisation passes over each generated batch (PPO epochs); with 1 the ratio is always 1 and the
+    clip never fires, with more the later passes are off-policy and clipped."""
+    learning_rate: float = Field(5e-6, gt=0)
+    """AdamW learning rate (constant within a stage)."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Gradient-norm clipping; None = no clipping."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the rollouts."""
+    max_completion_length: int = Field(64, ge=1)
+    """Longest sampled completion in tokens."""
+    batch_size: int = Field(4, ge=1)
+    """Prompts per optimiser step (each sampled num_generations times)."""
+    micro_batch_size: int | None = Field(None, ge=1)
+    """Completions per forward/backward pass (gradients accumulate over one step's batch_size *
+    num_generations completions); must divide that product. None = the largest divisor <= 4: a
+    whole 16-completion batch at once peaked at 9 GB on SmolLM2."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Advantage scaling: divide by the reward std of the group (GRPO), of the batch, or not at all."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, roughly 30% slower."""
+    num_threads: int | None = Field(None, ge=1)
+    """Torch intra-op threads for the whole stage (training and before/after evaluation); None = torch's
+    default (one per core). On a CPU shared with other jobs 1 can be much faster: one process's threads
+    spin-wait on each other when the cores are oversubscribed (10x slower measured here)."""
+    evaluate: bool = True
+    """Evaluate the SFT adapter (before) and the aligned adapter (after) on the validation split
+    (evaluate section) and log both to MLflow."""
+    eval_max_samples_per_task: int | None = Field(None, ge=1)
+    """Validation examples per task for the before/after evaluation (the same first N per task on both
+    sides); None = evaluate.max_samples_per_task. Each evaluation of SmolLM2 costs ~2 s per example here."""
+    judge: JudgeConfig = JudgeConfig()
+    """Stage-1 instruction-quality judge."""
+    seed: int = 0
+    """Sampling and data-order seed."""
+
     @field_validator("reward_clip")
     @classmethod
     def _ordered_clip(cls, value: tuple[float, float]) -> tuple[float, float]:
         if value[0] >= value[1]:
             raise ValueError("reward_clip must be (low, high) with low < high")
         return value
-    kl_beta: float = Field(0.04, ge=0)
-    """KL coefficient to the reference (SFT) model."""
-    clip_epsilon: float = Field(0.2, gt=0)
-    """PPO clip range."""
-    num_generations: int = Field(4, ge=2)
-    """Completions per prompt (the group for the baseline)."""
-    learning_rate: float = Field(5e-6, gt=0)
-    """AdamW learning rate."""
-    max_completion_length: int = Field(64, ge=1)
-    """Longest sampled completion in tokens."""
-    batch_size: int = Field(4, ge=1)
-    """Prompts per step."""
-    judge: JudgeConfig = JudgeConfig()
-    """Stage-1 instruction-quality judge."""
-    seed: int = 0
-    """Sampling and data-order seed."""
+
+    @model_validator(mode="after")
+    def _micro_batch_divides(self) -> AlignConfig:
+        completions = self.batch_size * self.num_generations
+        if self.micro_batch_size is not None and completions % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} must divide batch_size * num_generations "
+                             f"= {completions}")
+        return self
+
+    @field_validator("stages")
+    @classmethod
+    def _named_stages(cls, value: list[AlignStageConfig]) -> list[AlignStageConfig]:
+        names = [s.name for s in value]
+        if not value:
+            raise ValueError("align.stages must list at least one stage")
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        return value
 
 
 # --------------------------------------------------------------------------- quantize

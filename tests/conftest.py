@@ -77,3 +77,21 @@ def tiny_ir_dir(tiny_model_dir, tmp_path_factory) -> Path:
     ov.save_model(ov_tokenizer, out / "openvino_tokenizer.xml")
     ov.save_model(ov_detokenizer, out / "openvino_detokenizer.xml")
     return out
+
+
+def read_artifact(key: str):
+    """The newest Prefect artifact with ``key`` from the running API.
+
+    Every filter field is passed explicitly: Prefect 3.8's server on fastapi 0.154 rejects the nulls
+    the client sends for omitted ones (what ``Artifact.get`` does).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, TaskRunFilter
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), flow_run_filter=FlowRunFilter(),
+            task_run_filter=TaskRunFilter(), sort=ArtifactSort.CREATED_DESC, limit=1, offset=0,
+        )
+    return found[0] if found else None

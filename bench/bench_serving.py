@@ -1,0 +1,414 @@
+"""Serving benchmark: gateway vs engine throughput, hot-swap time, LoRA switch, A/B split.
+
+    .venv/bin/python bench/bench_serving.py [--home .lmforge] [--rounds 3] [--skip-hf] [--skip-swap]
+
+Same harness everywhere: 8 distinct raw prompts, 64 new tokens per request (greedy), C concurrent
+clients each sending ``rounds`` requests back to back; tokens/s = generated tokens / wall time.
+
+* engine direct: ``ContinuousBatchingPipeline.generate`` on C prompts at once, in-process.
+* gateway: ``lmforge serve`` in its own process, C concurrent HTTP clients on /v1/completions
+  (non-streaming and streaming), OpenVINO backend on the same IR.
+* HF transformers fp32 ``generate``, 1 client. vLLM: when ``.venv-vllm`` exists.
+* swap: a registry alias flip under steady load (4 clients); failed requests, background
+  load/warm-up time, the atomic switch, and the extra latency clients saw during the swap.
+* LoRA: switching the engine's adapter (random rank-8 LoRA on SmolLM2) through /admin.
+* A/B: 10,000 simulated users at 90/10.
+
+Results are printed as a table and written to ``<home>/bench/serving.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a bicycle works to a curious child, step by step.",
+    "Describe a busy market in a small town on a Saturday morning.",
+    "Write a letter from a cat to its owner about the new dog in the house.",
+    "Tell the history of a fictional city that was built on a giant turtle.",
+    "Describe the journey of a raindrop from the sky to the sea.",
+    "Write a dialogue between a robot and a gardener about growing tomatoes.",
+    "Explain why the sky changes colour at sunset in simple words.",
+]
+NEW_TOKENS = 64
+_PIPES: dict = {}  # one compiled engine per IR for the direct runs
+
+
+# --------------------------------------------------------------------------- model
+def prepare(home: Path) -> Path:
+    """SmolLM2-135M exported once to OpenVINO INT8 IR (with tokenizer IR) under <home>/serving-bench."""
+    root = home / "serving-bench"
+    fp32, int8 = root / "smollm2-fp32-ir", root / "smollm2-int8"
+    if not (int8 / "openvino_detokenizer.xml").is_file():
+        from configs.schema import QuantizeConfig
+        from tasks.models import import_model
+        from tasks.quantize.export import export_ir, quantize_ir
+
+        base = Path(import_model("smollm2-135m", home)["path"])
+        if not (fp32 / "openvino_detokenizer.xml").is_file():
+            export_ir(base, fp32)
+        quantize_ir(fp32, int8, "int8", QuantizeConfig())
+    return int8
+
+
+# --------------------------------------------------------------------------- engines
+class DirectWorker:
+    """The engine alone, in a clean process (no torch imported: it competes with OpenVINO's threads)."""
+
+    def __init__(self, ir: Path):
+        self.process = subprocess.Popen([sys.executable, __file__, "--direct-worker", str(ir)], cwd=REPO,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout.readline().strip() == "ready"
+
+    def run(self, clients: int, rounds: int) -> dict:
+        self.process.stdin.write(f"{clients} {rounds}\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())
+
+    def stop(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+
+
+def _direct_worker(ir: Path) -> None:
+    bench_direct(ir, 1, 1)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        clients, rounds = map(int, line.split())
+        print(json.dumps(bench_direct(ir, clients, rounds)), flush=True)
+
+
+def bench_direct(ir: Path, clients: int, rounds: int) -> dict:
+    import openvino_genai as ov_genai
+
+    pipe = _PIPES.get(str(ir))
+    if pipe is None:
+        scheduler = ov_genai.SchedulerConfig()
+        scheduler.cache_size = 1
+        scheduler.max_num_seqs = 32
+        pipe = _PIPES[str(ir)] = ov_genai.ContinuousBatchingPipeline(str(ir), scheduler, "CPU")
+    config = pipe.get_config()
+    config.max_new_tokens, config.do_sample, config.apply_chat_template = NEW_TOKENS, False, False
+    config.ignore_eos = True  # exactly NEW_TOKENS per request, as in the design's harness
+    pipe.generate(PROMPTS[:1], [config])  # warm-up
+    tokens, started, rid = 0, time.perf_counter(), 0
+    for r in range(rounds):
+        handles = []
+        for i in range(clients):
+            handles.append(pipe.add_request(rid, PROMPTS[(r + i) % len(PROMPTS)], config))
+            rid += 1
+        running = handles
+        while running:
+            pipe.step()
+            still = []
+            for handle in running:
+                if handle.can_read():
+                    tokens += sum(len(o.generated_ids) for o in handle.read().values())
+                if handle.get_status() == ov_genai.GenerationStatus.RUNNING:
+                    still.append(handle)
+            running = still
+    elapsed = time.perf_counter() - started
+    return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed}
+
+
+def bench_gateway(base: str, clients: int, rounds: int, stream: bool = False) -> dict:
+    async def client(i: int, http: httpx.AsyncClient) -> tuple[int, list[float]]:
+        tokens, latencies = 0, []
+        for r in range(rounds):
+            body = {"model": "lmforge-assistant", "prompt": PROMPTS[(r + i) % len(PROMPTS)],
+                    "max_tokens": NEW_TOKENS, "temperature": 0, "stream": stream, "ignore_eos": True}
+            if stream:
+                body["stream_options"] = {"include_usage": True}
+            t = time.perf_counter()
+            if stream:
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    response.raise_for_status()
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: {") and '"usage":{' in line:
+                            tokens += json.loads(line[6:])["usage"]["completion_tokens"]
+            else:
+                response = await http.post("/v1/completions", json=body)
+                response.raise_for_status()
+                tokens += response.json()["usage"]["completion_tokens"]
+            latencies.append(time.perf_counter() - t)
+        return tokens, latencies
+
+    async def main():
+        limits = httpx.Limits(max_connections=clients + 2)
+        async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as http:
+            await http.post("/v1/completions", json={"model": "lmforge-assistant", "prompt": "hi", "max_tokens": 4})
+            started = time.perf_counter()
+            results = await asyncio.gather(*(client(i, http) for i in range(clients)))
+            return results, time.perf_counter() - started
+
+    results, elapsed = asyncio.run(main())
+    tokens = sum(r[0] for r in results)
+    return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed,
+            "p50_latency_s": statistics.median([x for r in results for x in r[1]])}
+
+
+def bench_hf(model_dir: Path, rounds: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    tokens, started = 0, None
+    with torch.inference_mode():
+        for r in range(rounds + 1):
+            if r == 1:
+                tokens, started = 0, time.perf_counter()  # round 0 is the warm-up
+            ids = tokenizer(PROMPTS[r % len(PROMPTS)], return_tensors="pt")
+            out = model.generate(**ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                                 pad_token_id=tokenizer.eos_token_id)
+            tokens += out.shape[1] - ids["input_ids"].shape[1]
+    elapsed = time.perf_counter() - started
+    return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed}
+
+
+# --------------------------------------------------------------------------- gateway process
+class GatewayProcess:
+    """``lmforge serve`` in its own process (as deployed), stopped with SIGTERM."""
+
+    def __init__(self, home: Path, overrides: list[str], port: int):
+        self.base = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "LMFORGE_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+        cmd = [sys.executable, "-m", "flows.cli", "serve", "-c", "pipeline", f"serve.port={port}",
+               "serve.auth=false", *overrides]
+        self.log = open(home / f"gateway-{port}.log", "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gateway exited ({self.process.returncode}); see {self.log.name}")
+            try:
+                if httpx.get(self.base + "/health/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError("gateway not ready")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+        self.log.close()
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _variant(name: str, uri: str, extra: str = "") -> str:
+    return f"serve.variants=[{{name: {name}, model_uri: '{uri}'{extra}}}]"
+
+
+# --------------------------------------------------------------------------- swap
+def bench_swap(ir: Path, work: Path, clients: int = 4) -> dict:
+    from mlflow import MlflowClient
+
+    tracking = f"sqlite:///{work / 'mlflow.db'}"
+    client = MlflowClient(tracking, tracking)
+    experiment = client.create_experiment("bench-swap", artifact_location=str(work / "artifacts"))
+    client.create_registered_model("lmforge-assistant")
+    versions = []
+    for _ in range(2):
+        run = client.create_run(experiment)
+        client.log_artifacts(run.info.run_id, str(ir), "ir")
+        versions.append(str(client.create_model_version("lmforge-assistant", f"{run.info.artifact_uri}/ir",
+                                                        run.info.run_id).version))
+    client.set_registered_model_alias("lmforge-assistant", "champion", versions[0])
+    gateway = GatewayProcess(work, [_variant("champion", "models:/lmforge-assistant@champion"),
+                                    f"registry.tracking_uri={tracking}", "serve.poll_interval_s=0.2"], _port())
+    results: list[tuple[float, float, int, str | None]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=gateway.base, timeout=60) as http:
+            while not stop.is_set():
+                t = time.perf_counter()
+                try:
+                    r = http.post("/v1/completions", json={"model": "lmforge-assistant", "prompt": PROMPTS[0],
+                                                           "max_tokens": 16, "temperature": 0})
+                    status, version = r.status_code, r.headers.get("x-lmforge-version")
+                except httpx.HTTPError:
+                    status, version = 0, None
+                results.append((t, time.perf_counter(), status, version))
+
+    try:
+        workers = [threading.Thread(target=load) for _ in range(clients)]
+        for w in workers:
+            w.start()
+        time.sleep(3)
+        flip = time.perf_counter()
+        client.set_registered_model_alias("lmforge-assistant", "champion", versions[1])
+        while not any(v == versions[1] for *_, v in results[-clients:]):
+            time.sleep(0.05)
+        switched = time.perf_counter()
+        time.sleep(2)
+        stop.set()
+        for w in workers:
+            w.join()
+        info = httpx.get(gateway.base + "/admin/variants").json()["variants"][0]["swaps"][-1]
+    finally:
+        gateway.stop()
+    before = [e - s for s, e, _, _ in results if e < flip]
+    during = [e - s for s, e, _, _ in results if e >= flip and s <= switched]
+    baseline = statistics.median(before)
+    return {"failed": sum(1 for *_, status, _ in results if status != 200), "requests": len(results),
+            "flip_to_serving_s": switched - flip, "resolve_s": info["resolve_s"], "load_s": info["load_s"],
+            "warmup_s": info["warmup_s"], "switch_ms": info["swap_ms"], "baseline_p50_s": baseline,
+            "during_max_s": max(during) if during else None,
+            "serving_visible_s": (max(during) - baseline) if during else 0.0}
+
+
+def bench_lora(ir: Path, base_dir: Path, work: Path) -> dict:
+    """Adapter switch on a running engine: a first adapter rebuilds the engine, later switches are in place."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    files = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base_dir)),
+                               LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        path = work / f"lora_{seed}.safetensors"
+        save_file({k.replace(".default", ""): v.detach().float().contiguous()
+                   for k, v in model.state_dict().items() if "lora_" in k}, str(path))
+        files.append(path)
+    gateway = GatewayProcess(work, [_variant("champion", str(ir), f", adapter: '{files[0]}'"), "serve.watch=false"],
+                             _port())
+    switches = []
+    try:
+        with httpx.Client(base_url=gateway.base, timeout=120) as http:
+            body = {"model": "lmforge-assistant", "prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0}
+            http.post("/v1/completions", json=body)
+            for i in range(6):
+                t = time.perf_counter()
+                admin = http.post("/admin/variants/champion", json={"adapter": str(files[(i + 1) % 2])}).json()
+                http.post("/v1/completions", json=body)
+                end_to_end = time.perf_counter() - t
+                engine = http.get("/admin/variants").json()["variants"][0]["engine"]
+                switches.append({"admin_ms": admin["adapter"]["total_s"] * 1000,
+                                 "engine_switch_ms": engine["adapter_switch_ms"], "end_to_end_ms": end_to_end * 1000})
+    finally:
+        gateway.stop()
+    return {"switches": switches,
+            "engine_switch_ms_median": statistics.median(s["engine_switch_ms"] for s in switches),
+            "admin_ms_median": statistics.median(s["admin_ms"] for s in switches)}
+
+
+def bench_ab(users: int = 10_000) -> dict:
+    from serving.router import ABRouter
+
+    router = ABRouter([("champion", 0.9), ("challenger", 0.1)])
+    first = [router.assign(f"user-{i}") for i in range(users)]
+    again = [ABRouter([("champion", 0.9), ("challenger", 0.1)]).assign(f"user-{i}") for i in range(users)]
+    return {"users": users, "challenger_share": first.count("challenger") / users, "sticky": first == again}
+
+
+# --------------------------------------------------------------------------- main
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--direct-worker":
+        _direct_worker(Path(sys.argv[2]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--home", type=Path, default=REPO / ".lmforge")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--trials", type=int, default=3, help="Interleaved trials per measurement (best is kept).")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--skip-swap", action="store_true")
+    args = parser.parse_args()
+    home = args.home.resolve()
+    ir = prepare(home)
+    work = home / "bench" / f"serving-{int(time.time())}"
+    work.mkdir(parents=True, exist_ok=True)
+    out: dict = {"ir": str(ir), "new_tokens": NEW_TOKENS, "rounds": args.rounds}
+
+    # The machine is shared: interleave engine and gateway runs and keep each one's best trial, so a
+    # burst of someone else's load does not land on one side only.
+    gateway = GatewayProcess(work, [_variant("champion", str(ir)), "serve.watch=false"], _port())
+    direct = DirectWorker(ir)
+    trials: dict[str, list[dict]] = {}
+    try:
+        for trial in range(args.trials):
+            for c in (1, 8):
+                for key, run in ((f"direct_{c}", lambda: direct.run(c, args.rounds)),
+                                 (f"gateway_{c}", lambda: bench_gateway(gateway.base, c, args.rounds)),
+                                 (f"gateway_stream_{c}", lambda: bench_gateway(gateway.base, c, args.rounds, True))):
+                    trials.setdefault(key, []).append(run())
+                    print(f"trial {trial} {key}: {trials[key][-1]['tok_s']:.1f} tok/s", flush=True)
+    finally:
+        gateway.stop()
+        direct.stop()
+    for key, runs in trials.items():
+        out[key] = max(runs, key=lambda r: r["tok_s"]) | {"all_tok_s": [round(r["tok_s"], 1) for r in runs]}
+    if not args.skip_hf:
+        out["hf_1"] = bench_hf(home / "models" / "smollm2-135m", args.rounds)
+        print(f"hf c=1: {out['hf_1']['tok_s']:.1f} tok/s", flush=True)
+    vllm_python = REPO / ".venv-vllm" / "bin" / "python"
+    out["vllm"] = "measured" if vllm_python.is_file() else "not run: .venv-vllm absent (make vllm-env)"
+    if not args.skip_swap:
+        out["swap"] = bench_swap(ir, work)
+        print(f"swap: {out['swap']}", flush=True)
+        out["lora"] = bench_lora(ir, home / "models" / "smollm2-135m", work)
+        print(f"lora: {out['lora']}", flush=True)
+    out["ab"] = bench_ab()
+    (home / "bench").mkdir(exist_ok=True)
+    (home / "bench" / "serving.json").write_text(json.dumps(out, indent=2))
+    print(report(out))
+
+
+def report(out: dict) -> str:
+    rows = ["| engine / path | 1 client tok/s | 8 clients tok/s | 8 vs 1 |", "|---|---:|---:|---:|"]
+    for label, key in (("OpenVINO CB direct (INT8)", "direct"), ("gateway, non-streaming", "gateway"),
+                       ("gateway, streaming", "gateway_stream")):
+        one, eight = out[f"{key}_1"]["tok_s"], out[f"{key}_8"]["tok_s"]
+        rows.append(f"| {label} | {one:.1f} | {eight:.1f} | {eight / one:.1f}x |")
+    if "hf_1" in out:
+        rows.append(f"| HF transformers fp32 | {out['hf_1']['tok_s']:.1f} | - | - |")
+    rows.append("| vLLM CPU (reference, measured earlier here) | ~38 | ~240 | ~6.3x |")
+    for c in (1, 8):
+        overhead = 1 - out[f"gateway_{c}"]["tok_s"] / out[f"direct_{c}"]["tok_s"]
+        rows.append(f"\ngateway overhead at {c} client(s): {overhead:+.1%} (non-streaming), "
+                    f"{1 - out[f'gateway_stream_{c}']['tok_s'] / out[f'direct_{c}']['tok_s']:+.1%} (streaming)")
+    if "swap" in out:
+        s = out["swap"]
+        rows.append(f"\nswap under load: {s['failed']} failed of {s['requests']}; alias flip -> new version serving "
+                    f"{s['flip_to_serving_s']:.2f}s (resolve {s['resolve_s']:.2f}s, load {s['load_s']:.2f}s, "
+                    f"warm-up {s['warmup_s']:.2f}s, switch {s['switch_ms']:.3f} ms); request latency p50 "
+                    f"{s['baseline_p50_s']:.3f}s before, max {s['during_max_s'] or 0:.3f}s during -> serving-visible "
+                    f"{s['serving_visible_s']:.2f}s")
+    if "lora" in out:
+        lora = out["lora"]
+        rows.append(f"LoRA switch: engine {lora['engine_switch_ms_median']:.1f} ms median, admin call "
+                    f"{lora['admin_ms_median']:.1f} ms median")
+    ab = out["ab"]
+    rows.append(f"A/B 90/10 over {ab['users']} users: challenger {ab['challenger_share']:.2%}, sticky={ab['sticky']}")
+    rows.append(f"vLLM: {out['vllm']}")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()

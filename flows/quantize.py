@@ -1,0 +1,67 @@
+"""The ``quantize`` flow: base + adapter -> deployable variants, a comparison report, a selected variant.
+
+    lmforge quantize --config configs/pipeline.yaml [--adapter PATH] [--data-version V]
+
+Variants under ``<home>/exports/<export_id>/``: merged_hf + adapter (vLLM), fp32_ir, the PTQ and QAT
+IRs from ``quantize.variants``, base_ir (+ adapter for openvino_genai runtime LoRA). The adapter is
+validated against the base before anything is exported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from configs.schema import LmforgeConfig
+from tasks.models import import_base_model
+from tasks.quantize.steps import (
+    build_variant_task, measure_variant_task, plan_task, report_task, resolve_adapter, validate_task,
+)
+from tasks.quantize.tracking import log_export_task, publish_markdown_task
+
+
+@flow(name="quantize", log_prints=True)
+def quantize_flow(
+    cfg: LmforgeConfig,
+    adapter_dir: Path | None = None,
+    data_version: str | None = None,
+    samples: list[tuple[str, str]] | None = None,
+    eval_records: list[dict] | None = None,
+    log_mlflow: bool = True,
+) -> dict[str, Any]:
+    """Export every configured variant, measure and compare them, select one by policy, record it.
+
+    Args:
+        cfg: the full config (quantize drives the work, evaluate the scoring, model the base).
+        adapter_dir: PEFT adapter; None = the newest SFT run's adapter.
+        data_version: curated data version for calibration/QAT/evaluation; None = LATEST.
+        samples: (prompt, completion) pairs to use instead of the curated train split.
+        eval_records: records to score instead of the curated validation split.
+        log_mlflow: record the export as an MLflow run.
+
+    Returns:
+        Summary: export_id, root, selected, selected_path, rows, report paths, markdown, mlflow_run_id.
+    """
+    manifest = import_base_model(cfg.model.base, cfg.home, cfg.model)
+    base_dir = Path(manifest["path"])
+    adapter = resolve_adapter(cfg.home, adapter_dir)
+    validate_task(adapter, base_dir, cfg.quantize)  # a bad adapter stops the run before data or export work
+    if samples is None or eval_records is None:
+        from tasks.quantize.steps import curated_inputs
+
+        curated_samples, curated_records = curated_inputs(cfg.home, data_version)
+        samples = curated_samples if samples is None else samples
+        eval_records = curated_records if eval_records is None else eval_records
+    plan, info = plan_task(cfg.home, base_dir, adapter, cfg.quantize, samples)
+    for name in plan.variants:
+        build_variant_task(plan, name, cfg.quantize, samples, info)
+    rows = [measure_variant_task(plan, name, cfg.quantize, cfg.evaluate, eval_records) for name in plan.variants]
+    summary = report_task(plan, rows, cfg.quantize)
+    publish_markdown_task(summary["markdown"], plan.export_id)
+    run_id = None
+    if log_mlflow:
+        artifact_root = cfg.home / "mlartifacts" if cfg.registry.tracking_uri is None else None
+        run_id = log_export_task(summary, cfg.tracking_uri(), cfg.registry.experiment, artifact_root, data_version)
+    return {**summary, "mlflow_run_id": run_id}

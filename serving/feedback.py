@@ -1,0 +1,140 @@
+"""Durable request log and feedback (SQLite, WAL), and the per-variant A/B report.
+
+Every served response is logged (id, variant, model version, user) so ``POST /v1/feedback`` can
+attach a score to it later and the report can group outcomes by variant. Request rows are
+buffered and written in batches from a worker thread, so the hot path never waits on disk;
+feedback for a still-buffered request flushes first.
+
+Significance: outcomes are binary (score > 0 is a success), so each challenger is compared with
+the reference variant by a **two-proportion z-test** (pooled variance, two-sided), the textbook
+test for a difference in conversion rates; with fewer than 5 successes or failures in a group the
+normal approximation is poor and **Fisher's exact test** is used instead. A Mann-Whitney U test
+on the raw scores is reported beside it for graded feedback.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS requests (
+        request_id TEXT PRIMARY KEY, variant TEXT NOT NULL, version TEXT, user TEXT, key_id TEXT,
+        route TEXT, status INTEGER, latency_s REAL, created_at REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS feedback (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL, score REAL NOT NULL,
+        comment TEXT, created_at REAL NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS feedback_request ON feedback(request_id)",
+)
+
+
+class UnknownRequestError(KeyError):
+    """Feedback names a request id this gateway never served."""
+
+
+class FeedbackStore:
+    """Request log + feedback in one SQLite file."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._buffer: list[tuple] = []
+        self._conn = sqlite3.connect(self.path, timeout=10, check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        for statement in _SCHEMA:
+            self._conn.execute(statement)
+
+    def log_request(self, request_id: str, variant: str, version: str | None, user: str | None,
+                    key_id: str | None, route: str, status: int, latency_s: float) -> None:
+        """Buffer one served request (cheap; call :meth:`flush` to persist)."""
+        self._buffer.append((request_id, variant, version, user, key_id, route, status, latency_s, time.time()))
+
+    def flush(self) -> int:
+        """Write buffered request rows; returns how many."""
+        with self._lock:
+            rows, self._buffer = self._buffer, []
+            if rows:
+                self._conn.executemany("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        return len(rows)
+
+    def add_feedback(self, request_id: str, score: float, comment: str | None = None) -> str:
+        """Store a score for a served request; returns the request's variant."""
+        self.flush()
+        with self._lock:
+            row = self._conn.execute("SELECT variant FROM requests WHERE request_id = ?", (request_id,)).fetchone()
+            if row is None:
+                raise UnknownRequestError(request_id)
+            self._conn.execute("INSERT INTO feedback (request_id, score, comment, created_at) VALUES (?, ?, ?, ?)",
+                               (request_id, float(score), comment, time.time()))
+        return row[0]
+
+    def close(self) -> None:
+        self.flush()
+        self._conn.close()
+
+
+def ab_report(path: Path, reference: str | None = None, since: float | None = None) -> dict[str, Any]:
+    """Per-variant outcomes and significance tests against ``reference`` (default: most requests).
+
+    Returns:
+        ``{"variants": [{variant, requests, feedback, mean_score, success_rate, ...}],
+        "reference": name, "tests": [{variant, z, p_value, test, mann_whitney_p, significant}]}``
+    """
+    conn = sqlite3.connect(Path(path), timeout=10)
+    try:
+        where, args = ("WHERE r.created_at >= ?", (since,)) if since else ("", ())
+        counts = dict(conn.execute(f"SELECT variant, COUNT(*) FROM requests r {where} GROUP BY variant", args))
+        scores: dict[str, list[float]] = {}
+        query = (f"SELECT r.variant, f.score FROM feedback f JOIN requests r ON r.request_id = f.request_id {where}")
+        for variant, score in conn.execute(query, args):
+            scores.setdefault(variant, []).append(score)
+    finally:
+        conn.close()
+    names = sorted(set(counts) | set(scores))
+    rows = []
+    for name in names:
+        s = scores.get(name, [])
+        successes = sum(1 for v in s if v > 0)
+        rows.append({
+            "variant": name, "requests": counts.get(name, 0), "feedback": len(s), "successes": successes,
+            "mean_score": (sum(s) / len(s)) if s else None, "success_rate": (successes / len(s)) if s else None,
+        })
+    if not rows:
+        return {"variants": [], "reference": None, "tests": []}
+    ref = reference if reference in names else max(rows, key=lambda r: r["requests"])["variant"]
+    ref_row = next(r for r in rows if r["variant"] == ref)
+    tests = [_compare(ref_row, row, scores.get(ref, []), scores.get(row["variant"], []))
+             for row in rows if row["variant"] != ref]
+    return {"variants": rows, "reference": ref, "tests": tests}
+
+
+def _compare(ref: dict, other: dict, ref_scores: list[float], other_scores: list[float],
+             alpha: float = 0.05) -> dict[str, Any]:
+    from scipy import stats
+
+    out: dict[str, Any] = {"variant": other["variant"], "against": ref["variant"], "test": None, "z": None,
+                           "p_value": None, "mann_whitney_p": None, "significant": False}
+    n1, n2 = ref["feedback"], other["feedback"]
+    if n1 == 0 or n2 == 0:
+        out["note"] = "no feedback for one of the variants"
+        return out
+    s1, s2 = ref["successes"], other["successes"]
+    out["difference"] = s2 / n2 - s1 / n1
+    if min(s1, n1 - s1, s2, n2 - s2) < 5:
+        _, p = stats.fisher_exact([[s1, n1 - s1], [s2, n2 - s2]])
+        out |= {"test": "fisher_exact", "p_value": float(p)}
+    else:
+        pooled = (s1 + s2) / (n1 + n2)
+        se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+        z = (s2 / n2 - s1 / n1) / se if se > 0 else 0.0
+        out |= {"test": "two_proportion_z", "z": z, "p_value": float(2 * stats.norm.sf(abs(z)))}
+    if len(set(ref_scores + other_scores)) > 1:
+        out["mann_whitney_p"] = float(stats.mannwhitneyu(other_scores, ref_scores, alternative="two-sided").pvalue)
+    out["significant"] = out["p_value"] is not None and out["p_value"] < alpha
+    return out

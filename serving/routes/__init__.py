@@ -1,0 +1,1 @@
+"""HTTP routers of the gateway (thin: parsing and response shapes only)."""

@@ -1,0 +1,64 @@
+"""Helpers shared by the routers: strict body parsing and per-request context."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from serving.errors import APIError, validation_message
+from serving.protocol import new_id
+from serving.router import OVERRIDE_HEADER, USER_HEADER
+from serving.service import Gateway, RequestContext
+
+M = TypeVar("M", bound=BaseModel)
+MAX_BODY = 4 * 1024 * 1024
+
+
+def gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+async def read_json(request: Request) -> Any:
+    """The request body as JSON; invalid UTF-8, malformed JSON or an oversized body are 4xx errors."""
+    raw = await request.body()
+    if len(raw) > MAX_BODY:
+        raise APIError(413, f"request body is {len(raw)} bytes; the limit is {MAX_BODY}")
+    if not raw.strip():
+        raise APIError(400, "request body is empty; expected a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise APIError(400, f"request body is not valid UTF-8 (byte {err.start}: {raw[err.start:err.start + 1]!r})",
+                       code="invalid_utf8") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise APIError(400, f"malformed JSON: {err.msg} at line {err.lineno} column {err.colno}",
+                       code="invalid_json") from None
+
+
+def parse(model: type[M], payload: Any) -> M:
+    """Validate ``payload`` against ``model``; errors become a 400 naming the field."""
+    if not isinstance(payload, dict):
+        raise APIError(400, f"request body must be a JSON object, got {type(payload).__name__}")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as err:
+        message, param = validation_message(err.errors())
+        raise APIError(400, message, param=param) from None
+
+
+def context(request: Request, route: str, user: str | None = None, admin: bool = False,
+            prefix: str = "chatcmpl") -> RequestContext:
+    """Authenticate and build the request context (user from the body, else the X-User-Id header)."""
+    gw = gateway(request)
+    if gw.draining:
+        raise APIError(503, "the gateway is shutting down", code="draining", headers={"Retry-After": "1"})
+    key = gw.authenticate(request.headers.get("authorization"), admin=admin)
+    ctx = RequestContext(request_id=new_id(prefix), route=route, key=key,
+                         user=user or request.headers.get(USER_HEADER), override=request.headers.get(OVERRIDE_HEADER))
+    request.state.ctx = ctx
+    return ctx

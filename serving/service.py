@@ -1,0 +1,320 @@
+"""The gateway's request handling, independent of HTTP: auth, admission, variant choice, generation
+with timeout and fallback, metrics and the request log. Routes are thin adapters over this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from configs.schema import ServeConfig
+from serving.auth import ApiKey, AuthError, KeyStore, RateLimiter
+from serving.backends import pick_kind
+from serving.backends.base import Backend, BackendError, BackendInputError, Chunk, SamplingParams
+from serving.engine import VariantPool, VariantUnavailable
+from serving.errors import APIError
+from serving.feedback import FeedbackStore
+from serving.metrics import Metrics
+from serving.router import ABRouter
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RequestContext:
+    """What the gateway knows about one request while serving it."""
+
+    request_id: str
+    route: str
+    user: str | None = None
+    key: ApiKey | None = None
+    override: str | None = None
+    variant: str | None = None
+    version: str | None = None
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    @property
+    def priority(self) -> str:
+        return self.key.priority if self.key else "normal"
+
+
+class Admission:
+    """At most ``max_concurrency`` requests generate; a bounded, priority-aware queue holds the rest.
+
+    A request of priority class c may wait only while fewer than ``share[c] * max_queue`` requests
+    are waiting, so under load low-priority traffic is shed first; nothing waits unboundedly.
+    """
+
+    def __init__(self, cfg: ServeConfig, metrics: Metrics):
+        self.cfg, self.metrics = cfg, metrics
+        self._sem = asyncio.Semaphore(cfg.max_concurrency)
+        self.waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self, priority: str):
+        if self._sem.locked():
+            share = self.cfg.priority_shares.get(priority, self.cfg.priority_shares.get("normal", 1.0))
+            if self.waiting >= max(0, int(share * self.cfg.max_queue)):
+                self.metrics.shed.labels("queue_full").inc()
+                raise APIError(503, f"server overloaded: {self.waiting} requests queued (priority {priority})",
+                               code="overloaded", headers={"Retry-After": "1"})
+        self.waiting += 1
+        self.metrics.queue_depth.set(self.waiting)
+        try:
+            await asyncio.wait_for(self._sem.acquire(), timeout=self.cfg.request_timeout_s)
+        except TimeoutError:
+            self.metrics.shed.labels("queue_timeout").inc()
+            raise APIError(503, "server overloaded: timed out waiting for a free engine slot", code="overloaded",
+                           headers={"Retry-After": "2"}) from None
+        finally:
+            self.waiting -= 1
+            self.metrics.queue_depth.set(self.waiting)
+        try:
+            yield
+        finally:
+            self._sem.release()
+
+
+class Gateway:
+    """Everything a route needs: variants, router, keys, limits, feedback, metrics."""
+
+    def __init__(self, cfg: ServeConfig, home: Path, tracking_uri: str | None = None,
+                 templates: dict[str, Any] | None = None, kind: str | None = None):
+        self.cfg, self.home, self.tracking_uri = cfg, Path(home), tracking_uri
+        self.templates = templates or {}
+        self.kind = kind or pick_kind(cfg)
+        state = self.home / "serving"
+        self.metrics = Metrics()
+        self.pool = VariantPool(cfg, self.kind, self.metrics, tracking_uri, state / "models")
+        self.router = ABRouter([(v.name, v.weight) for v in cfg.variants])
+        self.keys = KeyStore(state / "keys.sqlite")
+        self.limiter = RateLimiter(cfg.rate_limit_per_minute, cfg.rate_limit_burst)
+        self.feedback = FeedbackStore(state / "feedback.sqlite")
+        self.admission = Admission(cfg, self.metrics)
+        self.draining = False
+        self._tasks: list[asyncio.Task] = []
+        self.watcher = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Load every variant (failures are logged; the watcher retries them) and start background work."""
+        from serving.watcher import RegistryWatcher
+
+        results = await asyncio.gather(*(self.pool.load(name) for name in self.pool.slots), return_exceptions=True)
+        for name, result in zip(self.pool.slots, results):
+            if isinstance(result, BaseException):
+                log.error("variant %s did not load: %s", name, result)
+        self.watcher = RegistryWatcher(self.pool, self.tracking_uri, self.cfg.poll_interval_s)
+        if self.cfg.watch:
+            self._tasks.append(asyncio.create_task(self.watcher.run(), name="registry-watcher"))
+        self._tasks.append(asyncio.create_task(self._flush_loop(), name="feedback-flush"))
+
+    async def stop(self) -> None:
+        self.draining = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.watcher is not None:
+            await self.watcher.cancel_loads()
+        await self.pool.close()
+        self.feedback.close()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(self.feedback.flush)
+
+    def ready(self) -> tuple[bool, dict[str, str]]:
+        states = {name: slot.state for name, slot in self.pool.slots.items()}
+        return (not self.draining and all(s == "ready" for s in states.values())), states
+
+    # ------------------------------------------------------------------ auth
+    def authenticate(self, authorization: str | None, admin: bool = False) -> ApiKey | None:
+        """The caller's key (None when auth is off); raises 401/403/429 APIErrors."""
+        if not self.cfg.auth:
+            return None
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise APIError(401, "missing API key: send Authorization: Bearer <key>", code="missing_api_key")
+        try:
+            key = self.keys.verify(token.strip())
+        except AuthError as err:
+            raise APIError(401, str(err), code="invalid_api_key") from None
+        if admin and not key.admin:
+            raise APIError(403, "this key may not use the admin API", code="not_admin")
+        retry = self.limiter.check(key.key_id, key.rate_per_minute, key.burst)
+        if retry:
+            self.metrics.shed.labels("rate_limited").inc()
+            raise APIError(429, f"rate limit exceeded for key {key.name!r}; retry in {retry}s",
+                           code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
+        return key
+
+    # ------------------------------------------------------------------ routing
+    def public_models(self) -> list[str]:
+        return [self.cfg.served_model, *self.pool.slots]
+
+    def choose_variant(self, model: str, ctx: RequestContext, pinned: str | None = None) -> str:
+        """Variant for a request: override header > model naming a variant > task pin > sticky A/B."""
+        if ctx.override:
+            if ctx.override not in self.pool.slots:
+                raise APIError(400, f"unknown variant {ctx.override!r} in X-Lmforge-Variant; "
+                               f"variants: {', '.join(self.pool.slots)}", param="X-Lmforge-Variant")
+            return ctx.override
+        if model in self.pool.slots:
+            return model
+        if model != self.cfg.served_model:
+            raise APIError(404, f"the model {model!r} does not exist; available: {', '.join(self.public_models())}",
+                           param="model", code="model_not_found")
+        if pinned:
+            return pinned
+        available = self.pool.available()
+        fallback = self.cfg.fallback_variant
+        # A down variant's users go to the fallback when there is one, else are spread over the rest.
+        # Anonymous requests get a one-off id, so both lookups below agree for this request.
+        user = ctx.user or secrets.token_hex(8)
+        name = self.router.assign(user)
+        if name not in available and fallback in available:
+            return fallback
+        return self.router.assign(user, available or None)
+
+    # ------------------------------------------------------------------ generation
+    def sampling(self, max_tokens: int | None, temperature: float, top_p: float, stop: list[str],
+                 seed: int | None, adapter: str | None = None, ignore_eos: bool = False) -> SamplingParams:
+        wanted = max_tokens if max_tokens is not None else self.cfg.default_max_tokens
+        if wanted > self.cfg.max_tokens_limit:
+            raise APIError(400, f"max_tokens is {wanted}, the largest allowed is {self.cfg.max_tokens_limit}",
+                           param="max_tokens", code="max_tokens_too_large")
+        return SamplingParams(max_tokens=wanted, temperature=temperature, top_p=top_p, stop=stop, seed=seed,
+                              adapter=adapter, ignore_eos=ignore_eos)
+
+    async def run(self, ctx: RequestContext, variant: str, build: Callable[[Backend], str],
+                  params: SamplingParams, n: int = 1) -> AsyncIterator[tuple[int, Chunk]]:
+        """Generate ``n`` completions, yielding (index, chunk); on failure before any output, use the fallback.
+
+        ``ctx.variant``/``ctx.version`` name the variant that serves, set before the first yield.
+        """
+        fallback = self.cfg.fallback_variant
+        candidates = [variant] + ([fallback] if fallback and fallback != variant else [])
+        last: Exception | None = None
+        async with self.admission.slot(ctx.priority):
+            for attempt, name in enumerate(candidates):
+                try:
+                    ref = self.pool.acquire(name)
+                except VariantUnavailable as err:
+                    last = err
+                    continue
+                streamed = False
+                self.metrics.inflight.labels(name).inc()
+                try:
+                    prompt = build(ref.backend)
+                    prompt_tokens = self._check_length(ref.backend, prompt, params)
+                    ctx.variant, ctx.version = name, ref.version
+                    if attempt:
+                        self.metrics.fallbacks.labels(variant, name).inc()
+                    first = True
+                    async for index, chunk in _fan_out(ref.backend, prompt, params, n, self.cfg.request_timeout_s):
+                        if first and (chunk.text or chunk.finish_reason):
+                            self.metrics.ttft.labels(name).observe(time.perf_counter() - ctx.started)
+                            first = False
+                        if chunk.finish_reason:
+                            self.metrics.tokens.labels(name, "completion").inc(chunk.completion_tokens)
+                        streamed = True
+                        yield index, chunk
+                    self.metrics.tokens.labels(name, "prompt").inc(prompt_tokens * n)
+                    self.metrics.latency.labels(name).observe(time.perf_counter() - ctx.started)
+                    return
+                except BackendInputError as err:
+                    raise APIError(400, str(err), param="adapter") from None
+                except (BackendError, TimeoutError) as err:
+                    kind = "timeout" if isinstance(err, TimeoutError) else "backend"
+                    self.metrics.errors.labels(name, kind).inc()
+                    last = err
+                    if isinstance(err, BackendError):
+                        await self.pool.mark_down(name, ref, str(err))
+                    log.warning("request %s on %s failed (%s): %s", ctx.request_id, name, kind, err)
+                    if streamed:
+                        raise _as_api_error(err) from None
+                finally:
+                    self.metrics.inflight.labels(name).dec()
+                    self.pool.release(ref)
+        if isinstance(last, VariantUnavailable):
+            raise APIError(503, str(last), code="variant_unavailable", headers={"Retry-After": "5"})
+        raise _as_api_error(last)
+
+    def _check_length(self, backend: Backend, prompt: str, params: SamplingParams) -> int:
+        tokens = backend.count_tokens(prompt)
+        limit = backend.context_length
+        if tokens >= limit:
+            raise APIError(400, f"the prompt is {tokens} tokens; this model's context is {limit} tokens",
+                           param="messages", code="context_length_exceeded")
+        if tokens + params.max_tokens > limit:
+            raise APIError(400, f"prompt ({tokens} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                           f"context of {limit} tokens; lower max_tokens to at most {limit - tokens}",
+                           param="max_tokens", code="context_length_exceeded")
+        return tokens
+
+    def log_request(self, ctx: RequestContext, status: int) -> None:
+        self.metrics.requests.labels(ctx.variant or "none", ctx.route, str(status)).inc()
+        if ctx.variant is not None:
+            self.feedback.log_request(ctx.request_id, ctx.variant, ctx.version, ctx.user,
+                                      ctx.key.key_id if ctx.key else None, ctx.route, status,
+                                      time.perf_counter() - ctx.started)
+
+
+def _as_api_error(err: Exception | None) -> APIError:
+    if isinstance(err, TimeoutError):
+        return APIError(504, "the model did not answer within the request timeout", code="timeout")
+    return APIError(502, f"the model backend failed: {err}", code="backend_error")
+
+
+async def _fan_out(backend: Backend, prompt: str, params: SamplingParams, n: int,
+                   timeout: float) -> AsyncIterator[tuple[int, Chunk]]:
+    """Run ``n`` generations (seed + i each) and interleave their chunks, all under one deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    if n == 1:
+        stream = backend.generate(prompt, params)
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(anext(stream), timeout=max(0.0, deadline - loop.time()))
+                except StopAsyncIteration:
+                    return
+                yield 0, chunk
+        finally:
+            await stream.aclose()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int) -> None:
+        seeded = dataclasses.replace(params, seed=None if params.seed is None else params.seed + index)
+        try:
+            async for chunk in backend.generate(prompt, seeded):
+                queue.put_nowait((index, chunk))
+        except BaseException as err:  # noqa: BLE001 - hand the failure to the consumer
+            queue.put_nowait((index, err))
+            raise
+        finally:
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+    try:
+        remaining = n
+        while remaining:
+            index, item = await asyncio.wait_for(queue.get(), timeout=max(0.0, deadline - loop.time()))
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

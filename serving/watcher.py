@@ -1,0 +1,72 @@
+"""Registry watcher: poll the aliases the variants are bound to and hot-swap when one moves.
+
+Polling (not a push hook) because the MLflow registry has no change notifications; one
+``get_model_version_by_alias`` per variant per interval is cheap. A moved alias starts a
+background load (download, compile, warm-up) while the old version keeps serving; the swap itself
+is the atomic reference assignment in :meth:`serving.engine.VariantPool.load`. Variants that
+failed to load or went down are retried on every poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from serving.engine import VariantPool
+from serving.registry import current_version
+
+log = logging.getLogger(__name__)
+
+
+class RegistryWatcher:
+    """Follows registry aliases for a :class:`VariantPool`."""
+
+    def __init__(self, pool: VariantPool, tracking_uri: str | None, interval_s: float):
+        self.pool, self.tracking_uri, self.interval_s = pool, tracking_uri, interval_s
+        self._loads: dict[str, asyncio.Task] = {}
+        self.events: list[dict[str, Any]] = []
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.check_once()
+            except Exception as err:  # noqa: BLE001 - a registry hiccup must not kill the watcher
+                log.warning("registry poll failed: %s", err)
+            await asyncio.sleep(self.interval_s)
+
+    async def check_once(self) -> list[str]:
+        """Start loads for variants whose alias moved (or that are not serving); returns their names."""
+        started = []
+        for name, ref in self.pool.registry_refs().items():
+            slot = self.pool.slots[name]
+            if name in self._loads and not self._loads[name].done():
+                continue
+            try:
+                version = await asyncio.to_thread(current_version, ref, self.tracking_uri)
+            except Exception as err:  # noqa: BLE001
+                log.warning("variant %s: %s", name, err)
+                continue
+            serving = slot.ref.version if slot.ref is not None else None
+            if version == serving and slot.ready:
+                continue
+            reason = f"alias @{ref.alias}: v{serving} -> v{version}" if serving else f"retry: v{version}"
+            log.info("variant %s: %s, loading in the background", name, reason)
+            self._loads[name] = asyncio.create_task(self._load(name, reason), name=f"load-{name}")
+            started.append(name)
+        return started
+
+    async def _load(self, name: str, reason: str) -> None:
+        try:
+            self.events.append(await self.pool.load(name, reason=reason))
+        except Exception as err:  # noqa: BLE001 - keep the old version; retry next poll
+            self.events.append({"variant": name, "reason": reason, "error": str(err)})
+
+    async def wait_idle(self) -> None:
+        """Wait for background loads started so far (tests, shutdown)."""
+        await asyncio.gather(*self._loads.values(), return_exceptions=True)
+
+    async def cancel_loads(self) -> None:
+        for task in self._loads.values():
+            task.cancel()
+        await self.wait_idle()

@@ -1,0 +1,59 @@
+"""Instruction templates: turn a cleaned record into chat messages, a prompt and a completion.
+
+The assistant content is fixed by the record schema (sentiment: the label word; ner:
+``json.dumps(label, ensure_ascii=False)``; summarization/generation: the text), so outputs can be
+parsed back into the structured label exactly. Which paraphrased instruction a record gets is a
+stable function of the seed and the record id.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from configs.data_schema import TemplateConfig
+from tasks.data.loaders import stable_unit
+
+
+def completion_for(task: str, label: Any) -> str:
+    """The assistant content for a structured label."""
+    if task == "ner":
+        return json.dumps(label, ensure_ascii=False)
+    return str(label)
+
+
+def render(
+    record_id: str, task: str, text: str, label: Any, template: TemplateConfig, tokenizer, seed: int = 0
+) -> dict[str, Any]:
+    """Render one example with the model's chat template.
+
+    Args:
+        record_id: stable id; picks the paraphrase together with ``seed``.
+        task: the record's task.
+        text: cleaned input text.
+        label: structured label.
+        template: the task's system message and paraphrased instructions.
+        tokenizer: a tokenizer with a chat template (``apply_chat_template``).
+        seed: curation seed.
+
+    Returns:
+        ``messages`` (system, user, assistant), ``prompt`` (system + user with the generation
+        prompt), ``completion`` (assistant content), ``template`` (paraphrase index).
+    """
+    index = int(stable_unit("template", seed, record_id) * len(template.instructions))
+    # str.replace, not str.format: instructions may contain JSON braces.
+    user = template.instructions[index].replace("{input}", text)
+    completion = completion_for(task, label)
+    messages = [
+        {"role": "system", "content": template.system},
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": completion},
+    ]
+    prompt = tokenizer.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
+    return {"messages": messages, "prompt": prompt, "completion": completion, "template": index}
+
+
+def count_tokens(tokenizer, prompt: str, completion: str) -> int:
+    """Tokens of prompt + completion + one end-of-turn token, as a trainer would see them."""
+    ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
+    return len(ids) + 1

@@ -1,0 +1,155 @@
+"""OpenVINO IR export (optimum-intel) and post-training quantisation of the IR (NNCF through optimum).
+
+The fp32 IR is exported once from the merged model; every PTQ variant is derived from that IR, so a
+run with three PTQ variants pays for one PyTorch trace, not three. Each IR directory also gets the
+tokenizer/detokenizer IR (openvino_tokenizers) that ``openvino_genai`` needs to accept text.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from configs.schema import QuantizeConfig
+from tasks.quantize.merge import copy_tokenizer_files
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_IR = (
+    "openvino_tokenizer.xml", "openvino_tokenizer.bin", "openvino_detokenizer.xml", "openvino_detokenizer.bin",
+)
+MODEL_SIDE_FILES = ("config.json", "generation_config.json")
+PTQ_VARIANTS = ("int8", "int4", "int8_full")
+
+
+class ExportError(RuntimeError):
+    """An export step that failed, with the variant and the reason."""
+
+
+def export_ir(model_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Export a HF causal LM directory to a stateful fp32 OpenVINO IR with tokenizer/detokenizer IR.
+
+    optimum's ``main_export(convert_tokenizer=True)`` converts the tokenizer itself but only logs a
+    warning when that fails; :func:`ensure_tokenizer_ir` turns a missing tokenizer IR into an error.
+    """
+    from optimum.exporters.openvino import main_export
+    from optimum.intel import OVConfig
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # dtype fp32 keeps the reference precise (the default would store fp16 weights for large models).
+    main_export(
+        str(model_dir), output=str(out_dir), task="text-generation-with-past", convert_tokenizer=True,
+        ov_config=OVConfig(dtype="fp32"), local_files_only=True,
+    )
+    copy_tokenizer_files(model_dir, out_dir)
+    ensure_tokenizer_ir(model_dir, out_dir)
+    return {"weight_format": "fp32", "source": str(model_dir)}
+
+
+def ensure_tokenizer_ir(tokenizer_dir: Path, out_dir: Path) -> None:
+    """Make sure ``out_dir`` has openvino_tokenizer/detokenizer IR, converting from ``tokenizer_dir`` if needed."""
+    out_dir = Path(out_dir)
+    if all((out_dir / name).is_file() for name in TOKENIZER_IR):
+        return
+    import openvino as ov
+    from openvino_tokenizers import convert_tokenizer
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        # Decoder-only generation pads on the left; openvino_genai expects the converted tokenizer that way.
+        tokenizer.padding_side = "left"
+        ov_tokenizer, ov_detokenizer = convert_tokenizer(tokenizer, with_detokenizer=True)
+    except Exception as err:  # noqa: BLE001 - any conversion failure means no text interface for genai
+        raise ExportError(f"could not convert the tokenizer in {tokenizer_dir} to OpenVINO IR: {err}") from err
+    ov.save_model(ov_tokenizer, str(out_dir / "openvino_tokenizer.xml"))
+    ov.save_model(ov_detokenizer, str(out_dir / "openvino_detokenizer.xml"))
+
+
+def copy_runtime_files(src_ir: Path, dst: Path) -> None:
+    """Copy tokenizer IR, HF tokenizer files and model configs from one IR dir into another."""
+    for name in (*TOKENIZER_IR, *MODEL_SIDE_FILES):
+        if (Path(src_ir) / name).is_file():
+            shutil.copy2(Path(src_ir) / name, Path(dst) / name)
+    copy_tokenizer_files(src_ir, dst)
+
+
+def quantization_config(variant: str, cfg: QuantizeConfig, calibration: list[str] | None, tokenizer_dir: Path):
+    """The optimum-intel quantisation config for one PTQ variant.
+
+    int8: per-channel asymmetric weight-only (data-free). int4: group-wise, AWQ + scale estimation
+    on ``calibration`` texts when given (data-free AWQ otherwise). int8_full: weights and
+    activations, calibrated (requires texts).
+    """
+    from optimum.intel import OVQuantizationConfig, OVWeightQuantizationConfig
+
+    if variant == "int8":
+        return OVWeightQuantizationConfig(bits=8, sym=False)
+    if variant == "int4":
+        data = list(calibration or []) or None
+        return OVWeightQuantizationConfig(
+            bits=4, sym=cfg.int4_sym, group_size=cfg.int4_group_size, ratio=cfg.int4_ratio,
+            quant_method="awq" if cfg.awq else "default",
+            scale_estimation=bool(cfg.scale_estimation and data),
+            dataset=data, tokenizer=str(tokenizer_dir) if data else None,
+            num_samples=min(cfg.calibration_samples, len(data)) if data else None,
+            # Layers whose width is not a multiple of the group size fall back to INT8 instead of failing.
+            group_size_fallback="adjust",
+        )
+    if variant == "int8_full":
+        if not calibration:
+            raise ExportError("int8_full needs calibration texts (activation ranges are measured on them)")
+        return OVQuantizationConfig(
+            bits=8, dataset=list(calibration), tokenizer=str(tokenizer_dir),
+            num_samples=min(cfg.calibration_samples, len(calibration)),
+        )
+    raise ExportError(f"unknown PTQ variant {variant!r}; expected one of {', '.join(PTQ_VARIANTS)}")
+
+
+def quantize_ir(
+    fp32_ir: Path, out_dir: Path, variant: str, cfg: QuantizeConfig, calibration: list[str] | None = None
+) -> dict[str, Any]:
+    """Write the PTQ ``variant`` of the fp32 IR in ``fp32_ir`` to ``out_dir``.
+
+    Returns:
+        Facts for variant.json (method, group size, calibration sample count, weight element types).
+    """
+    from optimum.intel import OVModelForCausalLM
+
+    qconfig = quantization_config(variant, cfg, calibration, fp32_ir)
+    try:
+        model = OVModelForCausalLM.from_pretrained(str(fp32_ir), quantization_config=qconfig, compile=False)
+        model.save_pretrained(str(out_dir))
+    except ExportError:
+        raise
+    except Exception as err:  # noqa: BLE001 - NNCF/optimum raise many types; report which variant failed
+        raise ExportError(f"{variant}: quantisation failed: {type(err).__name__}: {err}") from err
+    copy_runtime_files(fp32_ir, out_dir)
+    facts: dict[str, Any] = {"method": "ptq", "weight_types": weight_element_types(Path(out_dir))}
+    if variant == "int4":
+        facts |= {"group_size": cfg.int4_group_size, "ratio": cfg.int4_ratio, "sym": cfg.int4_sym,
+                  "awq": cfg.awq, "scale_estimation": bool(cfg.scale_estimation and calibration)}
+    if variant in ("int4", "int8_full"):
+        facts["calibration_samples"] = min(cfg.calibration_samples, len(calibration or []))
+    return facts
+
+
+def weight_element_types(ir_dir: Path) -> dict[str, int]:
+    """Count of weight-sized constants per element type (e.g. {'u4': 28, 'f32': 3}) in an IR."""
+    import openvino as ov
+
+    counts: dict[str, int] = {}
+    model = ov.Core().read_model(str(Path(ir_dir) / "openvino_model.xml"))
+    for op in model.get_ops():
+        if op.get_type_name() != "Constant":
+            continue
+        shape = list(op.get_output_shape(0))
+        # Weights are the large >=2-D constants; scales, zero points and index tables are skipped.
+        if len(shape) >= 2 and math.prod(shape) >= 1024 and shape[-1] > 1:
+            name = op.get_output_element_type(0).get_type_name()
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))

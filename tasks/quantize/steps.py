@@ -1,0 +1,271 @@
+"""The quantize stage as plain steps (tests call these) plus thin Prefect task wrappers (the flow wires those).
+
+Layout: ``<home>/exports/<export_id>/<variant>/`` where ``export_id`` hashes everything that decides
+the artefacts (base weights, adapter, the artefact-relevant quantize settings, calibration texts).
+Re-running with the same inputs reuses every complete variant and rebuilds only missing ones, so an
+interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NONE as NO_CACHE
+
+from configs.schema import EvaluateConfig, QuantizeConfig
+from tasks.quantize.validate import AdapterError, AdapterInfo, validate_adapter
+from tasks.quantize.variants import (
+    EXPORT_FILE, IR_VARIANTS, finish_variant, is_complete, read_variant, sha256_dir, staged_variant, sweep_stale,
+    write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+ALWAYS = ("merged_hf", "adapter", "fp32_ir")
+WORK_DIR = ".work"
+# Settings that change the exported files (selection, benchmark and evaluation settings do not).
+_ARTEFACT_FIELDS = ("int4_group_size", "int4_ratio", "int4_sym", "awq", "scale_estimation", "calibration_samples",
+                    "qat_steps", "qat_learning_rate", "qat_loss", "qat_lora_rank", "qat_batch_size", "qat_max_seq_len",
+                    "seed", "merged_dtype", "base_ir_weight_format")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportPlan:
+    """Where an export goes and what it is built from (small and picklable: Prefect passes it around)."""
+
+    export_id: str
+    root: Path
+    base_dir: Path
+    adapter_dir: Path
+    adapter_sha256: str
+    inputs_sha256: str
+    variants: tuple[str, ...]
+
+    def path(self, variant: str) -> Path:
+        """Directory of one variant."""
+        return self.root / variant
+
+
+def variant_names(cfg: QuantizeConfig) -> tuple[str, ...]:
+    """All variants this config produces, in build order (dependencies first)."""
+    names = [*ALWAYS, *[v for v in ("int8", "int4", "int8_full", "qat_int4", "qat_int8") if v in cfg.variants]]
+    if cfg.runtime_lora:
+        names.append("base_ir")
+    return tuple(names)
+
+
+def calibration_texts(samples: list[tuple[str, str]], cfg: QuantizeConfig) -> list[str]:
+    """Up to ``cfg.calibration_samples`` full texts (prompt + answer), sampled with ``cfg.seed``."""
+    picked = list(samples)
+    random.Random(cfg.seed).shuffle(picked)
+    return [prompt + completion for prompt, completion in picked[: cfg.calibration_samples]]
+
+
+def plan_export(home: Path, base_dir: Path, adapter_dir: Path, cfg: QuantizeConfig,
+                samples: list[tuple[str, str]]) -> tuple[ExportPlan, AdapterInfo]:
+    """Validate the adapter against the base (before any heavy work) and decide the export directory.
+
+    Raises:
+        AdapterError: corrupt/missing adapter, or one made for a different base.
+    """
+    info = validate_adapter(adapter_dir, base_dir, cfg.allow_base_name_mismatch)
+    digest = hashlib.sha256()
+    digest.update(_base_fingerprint(Path(base_dir)).encode())
+    digest.update(info.sha256.encode())
+    digest.update(json.dumps({k: getattr(cfg, k) for k in _ARTEFACT_FIELDS}, sort_keys=True).encode())
+    digest.update(json.dumps(calibration_texts(samples, cfg)).encode())
+    inputs = digest.hexdigest()
+    root = Path(home) / "exports" / inputs[:12]
+    sweep_stale(root)
+    plan = ExportPlan(inputs[:12], root, Path(base_dir), Path(adapter_dir), info.sha256, inputs, variant_names(cfg))
+    return plan, info
+
+
+def build_variant(plan: ExportPlan, name: str, cfg: QuantizeConfig, samples: list[tuple[str, str]],
+                  info: AdapterInfo | None = None) -> dict[str, Any]:
+    """Build one variant into a staging dir and move it into place; reuse it when already complete.
+
+    Returns the variant's ``variant.json`` content (with ``"reused": True`` when nothing was built).
+    """
+    from tasks.quantize import export, merge, qat
+
+    target = plan.path(name)
+    if is_complete(target, plan.inputs_sha256):
+        log.info("%s: complete from an earlier run, reusing %s", name, target)
+        return {**(read_variant(target) or {}), "reused": True}
+    info = info or validate_adapter(plan.adapter_dir, plan.base_dir, cfg.allow_base_name_mismatch)
+    started = time.perf_counter()
+    with staged_variant(plan.root, name) as staging:
+        if name == "merged_hf":
+            facts = merge.merge_adapter(plan.base_dir, plan.adapter_dir, staging, cfg.merged_dtype)
+        elif name == "adapter":
+            merge.copy_adapter(plan.adapter_dir, staging)
+            facts = {"rank": info.rank, "lora_alpha": info.lora_alpha, "modules": len(info.modules)}
+        elif name == "fp32_ir":
+            facts = export.export_ir(_merged_fp32(plan), staging)
+        elif name in export.PTQ_VARIANTS:
+            fp32 = _require(plan, "fp32_ir")
+            facts = export.quantize_ir(fp32, staging, name, cfg, calibration_texts(samples, cfg))
+        elif name in ("qat_int4", "qat_int8"):
+            bits = 4 if name == "qat_int4" else 8
+            picked = list(samples)
+            random.Random(cfg.seed).shuffle(picked)
+            facts = qat.run_qat(_merged_fp32(plan), staging, cfg, picked[: max(cfg.calibration_samples, 1)], bits,
+                                tokenizer_ir_from=_require(plan, "fp32_ir"))
+        elif name == "base_ir":
+            facts = qat.export_base_ir(plan.base_dir, info, staging, cfg)
+        else:
+            raise ValueError(f"unknown variant {name!r}")
+        facts["build_seconds"] = round(time.perf_counter() - started, 1)
+        meta = finish_variant(staging, name, plan.inputs_sha256, base_dir=str(plan.base_dir),
+                              adapter_dir=str(plan.adapter_dir), adapter_sha256=plan.adapter_sha256, **facts)
+    log.info("%s: built in %.1fs (%.1f MB)", name, facts["build_seconds"], meta["size_bytes"] / 1e6)
+    return meta
+
+
+def measure_variant(plan: ExportPlan, name: str, cfg: QuantizeConfig, eval_cfg: EvaluateConfig,
+                    records: list[dict] | None) -> dict[str, Any]:
+    """Report row of one variant: sizes; for IR variants also probe (RSS, tokens/s, chat answer) and metrics."""
+    from tasks.quantize import report
+    from tasks.quantize.qat import GENAI_ADAPTER_DIR, GENAI_ADAPTER_FILE
+
+    path = plan.path(name)
+    if not is_complete(path, plan.inputs_sha256):
+        raise FileNotFoundError(f"variant {name} is not complete under {plan.root}; build it first")
+    if name not in (*IR_VARIANTS, "base_ir"):
+        return report.variant_row(path, None, None)
+    adapter = path / GENAI_ADAPTER_DIR / GENAI_ADAPTER_FILE if name == "base_ir" else None
+    probe = report.probe_variant(path, cfg, adapter)
+    metrics = None
+    if records and cfg.evaluate_variants:
+        metrics = report.evaluate_variant(path, records, eval_cfg, cfg, adapter)
+    return report.variant_row(path, probe, metrics)
+
+
+def write_report(plan: ExportPlan, rows: list[dict[str, Any]], cfg: QuantizeConfig) -> dict[str, Any]:
+    """Select a variant, write report.md, report.png and export.json; point ``exports/LATEST`` here."""
+    from tasks.quantize import report
+
+    selection = report.select_variant(rows, cfg)
+    markdown = report.render_markdown(rows, selection, cfg, title=f"Quantisation report: export {plan.export_id}")
+    md_path = plan.root / "report.md"
+    tmp = plan.root / ".tmp-report.md"
+    tmp.write_text(markdown)
+    tmp.replace(md_path)
+    png_path = report.render_chart(rows, cfg, plan.root / "report.png")
+    summary = {
+        "export_id": plan.export_id, "root": str(plan.root), "base_dir": str(plan.base_dir),
+        "adapter_dir": str(plan.adapter_dir), "adapter_sha256": plan.adapter_sha256,
+        "inputs_sha256": plan.inputs_sha256, "selected": selection["variant"],
+        "selected_path": str(plan.path(selection["variant"])), "selection": selection, "rows": rows,
+        "report_md": str(md_path), "report_png": str(png_path),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_json_atomic(plan.root / EXPORT_FILE, summary)
+    latest = plan.root.parent / "LATEST"
+    tmp = plan.root.parent / ".tmp-LATEST"
+    tmp.write_text(plan.export_id + "\n")
+    tmp.replace(latest)
+    shutil.rmtree(plan.root / WORK_DIR, ignore_errors=True)
+    return {**summary, "markdown": markdown}
+
+
+def curated_inputs(home: Path, version: str | None) -> tuple[list[tuple[str, str]], list[dict]]:
+    """(prompt, completion) training pairs and validation records from ``tasks.data.load_curated``."""
+    from tasks.data import load_curated
+
+    data = load_curated(Path(home), version)
+    train = [(r["prompt"], r["completion"]) for r in data["train"]]
+    validation = [dict(r) for r in data["validation"]] if "validation" in data else []
+    return train, validation
+
+
+def resolve_adapter(home: Path, adapter: Path | None) -> Path:
+    """The adapter to export: the given path, else the newest SFT run's ``adapter/`` (``runs/sft/LATEST``)."""
+    if adapter is not None:
+        return Path(adapter)
+    latest = Path(home) / "runs" / "sft" / "LATEST"
+    if latest.is_file():
+        name = latest.read_text().strip()
+        run = Path(name) if Path(name).is_absolute() else latest.parent / name
+        if (run / "adapter").is_dir():
+            return run / "adapter"
+        if (run / "adapter_config.json").is_file():
+            return run
+        raise AdapterError(f"the newest fine-tuning run {run} has no adapter/ yet (still training, or it failed); "
+                           "wait for it, or pass --adapter PATH")
+    raise AdapterError(f"no adapter given and no fine-tuning run found ({latest} is missing); "
+                       "run `lmforge finetune` first or pass --adapter PATH")
+
+
+# --------------------------------------------------------------------------- helpers
+def _require(plan: ExportPlan, name: str) -> Path:
+    path = plan.path(name)
+    if not is_complete(path, plan.inputs_sha256):
+        raise FileNotFoundError(f"{name} must be built before the variants derived from it ({path})")
+    return path
+
+
+def _merged_fp32(plan: ExportPlan) -> Path:
+    """An fp32 merge kept under .work for the IR export and QAT (merged_hf is half precision for vLLM)."""
+    from tasks.quantize.merge import merge_adapter
+
+    work = plan.root / WORK_DIR
+    target = work / "merged_fp32"
+    if is_complete(target, plan.inputs_sha256):
+        return target
+    with staged_variant(work, "merged_fp32") as staging:
+        merge_adapter(plan.base_dir, plan.adapter_dir, staging, "float32")
+        finish_variant(staging, "merged_fp32", plan.inputs_sha256)
+    return target
+
+
+def _base_fingerprint(base_dir: Path) -> str:
+    try:
+        manifest = json.loads((base_dir / "manifest.json").read_text())
+        if manifest.get("source_sha256"):
+            return f"{manifest['source_sha256']}:{manifest.get('dtype')}"
+    except (OSError, ValueError):
+        pass
+    return sha256_dir(base_dir)
+
+
+# --------------------------------------------------------------------------- Prefect tasks
+@task(name="quantize-validate-adapter", cache_policy=NO_CACHE)
+def validate_task(adapter_dir: Path, base_dir: Path, cfg: QuantizeConfig) -> AdapterInfo:
+    """Prefect wrapper of :func:`tasks.quantize.validate.validate_adapter` (runs before any data or export work)."""
+    return validate_adapter(adapter_dir, base_dir, cfg.allow_base_name_mismatch)
+
+
+@task(name="quantize-plan", cache_policy=NO_CACHE)
+def plan_task(home: Path, base_dir: Path, adapter_dir: Path, cfg: QuantizeConfig, samples: list) -> tuple:
+    """Prefect wrapper of :func:`plan_export`."""
+    return plan_export(home, base_dir, adapter_dir, cfg, samples)
+
+
+@task(name="quantize-build-variant", cache_policy=NO_CACHE, task_run_name="build-{name}")
+def build_variant_task(plan: ExportPlan, name: str, cfg: QuantizeConfig, samples: list, info=None) -> dict:
+    """Prefect wrapper of :func:`build_variant`."""
+    return build_variant(plan, name, cfg, samples, info)
+
+
+@task(name="quantize-measure-variant", cache_policy=NO_CACHE, task_run_name="measure-{name}")
+def measure_variant_task(plan: ExportPlan, name: str, cfg: QuantizeConfig, eval_cfg: EvaluateConfig,
+                         records: list | None) -> dict:
+    """Prefect wrapper of :func:`measure_variant`."""
+    return measure_variant(plan, name, cfg, eval_cfg, records)
+
+
+@task(name="quantize-report", cache_policy=NO_CACHE)
+def report_task(plan: ExportPlan, rows: list, cfg: QuantizeConfig) -> dict:
+    """Prefect wrapper of :func:`write_report`."""
+    return write_report(plan, rows, cfg)

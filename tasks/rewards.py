@@ -1,0 +1,343 @@
+"""Reward functions for GRPO alignment (TRL 1.16 calling convention), their weighting and schedule.
+
+Every reward function has the TRL signature ``f(prompts, completions, **kwargs) -> list[float | None]``;
+``kwargs`` carry the dataset columns, of which these use ``task`` and ``label`` (the label as the
+structured object or JSON-encoded: both work). Completions may be plain strings or conversational
+(``[{"role": "assistant", "content": ...}]``).
+
+**Not applicable -> None.** A reward that does not apply to a row (the sentiment reward on an NER
+row) returns ``None``. TRL 1.16 ``GRPOTrainer._calculate_rewards`` turns ``None`` into NaN and
+aggregates with ``nansum`` over ``reward_weights``, so the row is scored by the rewards that do
+apply, and a row no reward applies to gets zero advantage (with a warning). :func:`combine` mirrors
+exactly that arithmetic.
+
+Per-sample definitions (before clipping to ``AlignConfig.reward_clip``):
+
+=============== ======== ===================================================================
+name            range    value
+=============== ======== ===================================================================
+sentiment       -1 .. 1  +1 parsed label == gold; -1 wrong label or unparseable. Per-sample
+                         surrogate for accuracy/macro-F1 (batch F1 does not decompose): the
+                         batch mean is ``2*accuracy - 1``, and on the class-balanced SST-2 data
+                         maximising accuracy maximises macro-F1.
+ner             0 .. 1   entity F1 of this sample (exact (text, type) multiset match). Gold
+                         ``[]``: 1 for a well-formed ``[]``, 0 for anything else (so junk is
+                         never rewarded as "found nothing").
+ner_recall      0 .. 1   matched / gold entities (gold ``[]``: as for ``ner``).
+ner_precision   0 .. 1   matched / predicted entities (nothing predicted: as for ``ner``).
+instruction     0 .. 1   rule-based format score, every task: see :func:`instruction_score`.
+rouge           0 .. 1   ROUGE-L F against the reference; summarization rows only.
+judge           0 .. 1   instruction quality from the judge (:mod:`tasks.judge`), falling back
+                         to ``instruction`` when no judge is configured or it is down.
+=============== ======== ===================================================================
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from configs.schema import AlignConfig, AlignStageConfig
+from tasks import metrics as M
+from tasks.parsing import coerce_label, first_json_list, parse_completion
+
+RewardFunc = Callable[..., list[float | None]]
+
+REWARD_RANGES: dict[str, tuple[float, float]] = {
+    "sentiment": (-1.0, 1.0),
+    "ner": (0.0, 1.0),
+    "ner_recall": (0.0, 1.0),
+    "ner_precision": (0.0, 1.0),
+    "instruction": (0.0, 1.0),
+    "rouge": (0.0, 1.0),
+    "judge": (0.0, 1.0),
+}
+"""Natural range of each reward before clipping (used to measure saturation)."""
+
+DEFAULT_MAX_WORDS = {"summarization": 60, "generation": 150}
+
+
+# --------------------------------------------------------------------------- per-sample scores
+def completion_text(completion: Any) -> str:
+    """The assistant text of a TRL completion (plain string or list of messages)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion:
+        last = completion[-1]
+        content = last.get("content", "") if isinstance(last, dict) else last
+        if isinstance(content, list):  # content blocks: [{"type": "text", "text": ...}]
+            return "".join(b.get("text", "") for b in content if isinstance(b, dict))
+        return str(content)
+    return "" if completion is None else str(completion)
+
+
+def sentiment_score(text: str, label: str) -> float:
+    """+1 when the parsed label equals ``label``, else -1 (wrong or unparseable)."""
+    parsed, _ = parse_completion("sentiment", text)
+    return 1.0 if parsed is not None and parsed == label else -1.0
+
+
+def ner_score(text: str, label: list[dict[str, Any]], kind: str = "f1") -> float:
+    """Per-sample entity ``f1`` | ``recall`` | ``precision`` against the structured ``label``."""
+    parsed, format_ok = parse_completion("ner", text)
+    if not label and not parsed:
+        return 1.0 if format_ok else 0.0
+    return M.prf(*M.entity_counts(label, parsed))[kind]
+
+
+def rouge_score(text: str, reference: str) -> float:
+    """ROUGE-L F of the parsed output against the reference."""
+    parsed, _ = parse_completion("summarization", text)
+    return M.rouge_l(reference, parsed)
+
+
+def instruction_score(task: str | None, text: str, max_words: dict[str, int] | None = None) -> float:
+    """Rule-based instruction-format score in 0..1 (no model, no network).
+
+    * sentiment: 1 for exactly an allowed label word; 0.5 for a recoverable near miss
+      (``"Sentiment: positive."``); 0 otherwise.
+    * ner: 1 for exactly a JSON list of valid ``{"text","type"}`` items with allowed types;
+      0.5 when a list is present but wrapped in other text or has invalid items; 0 without a list.
+    * summarization / generation (and unknown tasks, held to the generation limit): 0 when
+      empty; 1 within ``max_words[task]`` words; beyond it ``limit / words`` (longer is worse).
+    """
+    limits = {**DEFAULT_MAX_WORDS, **(max_words or {})}
+    if task == "sentiment":
+        parsed, ok = parse_completion(task, text)
+        return 1.0 if ok else 0.5 if parsed is not None else 0.0
+    if task == "ner":
+        parsed, ok = parse_completion(task, text)
+        if ok:
+            return 1.0
+        return 0.5 if first_json_list(text) is not None else 0.0
+    cleaned, ok = parse_completion("generation", text)
+    if not ok:
+        return 0.0
+    limit = limits.get(task or "generation", limits["generation"])
+    words = len(cleaned.split())
+    return 1.0 if words <= limit else limit / words
+
+
+# --------------------------------------------------------------------------- TRL reward functions
+def _rows(completions: Sequence[Any], kwargs: dict[str, Any]) -> list[tuple[str, str | None, Any]]:
+    n = len(completions)
+    tasks = kwargs.get("task") or [None] * n
+    labels = kwargs.get("label") or [None] * n
+    if len(tasks) != n or len(labels) != n:
+        raise ValueError(f"reward got {n} completions but {len(tasks)} task and {len(labels)} label values")
+    return [(completion_text(c), t, lab) for c, t, lab in zip(completions, tasks, labels, strict=True)]
+
+
+def sentiment_reward(prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
+    """+1 / -1 per sentiment row (see module docstring); None for other tasks."""
+    return [
+        sentiment_score(text, coerce_label(task, label)) if task == "sentiment" else None
+        for text, task, label in _rows(completions, kwargs)
+    ]
+
+
+def _ner_reward(kind: str) -> RewardFunc:
+    def reward(prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
+        return [
+            ner_score(text, coerce_label(task, label), kind) if task == "ner" else None
+            for text, task, label in _rows(completions, kwargs)
+        ]
+
+    reward.__name__ = "ner" if kind == "f1" else f"ner_{kind}"
+    reward.__doc__ = f"Per-sample entity {kind} for NER rows; None for other tasks."
+    return reward
+
+
+ner_reward = _ner_reward("f1")
+ner_recall_reward = _ner_reward("recall")
+ner_precision_reward = _ner_reward("precision")
+
+
+def rouge_reward(prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
+    """ROUGE-L F for summarization rows; None for other tasks."""
+    return [
+        rouge_score(text, coerce_label(task, label)) if task == "summarization" else None
+        for text, task, label in _rows(completions, kwargs)
+    ]
+
+
+def make_instruction_reward(max_words: dict[str, int] | None = None) -> RewardFunc:
+    """The rule-based instruction reward with the configured length limits (applies to every row)."""
+
+    def instruction(prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
+        return [instruction_score(task, text, max_words) for text, task, _ in _rows(completions, kwargs)]
+
+    return instruction
+
+
+instruction_reward = make_instruction_reward()
+
+
+def make_judge_reward(judge) -> RewardFunc:
+    """Wrap a judge (anything with ``score(prompts, completions, tasks) -> list[float]``)."""
+
+    def judge_reward(prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
+        rows = _rows(completions, kwargs)
+        return list(judge.score([completion_text(p) for p in prompts], [r[0] for r in rows], [r[1] for r in rows]))
+
+    judge_reward.__name__ = "judge"
+    return judge_reward
+
+
+def clipped(func: RewardFunc, low: float, high: float, name: str | None = None,
+            observer: Callable[[str, list[float | None]], None] | None = None) -> RewardFunc:
+    """``func`` with every non-None reward clipped into [low, high] (and NaN treated as None).
+
+    ``name`` becomes ``__name__`` (TRL logs rewards under it); ``observer(name, rewards)`` sees
+    each clipped batch, e.g. :meth:`WeightSchedule.observe`.
+    """
+    label = name or func.__name__
+
+    @functools.wraps(func)
+    def wrapper(prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
+        out = [
+            None if r is None or (isinstance(r, float) and math.isnan(r)) else min(high, max(low, float(r)))
+            for r in func(prompts, completions, **kwargs)
+        ]
+        if observer is not None:
+            observer(label, out)
+        return out
+
+    wrapper.__name__ = label
+    return wrapper
+
+
+def build_reward_funcs(
+    names: Sequence[str],
+    cfg: AlignConfig,
+    judge=None,
+    schedule: WeightSchedule | None = None,
+) -> list[RewardFunc]:
+    """Clipped TRL reward functions, in the order of ``names``.
+
+    Args:
+        names: reward names (keys of a stage's ``reward_weights``).
+        cfg: the ``align`` section (clip range, length limits).
+        judge: the judge for ``judge``; None = the rule-based instruction score under that name.
+        schedule: when given, it observes every batch of rewards (for the saturation schedule).
+    """
+    table: dict[str, RewardFunc] = {
+        "sentiment": sentiment_reward,
+        "ner": ner_reward,
+        "ner_recall": ner_recall_reward,
+        "ner_precision": ner_precision_reward,
+        "rouge": rouge_reward,
+        "instruction": make_instruction_reward(cfg.format_max_words),
+        "judge": make_judge_reward(judge) if judge is not None else make_instruction_reward(cfg.format_max_words),
+    }
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"unknown reward(s) {', '.join(unknown)}; known: {', '.join(table)}")
+    low, high = cfg.reward_clip
+    observer = schedule.observe if schedule is not None else None
+    return [clipped(table[n], low, high, name=n, observer=observer) for n in names]
+
+
+# --------------------------------------------------------------------------- weighting
+def combine(rewards: dict[str, Sequence[float | None]], weights: dict[str, float]) -> list[float | None]:
+    """Weighted sum per row over the rewards that apply (None skipped), as TRL aggregates them.
+
+    A row where every reward is None stays None (TRL gives it zero advantage).
+    """
+    lengths = {len(v) for v in rewards.values()}
+    if len(lengths) > 1:
+        raise ValueError(f"reward lists differ in length: { {k: len(v) for k, v in rewards.items()} }")
+    missing = [k for k in rewards if k not in weights]
+    if missing:
+        raise ValueError(f"no weight for reward(s) {', '.join(missing)}")
+    n = lengths.pop() if lengths else 0
+    out: list[float | None] = []
+    for i in range(n):
+        applicable = [(weights[k], v[i]) for k, v in rewards.items() if v[i] is not None]
+        out.append(sum(w * r for w, r in applicable) if applicable else None)
+    return out
+
+
+class WeightSchedule:
+    """Reward weights for one stage: fixed, or shifted away from saturated rewards.
+
+    ``saturation`` mode keeps an exponential moving average (``momentum``) of each reward's batch
+    mean. Its saturation ``s`` is where that average sits in the reward's range (natural range
+    intersected with the clip range), 0 at the bottom and 1 at the top. Once ``s`` passes
+    ``threshold`` the weight is scaled by ``(1 - s) / (1 - threshold)``, never below
+    ``min_fraction`` of its configured value; then all weights are rescaled so their total stays
+    the configured total, i.e. the weight moves to the rewards that still have room to improve.
+    """
+
+    def __init__(
+        self,
+        weights: dict[str, float],
+        mode: str = "fixed",
+        clip: tuple[float, float] = (-1.0, 1.0),
+        momentum: float = 0.9,
+        threshold: float = 0.9,
+        min_fraction: float = 0.1,
+    ):
+        if mode not in ("fixed", "saturation"):
+            raise ValueError(f"weight schedule must be 'fixed' or 'saturation', got {mode!r}")
+        self.base = dict(weights)
+        self.mode = mode
+        self.momentum = momentum
+        self.threshold = threshold
+        self.min_fraction = min_fraction
+        self.ranges = {
+            k: (max(REWARD_RANGES.get(k, clip)[0], clip[0]), min(REWARD_RANGES.get(k, clip)[1], clip[1]))
+            for k in weights
+        }
+        self.running: dict[str, float] = {}
+
+    @classmethod
+    def from_config(cls, stage: AlignStageConfig, cfg: AlignConfig) -> WeightSchedule:
+        """The schedule of ``stage`` with the ``align`` section's schedule settings."""
+        return cls(
+            stage.reward_weights, cfg.weight_schedule, tuple(cfg.reward_clip),
+            cfg.saturation_momentum, cfg.saturation_threshold, cfg.saturation_min_fraction,
+        )
+
+    def observe(self, name: str, rewards: Sequence[float | None]) -> None:
+        """Fold one batch of ``name``'s rewards (None ignored) into its running mean."""
+        values = [r for r in rewards if r is not None and not math.isnan(r)]
+        if name not in self.base or not values:
+            return
+        mean = sum(values) / len(values)
+        prev = self.running.get(name)
+        self.running[name] = mean if prev is None else self.momentum * prev + (1 - self.momentum) * mean
+
+    def saturation(self) -> dict[str, float]:
+        """Where each observed reward's running mean sits in its range (0..1)."""
+        out = {}
+        for name, mean in self.running.items():
+            low, high = self.ranges[name]
+            out[name] = min(1.0, max(0.0, (mean - low) / (high - low))) if high > low else 1.0
+        return out
+
+    def weights(self) -> dict[str, float]:
+        """Current weights (the configured ones in ``fixed`` mode)."""
+        if self.mode == "fixed":
+            return dict(self.base)
+        sat = self.saturation()
+        scaled = {}
+        for name, w in self.base.items():
+            s = sat.get(name, 0.0)
+            factor = 1.0 if s <= self.threshold else max(self.min_fraction, (1 - s) / (1 - self.threshold))
+            scaled[name] = w * factor
+        total, new_total = sum(self.base.values()), sum(scaled.values())
+        return {k: v * total / new_total for k, v in scaled.items()} if new_total > 0 else dict(self.base)
+
+    def apply_to(self, trainer) -> None:
+        """Write the current weights into a TRL ``GRPOTrainer`` (``reward_weights`` tensor).
+
+        Call it from a ``TrainerCallback.on_step_end``; weights follow ``trainer.reward_func_names``.
+        """
+        import torch
+
+        current = self.weights()
+        values = [current.get(name, 0.0) for name in trainer.reward_func_names]
+        trainer.reward_weights = torch.tensor(values, dtype=torch.float32, device=trainer.reward_weights.device)

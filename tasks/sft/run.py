@@ -1,0 +1,138 @@
+"""Prefect tasks of the SFT stage (thin wrappers) and the run preparation they share.
+
+A run lives in ``<home>/runs/sft/<name>/``; ``run.json`` there remembers the data version, the
+selected record count and the MLflow run id, so ``--resume`` continues the same directory and the
+same MLflow run. ``<home>/runs/sft/LATEST`` names the newest run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from configs.schema import SFTConfig
+from tasks.sft import tracking
+from tasks.sft.data import SFTDataError, select_records
+from tasks.sft.train import TrainSpec, run_training, write_records
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+# Fields that may change between a run and its resume without changing what was trained so far.
+RESUMABLE_CHANGES = {"max_steps", "evaluate", "eval_max_samples_per_task", "checkpoint_every_n_steps", "keep_checkpoints",
+                     "num_workers", "cpu_threads"}
+
+
+class SFTRunError(RuntimeError):
+    """A run that cannot be started or resumed as asked."""
+
+
+def prepare_run(home: Path, cfg: SFTConfig, data_version: str | None = None, resume: bool = False) -> dict[str, Any]:
+    """Create a new run directory with its training records, or find the run to resume.
+
+    Args:
+        home: lmforge state directory.
+        cfg: the ``sft`` section.
+        data_version: curated version to train on; None = ``<home>/data/LATEST``.
+        resume: continue the newest run (``<home>/runs/sft/LATEST``) instead of starting one.
+
+    Returns:
+        ``{"name", "run_dir", "data_version", "records_path", "n_records", "mlflow_run_id", "resume"}``.
+
+    Raises:
+        SFTRunError: nothing to resume, or the config changed in a way a resume cannot honour.
+        SFTDataError: the selection leaves no training records.
+        tasks.data.DataError: no curated data / unknown version.
+    """
+    if resume:
+        return _resume_info(home, cfg, data_version)
+    from tasks.data import load_curated, read_latest
+
+    version = data_version or read_latest(home)
+    dataset = load_curated(home, version)
+    if "train" not in dataset:
+        raise SFTDataError(f"curated data {version} has no 'train' split (splits: {', '.join(dataset)})")
+    records = select_records(dataset["train"], cfg.tasks, cfg.max_train_samples_per_task, cfg.seed)
+    if not records:
+        wanted = f" for sft.tasks={cfg.tasks}" if cfg.tasks else ""
+        raise SFTDataError(f"curated data {version} has no training records{wanted}; the training set is empty")
+    name = tracking.new_run_name()
+    run_dir = tracking.sft_root(home) / name
+    records_path = run_dir / "train.jsonl"
+    write_records(records, records_path)
+    info = {"name": name, "run_dir": str(run_dir), "data_version": version, "records_path": str(records_path),
+            "n_records": len(records), "mlflow_run_id": None, "sft": cfg.model_dump(mode="json")}
+    _write_run_file(run_dir, info)
+    tracking.write_latest_run(home, name)
+    return {**info, "resume": False}
+
+
+def _resume_info(home: Path, cfg: SFTConfig, data_version: str | None) -> dict[str, Any]:
+    name = tracking.read_latest_run(home)
+    run_dir = tracking.sft_root(home) / name if name else None
+    if run_dir is None or not (run_dir / RUN_FILE).is_file():
+        raise SFTRunError(f"--resume: no SFT run to resume under {tracking.sft_root(home)}; start one without --resume")
+    info = json.loads((run_dir / RUN_FILE).read_text())
+    if data_version and data_version != info["data_version"]:
+        raise SFTRunError(f"--resume: run {name} trained on data {info['data_version']}, not {data_version}; "
+                          f"drop --data-version or start a new run")
+    saved, current = info["sft"], cfg.model_dump(mode="json")
+    changed = sorted(k for k in current if saved.get(k) != current[k] and k not in RESUMABLE_CHANGES)
+    if changed:
+        detail = ", ".join(f"sft.{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise SFTRunError(f"--resume: run {name} was started with a different config ({detail}); "
+                          f"use the same settings or start a new run")
+    return {**info, "sft": current, "resume": True}
+
+
+def _write_run_file(run_dir: Path, info: dict[str, Any]) -> None:
+    from tasks.sft.train import _atomic_write_text
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(run_dir / RUN_FILE, json.dumps(info, indent=2))
+
+
+def remember_mlflow_run(run_dir: Path, run_id: str) -> None:
+    """Store the MLflow run id in run.json so a resume logs into the same run."""
+    info = json.loads((Path(run_dir) / RUN_FILE).read_text())
+    info["mlflow_run_id"] = run_id
+    _write_run_file(Path(run_dir), info)
+
+
+# --------------------------------------------------------------------------- Prefect tasks
+@task(name="sft-prepare-run")
+def prepare_run_task(home: Path, cfg: SFTConfig, data_version: str | None = None, resume: bool = False) -> dict:
+    """Prefect wrapper of :func:`prepare_run`."""
+    return prepare_run(home, cfg, data_version, resume)
+
+
+@task(name="sft-start-mlflow-run", retries=1)
+def start_tracking_task(tracking_uri: str, experiment: str, run: dict, params: dict[str, str],
+                        artifact_root: Path | None, home: Path) -> str:
+    """Prefect wrapper: create (or reopen) the MLflow run and remember its id in run.json."""
+    run_id = tracking.start_run(tracking_uri, experiment, run["name"], params, run["data_version"],
+                                artifact_root, run.get("mlflow_run_id"), home)
+    remember_mlflow_run(Path(run["run_dir"]), run_id)
+    return run_id
+
+
+@task(name="sft-train")
+def train_task(spec: TrainSpec) -> dict[str, Any]:
+    """Prefect wrapper: train in a ``python -m tasks.sft.train`` subprocess.
+
+    Always a subprocess: Lightning's SIGTERM checkpointing then owns the signal (Prefect's engine
+    installs its own handlers in the flow process), DDP can re-launch its script, and the training
+    memory is returned to the system before evaluation loads the models again.
+    """
+    return run_training(spec, subprocess_mode=True)
+
+
+@task(name="sft-log-results", retries=1)
+def log_results_task(tracking_uri: str, run_id: str, summary: dict, run_dir: str,
+                     evaluations: dict[str, dict[str, float]] | None) -> None:
+    """Prefect wrapper of :func:`tasks.sft.tracking.log_results`."""
+    tracking.log_results(tracking_uri, run_id, summary, Path(run_dir), evaluations)

@@ -1,0 +1,162 @@
+"""SFT run bookkeeping: run directories, the MLflow run (params, data version, results, adapter).
+
+Per-step metrics (loss, learning rate, tokens/s, peak RSS) are logged during training by
+Lightning's ``MLFlowLogger`` into the run created here; this module logs everything else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from configs.schema import SFTConfig
+
+log = logging.getLogger(__name__)
+
+DATA_VERSION_TAG = "lmforge.data_version"  # the same tag the curate stage puts on its run
+STAGE_TAG = "lmforge.stage"
+LATEST = "LATEST"
+
+
+def sft_root(home: Path) -> Path:
+    """``<home>/runs/sft``."""
+    return Path(home) / "runs" / "sft"
+
+
+def new_run_name(prefix: str = "sft") -> str:
+    """A sortable, unique run name: ``sft-20260101-120000-<pid>``."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def read_latest_run(home: Path) -> str | None:
+    """Name of the newest SFT run, or None."""
+    try:
+        return (sft_root(home) / LATEST).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def write_latest_run(home: Path, name: str) -> None:
+    """Point ``<home>/runs/sft/LATEST`` at ``name`` (atomically)."""
+    root = sft_root(home)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{LATEST}.{os.getpid()}.tmp"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / LATEST)
+
+
+def flat_params(cfg: SFTConfig, extra: dict[str, Any] | None = None) -> dict[str, str]:
+    """MLflow params: every ``sft`` field as ``sft.<name>`` plus ``extra`` (values stringified)."""
+    params = {f"sft.{k}": json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+              for k, v in cfg.model_dump(mode="json").items()}
+    params.update({k: str(v) for k, v in (extra or {}).items()})
+    return params
+
+
+def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, str],
+              data_version: str | None, artifact_root: Path | None = None, run_id: str | None = None,
+              home: Path | None = None) -> str:
+    """Create (or reopen, on resume) the MLflow run of an SFT run; returns its id.
+
+    Args:
+        tracking_uri: MLflow tracking URI.
+        experiment: experiment name (created when missing).
+        run_name: the SFT run name.
+        params: flat params to log (see :func:`flat_params`); unchanged on resume.
+        data_version: curated data version, tagged and logged as a dataset input when known.
+        artifact_root: artifact location for a newly created experiment.
+        run_id: an existing run to continue (resume).
+        home: lmforge home, to log the curated train split as an MLflow dataset input.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    if run_id is not None:
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        location = Path(artifact_root).resolve().as_uri() if artifact_root else None
+        experiment_id = client.create_experiment(experiment, artifact_location=location)
+    else:
+        experiment_id = found.experiment_id
+    tags = {STAGE_TAG: "sft", "mlflow.runName": run_name}
+    if data_version:
+        tags[DATA_VERSION_TAG] = data_version
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    run_id = run.info.run_id
+    from mlflow.entities import Param
+
+    items = [Param(k, v[:6000]) for k, v in params.items()]
+    for start in range(0, len(items), 100):  # MLflow caps params per batch at 100
+        client.log_batch(run_id, params=items[start : start + 100])
+    if data_version and home is not None:
+        _log_dataset_input(home, data_version, run_id)
+    return run_id
+
+
+def _log_dataset_input(home: Path, version: str, run_id: str) -> None:
+    try:
+        import mlflow
+
+        from tasks.data.tracking import mlflow_dataset
+
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_input(mlflow_dataset(home, version, "train"), context="training")
+    except (ImportError, OSError, KeyError) as err:  # the tag alone still names the version
+        log.warning("could not log curated data %s as an MLflow dataset input: %s", version, err)
+
+
+def log_results(tracking_uri: str, run_id: str, summary: dict[str, Any], run_dir: Path,
+                evaluations: dict[str, dict[str, float]] | None = None) -> None:
+    """Log the training summary, evaluation metric sets (prefixed) and the adapter as artifacts.
+
+    Args:
+        tracking_uri: MLflow tracking URI.
+        run_id: the run from :func:`start_run`.
+        summary: what :func:`tasks.sft.train.train_sft` returned.
+        run_dir: the SFT run directory (adapter/ and metrics.json are uploaded).
+        evaluations: prefix -> metrics, e.g. ``{"base": {...}, "tuned": {...}}``.
+    """
+    import math
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(tracking_uri)
+    now = int(time.time() * 1000)
+    values: dict[str, float] = {
+        "train_seconds": summary["train_seconds"],
+        "tokens_per_s_mean": summary["tokens_per_s"],
+        "peak_rss_mb_train": summary["peak_rss_mb"],
+        "tokens_seen": summary["tokens_seen"],
+        "train_records": summary["data"]["kept"],
+        "train_records_dropped_too_long": summary["data"]["dropped_too_long"],
+    }
+    if summary.get("final_loss") is not None:
+        values["final_loss"] = summary["final_loss"]
+    for prefix, metrics in (evaluations or {}).items():
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                values[f"{prefix}_{name}"] = float(value)
+    step = int(summary.get("steps", 0))
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+    client.log_artifacts(run_id, str(Path(run_dir) / "adapter"), artifact_path="adapter")
+    client.log_artifact(run_id, str(Path(run_dir) / "metrics.json"), artifact_path="sft")
+    client.set_terminated(run_id, status="FINISHED")
+
+
+def mark_failed(tracking_uri: str, run_id: str, status: str = "FAILED") -> None:
+    """Mark the run failed (or KILLED after SIGTERM) so the UI does not show it running forever."""
+    from mlflow import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri).set_terminated(run_id, status=status)
+    except Exception as err:  # noqa: BLE001 - bookkeeping must not hide the real error
+        log.warning("could not mark MLflow run %s as %s: %s", run_id, status, err)

@@ -1,0 +1,209 @@
+"""Reward functions on hand-made completions give hand-computed values; weights and schedules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from configs.schema import AlignConfig, AlignStageConfig, JudgeConfig
+from tasks.judge import Judge
+from tasks.rewards import (
+    WeightSchedule,
+    build_reward_funcs,
+    clipped,
+    combine,
+    completion_text,
+    instruction_reward,
+    instruction_score,
+    make_instruction_reward,
+    make_judge_reward,
+    ner_precision_reward,
+    ner_recall_reward,
+    ner_reward,
+    rouge_reward,
+    sentiment_reward,
+)
+
+JOHN, PARIS = {"text": "John", "type": "PER"}, {"text": "Paris", "type": "LOC"}
+
+
+def call(func, completions, tasks, labels):
+    return func(prompts=["p"] * len(completions), completions=completions, task=tasks, label=labels)
+
+
+def test_sentiment_reward_is_plus_minus_one_and_none_elsewhere():
+    out = call(
+        sentiment_reward,
+        ["positive", "Negative", "Sentiment: positive.", "maybe", "positive"],
+        ["sentiment"] * 4 + ["ner"],
+        ["positive", '"positive"', "positive", "negative", "[]"],
+    )
+    assert out == [1.0, -1.0, 1.0, -1.0, None]
+
+
+def test_ner_rewards_per_sample():
+    predicted = json.dumps([JOHN, {"text": "Paris", "type": "ORG"}, {"text": "Bob", "type": "PER"}])
+    completions = [predicted, "[]", "no entities", '[{"text": "John"', json.dumps([JOHN, PARIS]), "x"]
+    tasks = ["ner"] * 5 + ["summarization"]
+    labels = [json.dumps([JOHN, PARIS]), "[]", [], [JOHN], [JOHN, PARIS], "a summary"]
+    # row 0: matched 1 of 3 predicted, 1 of 2 gold -> P 1/3, R 1/2, F1 0.4
+    # rows 1-2: nothing to find: a well-formed [] earns 1, anything else 0; row 3: invalid JSON -> 0
+    assert call(ner_reward, completions, tasks, labels) == pytest.approx([0.4, 1.0, 0.0, 0.0, 1.0, None])
+    assert call(ner_recall_reward, completions, tasks, labels) == pytest.approx([0.5, 1.0, 0.0, 0.0, 1.0, None])
+    assert call(ner_precision_reward, completions, tasks, labels) == pytest.approx([1 / 3, 1.0, 0.0, 0.0, 1.0, None])
+    assert [f.__name__ for f in (ner_reward, ner_recall_reward, ner_precision_reward)] == [
+        "ner", "ner_recall", "ner_precision"]
+
+
+def test_instruction_score_rules():
+    long_summary = " ".join(["word"] * 120)
+    cases = [
+        ("sentiment", "positive", 1.0),
+        ("sentiment", "Positive.", 0.5),
+        ("sentiment", "I think it is positive", 0.0),
+        ("ner", json.dumps([JOHN]), 1.0),
+        ("ner", "[]", 1.0),
+        ("ner", "Entities: " + json.dumps([JOHN]), 0.5),
+        ("ner", '[{"text": "John", "type": "PERSON"}]', 0.5),
+        ("ner", "John (PER)", 0.0),
+        ("summarization", "Two friends plan a trip.", 1.0),
+        ("summarization", long_summary, 0.5),  # 60-word limit: 60 / 120
+        ("summarization", "  ", 0.0),
+        ("generation", long_summary, 1.0),  # 150-word limit
+        (None, "anything", 1.0),
+    ]
+    for task, text, expected in cases:
+        assert instruction_score(task, text) == pytest.approx(expected), (task, text)
+    assert instruction_score("summarization", long_summary, {"summarization": 30}) == pytest.approx(0.25)
+    assert call(instruction_reward, ["positive", "[]"], ["sentiment", "ner"], [None, None]) == [1.0, 1.0]
+    assert call(make_instruction_reward({"generation": 2}), ["a b c d"], ["generation"], ["x"]) == [0.5]
+
+
+def test_rouge_reward_only_on_summaries():
+    out = call(rouge_reward, ["the cat sat", "", "the cat sat"], ["summarization", "summarization", "generation"],
+               ["the cat sat on the mat", "a dog", "the cat sat"])
+    assert out == pytest.approx([2 / 3, 0.0, None])
+
+
+def test_conversational_completions_are_read():
+    assert completion_text([{"role": "assistant", "content": "positive"}]) == "positive"
+    assert completion_text([{"role": "assistant", "content": [{"type": "text", "text": "neg"}, {"type": "text", "text": "ative"}]}]) == "negative"
+    assert call(sentiment_reward, [[{"role": "assistant", "content": "negative"}]], ["sentiment"], ["negative"]) == [1.0]
+
+
+def test_clipping_to_configured_range():
+    f = clipped(sentiment_reward, 0.0, 0.5, name="sentiment")
+    assert call(f, ["positive", "negative", "x"], ["sentiment", "sentiment", "ner"], ["positive"] * 3) == [0.5, 0.0, None]
+    assert f.__name__ == "sentiment"
+    funcs = build_reward_funcs(["sentiment", "instruction"], AlignConfig(reward_clip=(-0.5, 0.8)))
+    assert call(funcs[0], ["positive", "negative"], ["sentiment"] * 2, ["positive"] * 2) == [0.8, -0.5]
+    assert call(funcs[1], ["positive"], ["sentiment"], ["positive"]) == [0.8]
+    with pytest.raises(ValueError, match="unknown reward"):
+        build_reward_funcs(["bleu"], AlignConfig())
+
+
+def test_weights_change_the_aggregated_reward():
+    rows = (["positive", json.dumps([JOHN]), "Negative."], ["sentiment", "ner", "sentiment"],
+            ["positive", [JOHN, PARIS], "positive"])
+    names = ["sentiment", "ner", "instruction"]
+    funcs = build_reward_funcs(names, AlignConfig())
+    per_func = {n: call(f, *rows) for n, f in zip(names, funcs)}
+    # sentiment [1, None, -1]; ner [None, 2/3 (P 1, R 1/2), None]; instruction [1, 1, 0.5]
+    assert per_func["ner"] == pytest.approx([None, 2 / 3, None])
+    default = combine(per_func, {"sentiment": 0.5, "ner": 0.3, "instruction": 0.2})
+    assert default == pytest.approx([0.5 + 0.2, 0.3 * 2 / 3 + 0.2, -0.5 + 0.1])
+    other = combine(per_func, {"sentiment": 0.1, "ner": 0.1, "instruction": 0.8})
+    assert other == pytest.approx([0.1 + 0.8, 0.1 * 2 / 3 + 0.8, -0.1 + 0.4])
+    assert combine({"sentiment": [None]}, {"sentiment": 1.0}) == [None]
+    with pytest.raises(ValueError, match="no weight"):
+        combine(per_func, {"sentiment": 1.0})
+
+
+def test_default_stages_and_weights_come_from_config():
+    cfg = AlignConfig()
+    assert [s.name for s in cfg.stages] == ["instruction", "tasks"]
+    assert cfg.stages[1].reward_weights == {"sentiment": 0.5, "ner": 0.3, "instruction": 0.2}
+    funcs = build_reward_funcs(list(cfg.stages[0].reward_weights), cfg)
+    # no judge URL: the judge reward is the rule-based instruction score, offline
+    assert [f.__name__ for f in funcs] == ["judge"]
+    assert call(funcs[0], ["Positive.", "positive"], ["sentiment"] * 2, [None] * 2) == [0.5, 1.0]
+
+
+def test_fixed_schedule_never_moves():
+    schedule = WeightSchedule({"sentiment": 0.5, "ner": 0.3, "instruction": 0.2}, "fixed")
+    schedule.observe("instruction", [1.0] * 8)
+    assert schedule.weights() == {"sentiment": 0.5, "ner": 0.3, "instruction": 0.2}
+
+
+def test_saturation_schedule_moves_weight_to_unsaturated_rewards():
+    base = {"sentiment": 0.5, "ner": 0.3, "instruction": 0.2}
+    schedule = WeightSchedule(base, "saturation", clip=(-1.0, 1.0), momentum=0.5, threshold=0.9, min_fraction=0.1)
+    schedule.observe("sentiment", [1.0, -1.0, None])  # mean 0 on -1..1 -> saturation 0.5
+    schedule.observe("instruction", [1.0, 1.0])  # mean 1 on 0..1 -> saturation 1 -> floor 0.1
+    assert schedule.saturation() == pytest.approx({"sentiment": 0.5, "instruction": 1.0})
+    scaled_total = 0.5 + 0.3 + 0.02
+    assert schedule.weights() == pytest.approx(
+        {"sentiment": 0.5 / scaled_total, "ner": 0.3 / scaled_total, "instruction": 0.02 / scaled_total})
+    assert sum(schedule.weights().values()) == pytest.approx(1.0)
+    # EMA (momentum 0.5): 0.5 * 1.0 + 0.5 * 0.9 = 0.95 -> factor (1 - 0.95) / (1 - 0.9) = 0.5
+    schedule.observe("instruction", [0.9])
+    scaled_total = 0.5 + 0.3 + 0.1
+    assert schedule.weights()["instruction"] == pytest.approx(0.1 / scaled_total)
+
+
+def test_schedule_observes_through_the_reward_functions():
+    cfg = AlignConfig(weight_schedule="saturation", saturation_momentum=0.0)
+    stage = AlignStageConfig(name="tasks", reward_weights={"sentiment": 0.5, "instruction": 0.5})
+    schedule = WeightSchedule.from_config(stage, cfg)
+    funcs = build_reward_funcs(list(stage.reward_weights), cfg, schedule=schedule)
+    for f in funcs:
+        call(f, ["positive", "positive"], ["sentiment"] * 2, ["negative", "negative"])
+    # sentiment all wrong (saturation 0), instruction perfect (saturation 1)
+    weights = schedule.weights()
+    assert weights["sentiment"] > 0.5 > weights["instruction"]
+    assert weights["instruction"] == pytest.approx(0.05 / 0.55)
+
+
+def test_judge_reward_uses_the_judge_or_its_fallback():
+    judge = Judge(JudgeConfig(url=None))
+    f = make_judge_reward(judge)
+    assert f.__name__ == "judge"
+    assert call(f, ["positive", "[]", ""], ["sentiment", "ner", "summarization"], [None] * 3) == [1.0, 1.0, 0.0]
+
+
+def test_reward_functions_run_inside_trl_grpo(tiny_model_dir, tmp_path):
+    """One real GRPO step on the tiny model with mixed-task rows: TRL accepts the None rewards and
+    the schedule can rewrite the trainer's weights."""
+    import torch
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from tasks.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    data = Dataset.from_list([
+        {"prompt": "<|im_start|>user\nSentiment?<|im_end|>\n<|im_start|>assistant\n", "task": "sentiment",
+         "label": json.dumps("positive")},
+        {"prompt": "<|im_start|>user\nEntities?<|im_end|>\n<|im_start|>assistant\n", "task": "ner",
+         "label": json.dumps([JOHN])},
+    ])
+    cfg = AlignConfig()
+    weights = cfg.stages[1].reward_weights
+    schedule = WeightSchedule(weights, "saturation", momentum=0.0)
+    funcs = build_reward_funcs(list(weights), cfg, schedule=schedule)
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "grpo"), max_steps=1, per_device_train_batch_size=4, num_generations=2,
+        max_completion_length=4, beta=0.0, reward_weights=list(weights.values()), report_to=[],
+        logging_steps=1, save_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0,
+    )
+    trainer = GRPOTrainer(model=load_model(tiny_model_dir), reward_funcs=funcs, args=args, train_dataset=data,
+                          processing_class=tokenizer)
+    trainer.train()
+    assert trainer.reward_func_names == ["sentiment", "ner", "instruction"]
+    assert set(schedule.running) == {"sentiment", "ner", "instruction"}
+    logged = trainer.state.log_history[0]
+    assert "rewards/sentiment/mean" in logged and "rewards/ner/mean" in logged
+    schedule.apply_to(trainer)
+    expected = [schedule.weights()[n] for n in trainer.reward_func_names]
+    assert torch.allclose(trainer.reward_weights, torch.tensor(expected))

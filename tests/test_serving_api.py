@@ -1,0 +1,268 @@
+"""The gateway's public API against the real app and the tiny model on OpenVINO, via the official
+``openai`` client (sync, async, streaming), raw HTTP for bad input, and JSON-RPC."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+from configs.data_schema import DEFAULT_TEMPLATES
+from configs.schema import ServeConfig
+from serving.app import build_app
+from serving.auth import KeyStore
+from serving.feedback import ab_report
+from serving.routes.rpc import task_messages
+from tests.serving_helpers import running_gateway, tiny_ir
+
+MODEL = "lmforge-assistant"
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture(scope="module")
+def ir_dir(session_home, tiny_model_dir):
+    return tiny_ir(session_home, tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, ir_dir):
+    home = tmp_path_factory.mktemp("serve-home")
+    store = KeyStore(home / "serving" / "keys.sqlite")
+    keys = {
+        "user": store.add("user")[0],
+        "limited": store.add("limited", rate_per_minute=1, burst=2)[0],
+        "doomed": store.add("doomed")[0],
+        "low": store.add("low", priority="low")[0],
+    }
+    cfg = ServeConfig(
+        backend="openvino", watch=False, auth=True, cache_gb=1, max_tokens_limit=1024,
+        variants=[{"name": "champion", "model_uri": str(ir_dir), "weight": 0.9},
+                  {"name": "challenger", "model_uri": str(ir_dir), "weight": 0.1}],
+    )
+    app = build_app(cfg, home)
+    with running_gateway(app) as base:
+        yield {"base": base, "keys": keys, "store": store, "home": home, "app": app}
+
+
+@pytest.fixture(scope="module")
+def client(gateway):
+    return openai.OpenAI(base_url=gateway["base"] + "/v1", api_key=gateway["keys"]["user"], max_retries=0)
+
+
+def _post(gateway, path, content, key="user", headers=None):
+    headers = {"Authorization": f"Bearer {gateway['keys'][key]}", **(headers or {})}
+    if isinstance(content, (dict, list)):
+        return httpx.post(gateway["base"] + path, json=content, headers=headers, timeout=60)
+    return httpx.post(gateway["base"] + path, content=content, headers=headers, timeout=60)
+
+
+# --------------------------------------------------------------------------- openai client
+def test_sync_chat_and_completions(client):
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO, max_tokens=6, user="ann",
+                                                            temperature=0)
+    chat = raw.parse()
+    assert raw.headers["x-lmforge-variant"] in ("champion", "challenger")
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    assert chat.usage.completion_tokens == 6 or chat.choices[0].finish_reason == "stop"
+    assert chat.usage.prompt_tokens > 5
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+
+    done = client.completions.create(model="champion", prompt="Once upon a time", max_tokens=5, n=3,
+                                     temperature=0.9, seed=7)
+    assert [c.index for c in done.choices] == [0, 1, 2]
+    assert done.usage.completion_tokens == sum(1 for _ in done.choices) * 5
+    again = client.completions.create(model="champion", prompt="Once upon a time", max_tokens=5, n=3,
+                                      temperature=0.9, seed=7)
+    assert [c.text for c in again.choices] == [c.text for c in done.choices], "same seed, same samples"
+    assert len({c.text for c in done.choices}) > 1, "n samples with seed+i differ"
+
+
+def test_stop_sequences_cut_the_output(client):
+    full = client.completions.create(model="champion", prompt="The", max_tokens=12, temperature=0.8, seed=3)
+    text = full.choices[0].text
+    assert len(text) > 4
+    stop = text[2:4]
+    cut = client.completions.create(model="champion", prompt="The", max_tokens=12, temperature=0.8, seed=3,
+                                    stop=[stop])
+    assert cut.choices[0].text == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_streaming_matches_non_streaming(client):
+    plain = client.chat.completions.create(model="champion", messages=HELLO, max_tokens=10, temperature=0)
+    chunks = list(client.chat.completions.create(model="champion", messages=HELLO, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [plain.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="champion", prompt="Hello", max_tokens=8, temperature=0, stream=True))
+    assert streamed == client.completions.create(model="champion", prompt="Hello", max_tokens=8,
+                                                 temperature=0).choices[0].text
+
+
+def test_async_client_concurrent(gateway):
+    async def main():
+        client = openai.AsyncOpenAI(base_url=gateway["base"] + "/v1", api_key=gateway["keys"]["user"], max_retries=0)
+        calls = [client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, user=f"u{i}")
+                 for i in range(8)]
+        stream = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, stream=True)
+        results = await asyncio.gather(*calls)
+        parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+        await client.close()
+        return results, parts
+
+    results, parts = asyncio.run(main())
+    assert all(r.usage.completion_tokens >= 1 for r in results)
+    assert len({r.id for r in results}) == 8
+    assert "".join(parts)
+
+
+def test_models_health_metrics(gateway, client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [MODEL, "champion", "challenger"]
+    assert httpx.get(gateway["base"] + "/health/live").status_code == 200
+    ready = httpx.get(gateway["base"] + "/health/ready").json()
+    assert ready["status"] == "ready" and set(ready["variants"].values()) == {"ready"}
+    metrics = httpx.get(gateway["base"] + "/metrics").text
+    assert 'lmforge_requests_total{route="chat",status="200",variant="champion"}' in metrics
+    assert 'lmforge_ttft_seconds_count{variant="champion"}' in metrics
+    assert 'lmforge_tokens_total{kind="completion",variant="champion"}' in metrics
+
+
+# --------------------------------------------------------------------------- auth and limits
+def test_auth_no_key_wrong_key_revoked_key(gateway):
+    base = gateway["base"] + "/v1"
+    no_key = httpx.post(base + "/chat/completions", json={"model": MODEL, "messages": HELLO})
+    assert no_key.status_code == 401 and "missing API key" in no_key.json()["error"]["message"]
+    with pytest.raises(openai.AuthenticationError, match="invalid API key"):
+        openai.OpenAI(base_url=base, api_key="lmf_deadbeef_nottherightsecret", max_retries=0).models.list()
+    doomed = openai.OpenAI(base_url=base, api_key=gateway["keys"]["doomed"], max_retries=0)
+    assert doomed.models.list().data
+    assert gateway["store"].revoke("doomed") == 1
+    with pytest.raises(openai.AuthenticationError, match="revoked"):
+        doomed.models.list()
+    assert no_key.json()["error"]["type"] == "authentication_error"
+
+
+def test_rate_limit_429_with_retry_after(gateway):
+    client = openai.OpenAI(base_url=gateway["base"] + "/v1", api_key=gateway["keys"]["limited"], max_retries=0)
+    client.models.list()
+    client.models.list()
+    with pytest.raises(openai.RateLimitError) as info:
+        client.models.list()
+    assert int(info.value.response.headers["retry-after"]) >= 1
+    assert info.value.body["code"] == "rate_limit_exceeded"
+
+
+# --------------------------------------------------------------------------- bad input
+CHAT = "/v1/chat/completions"
+BAD_INPUTS = [
+    ("malformed json", CHAT, b'{"model": "lmforge-assistant", "messages": [', 400, "malformed JSON"),
+    ("invalid utf-8", CHAT, b'{"model": "lmforge-assistant", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+     400, "not valid UTF-8"),
+    ("not an object", CHAT, b"[1, 2]", 400, "must be a JSON object"),
+    ("empty body", CHAT, b"", 400, "empty"),
+    ("unknown model", CHAT, {"model": "gpt-99", "messages": HELLO}, 404, "does not exist"),
+    ("empty messages", CHAT, {"model": MODEL, "messages": []}, 400, "messages"),
+    ("no text", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "  "}]}, 400, "no user or system"),
+    ("non-string content", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": 42}]}, 400,
+     "content must be a string"),
+    ("image part", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "only text content"),
+    ("bad role", CHAT, {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+    ("max_tokens zero", CHAT, {"model": MODEL, "messages": HELLO, "max_tokens": 0}, 400, "positive"),
+    ("max_tokens negative", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -3}, 400, "positive"),
+    ("max_tokens huge", CHAT, {"model": MODEL, "messages": HELLO, "max_tokens": 10**9}, 400, "largest allowed"),
+    ("prompt + max_tokens > context", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "word " * 1200}],
+                                             "max_tokens": 1000}, 400, "exceeds the context"),
+    ("prompt longer than context", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "word " * 2500}]},
+     400, "context"),
+    ("temperature out of range", CHAT, {"model": MODEL, "messages": HELLO, "temperature": 7}, 400, "temperature"),
+    ("too many stops", CHAT, {"model": MODEL, "messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("token-id prompt", "/v1/completions", {"model": MODEL, "prompt": [1, 2, 3]}, 400, "prompt"),
+    ("unknown route", "/v1/engines", {"model": MODEL}, 404, "no such endpoint"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,status,needle", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_a_clear_4xx(gateway, name, path, body, status, needle):
+    response = _post(gateway, path, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert needle.lower() in error["message"].lower(), error
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_gateway_survives_bad_input(client, gateway):
+    for body in (b"\x00\x01", b'{"model": 1}', b'{"messages": "nope"}', b"null"):
+        assert 400 <= _post(gateway, CHAT, body).status_code < 500
+    assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2).choices
+
+
+# --------------------------------------------------------------------------- A/B, feedback
+def test_sticky_assignment_override_and_feedback(gateway, client):
+    seen = {client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=HELLO, max_tokens=1, user="sticky-user").headers["x-lmforge-variant"] for _ in range(4)}
+    assert len(seen) == 1
+    header = {"X-User-Id": "sticky-user"}
+    via_header = _post(gateway, CHAT, {"model": MODEL, "messages": HELLO, "max_tokens": 1}, headers=header)
+    assert via_header.headers["x-lmforge-variant"] in seen
+    other = ({"champion", "challenger"} - seen).pop()
+    forced = _post(gateway, CHAT, {"model": MODEL, "messages": HELLO, "max_tokens": 1},
+                   headers={**header, "X-Lmforge-Variant": other})
+    assert forced.status_code == 200 and forced.headers["x-lmforge-variant"] == other
+
+    ok = _post(gateway, "/v1/feedback", {"request_id": forced.json()["id"], "score": 1})
+    assert ok.status_code == 200 and ok.json()["variant"] == other
+    bad = _post(gateway, "/v1/feedback", {"request_id": via_header.json()["id"], "score": 0})
+    assert bad.json()["variant"] in seen
+    missing = _post(gateway, "/v1/feedback", {"request_id": "chatcmpl-nope", "score": 1})
+    assert missing.status_code == 404
+    out_of_range = _post(gateway, "/v1/feedback", {"request_id": forced.json()["id"], "score": 5})
+    assert out_of_range.status_code == 400
+    report = ab_report(gateway["home"] / "serving" / "feedback.sqlite")
+    rows = {r["variant"]: r for r in report["variants"]}
+    assert rows[other]["successes"] >= 1 and rows[other]["feedback"] >= 1
+    assert sum(r["requests"] for r in rows.values()) >= 6
+
+
+# --------------------------------------------------------------------------- JSON-RPC
+def test_rpc_batch_tasks_and_errors(gateway):
+    calls = [
+        {"jsonrpc": "2.0", "method": "classify_sentiment", "params": {"text": "A wonderful film."}, "id": 1},
+        {"jsonrpc": "2.0", "method": "extract_entities", "params": ["Angela Merkel visited Paris."], "id": "b"},
+        {"jsonrpc": "2.0", "method": "summarize", "params": {"text": "A: hi\nB: hello", "max_tokens": 5}, "id": 3},
+        {"jsonrpc": "2.0", "method": "generate", "params": {"text": "A: how are you?", "max_tokens": 3}},
+        {"jsonrpc": "2.0", "method": "translate", "params": {"text": "x"}, "id": 5},
+        {"jsonrpc": "2.0", "method": "summarize", "params": {"text": ""}, "id": 6},
+        {"method": "summarize", "id": 7},
+    ]
+    response = _post(gateway, "/rpc", calls)
+    assert response.status_code == 200
+    answers = {a["id"]: a for a in response.json()}
+    assert set(answers) == {1, "b", 3, 5, 6, 7}, "the notification gets no answer"
+    sentiment, ner, summary = answers[1]["result"], answers["b"]["result"], answers[3]["result"]
+    assert sentiment["task"] == "sentiment" and sentiment["label"] in ("positive", "negative", None)
+    assert isinstance(sentiment["format_ok"], bool) and sentiment["variant"] in ("champion", "challenger")
+    assert isinstance(ner["label"], list)
+    assert summary["finish_reason"] in ("stop", "length") and isinstance(summary["label"], str)
+    assert answers[5]["error"]["code"] == -32601
+    assert answers[6]["error"]["code"] == -32602
+    assert answers[7]["error"]["code"] == -32600
+    assert _post(gateway, "/rpc", b"{oops").json()["error"]["code"] == -32700
+    assert _post(gateway, "/rpc", []).json()["error"]["code"] == -32600
+
+
+def test_rpc_uses_the_training_templates():
+    messages = task_messages("ner", "Obama met Merkel.")
+    template = DEFAULT_TEMPLATES["ner"]
+    assert messages[0] == {"role": "system", "content": template.system}
+    assert messages[1]["content"] == template.instructions[0].replace("{input}", "Obama met Merkel.")
+    assert json.dumps(messages)  # plain JSON-serialisable chat messages

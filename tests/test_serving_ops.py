@@ -1,0 +1,288 @@
+"""Operations: A/B split statistics, load shedding, hot swap on a real MLflow alias flip, runtime
+LoRA through the admin API, and a backend process that dies mid-request."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from configs.schema import ServeConfig
+from serving.app import build_app
+from serving.auth import KeyStore
+from serving.errors import APIError
+from serving.metrics import Metrics
+from serving.router import ABRouter
+from serving.service import Admission
+from tests.serving_helpers import free_port, running_gateway, tiny_ir, tiny_lora, wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture(scope="module")
+def ir_dir(session_home, tiny_model_dir):
+    return tiny_ir(session_home, tiny_model_dir)
+
+
+# --------------------------------------------------------------------------- A/B split
+def test_ab_split_10k_users_within_one_point_and_sticky():
+    router = ABRouter([("champion", 0.9), ("challenger", 0.1)])
+    users = [f"user-{i}" for i in range(10_000)]
+    first = [router.assign(u) for u in users]
+    share = first.count("challenger") / len(users)
+    assert abs(share - 0.10) <= 0.01, share
+    # Another replica (a fresh router, as after a restart) and repeated calls agree for every user.
+    replica = ABRouter([("champion", 9), ("challenger", 1)])
+    assert [replica.assign(u) for u in users] == first
+    assert [router.assign(u) for u in users] == first
+    # Ramping the challenger to 20% keeps every existing challenger user on the challenger.
+    ramped = ABRouter([("champion", 0.8), ("challenger", 0.2)])
+    moved = [ramped.assign(u) for u, v in zip(users, first) if v == "challenger"]
+    assert set(moved) == {"challenger"}
+    # A down variant's users are spread over the live ones; the others keep their assignment.
+    only = [router.assign(u, available={"champion"}) for u in users[:200]]
+    assert set(only) == {"champion"}
+
+
+# --------------------------------------------------------------------------- load shedding
+def test_admission_sheds_low_priority_first_and_never_hangs():
+    cfg = ServeConfig(max_concurrency=1, max_queue=2, request_timeout_s=0.5,
+                      priority_shares={"high": 1.0, "normal": 1.0, "low": 0.5})
+    admission = Admission(cfg, Metrics())
+
+    async def main():
+        release = asyncio.Event()
+        order = []
+
+        async def hold(priority, tag):
+            async with admission.slot(priority):
+                order.append(tag)
+                await release.wait()
+
+        running = asyncio.create_task(hold("normal", "first"))
+        await asyncio.sleep(0.01)
+        waiting = asyncio.create_task(hold("low", "queued-low"))
+        await asyncio.sleep(0.01)
+        with pytest.raises(APIError) as low:  # low may fill half the queue: one waiter is enough
+            async with admission.slot("low"):
+                pass
+        high = asyncio.create_task(hold("high", "queued-high"))
+        await asyncio.sleep(0.01)
+        with pytest.raises(APIError) as full:
+            async with admission.slot("high"):
+                pass
+        release.set()
+        await asyncio.gather(running, waiting, high)
+        timed_out = asyncio.create_task(hold("normal", "blocker"))
+        release.clear()
+        await asyncio.sleep(0.01)
+        started = time.perf_counter()
+        with pytest.raises(APIError) as late:
+            async with admission.slot("normal"):
+                pass
+        waited = time.perf_counter() - started
+        release.set()
+        await timed_out
+        return low.value, full.value, late.value, waited, order
+
+    low, full, late, waited, order = asyncio.run(main())
+    assert low.status == 503 and "priority low" in low.message and low.headers["Retry-After"]
+    assert full.status == 503
+    assert late.status == 503 and "timed out" in late.message and waited < 2.0
+    assert order[:3] == ["first", "queued-low", "queued-high"]
+
+
+# --------------------------------------------------------------------------- hot swap
+def _register(tracking_uri: str, ir_dir: Path, artifacts: Path) -> tuple[str, str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri, tracking_uri)
+    experiment = client.create_experiment("serving-test", artifact_location=str(artifacts))
+    client.create_registered_model("lmforge-assistant")
+    versions = []
+    for _ in range(2):
+        run = client.create_run(experiment)
+        client.log_artifacts(run.info.run_id, str(ir_dir), "ir")
+        client.set_terminated(run.info.run_id)
+        mv = client.create_model_version("lmforge-assistant", source=f"{run.info.artifact_uri}/ir",
+                                         run_id=run.info.run_id)
+        versions.append(str(mv.version))
+    client.set_registered_model_alias("lmforge-assistant", "champion", versions[0])
+    return versions[0], versions[1]
+
+
+def test_alias_flip_swaps_without_restart_or_failed_requests(tmp_path, mlflow_uri, ir_dir):
+    from mlflow import MlflowClient
+
+    v1, v2 = _register(mlflow_uri, ir_dir, tmp_path / "artifacts")
+    home = tmp_path / "home"
+    admin_key = KeyStore(home / "serving" / "keys.sqlite").add("ops", admin=True)[0]
+    cfg = ServeConfig(backend="openvino", auth=True, poll_interval_s=0.2, cache_gb=1,
+                      variants=[{"name": "champion", "model_uri": "models:/lmforge-assistant@champion"}])
+    app = build_app(cfg, home, tracking_uri=mlflow_uri)
+    with running_gateway(app) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key=admin_key, max_retries=0)
+        first = client.chat.completions.with_raw_response.create(model="lmforge-assistant", messages=HELLO,
+                                                                 max_tokens=4)
+        assert first.headers["x-lmforge-version"] == v1
+        old_engine = app.state.gateway.pool.slots["champion"].ref
+
+        results: list[tuple[int, str | None]] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            with httpx.Client(timeout=30) as http:
+                while not stop.is_set():
+                    r = http.post(base + "/v1/chat/completions", headers={"Authorization": f"Bearer {admin_key}"},
+                                  json={"model": "lmforge-assistant", "messages": HELLO, "max_tokens": 16})
+                    results.append((r.status_code, r.headers.get("x-lmforge-version")))
+
+        workers = [threading.Thread(target=load) for _ in range(3)]
+        for w in workers:
+            w.start()
+        wait_for(lambda: len(results) >= 3)
+        MlflowClient(mlflow_uri, mlflow_uri).set_registered_model_alias("lmforge-assistant", "champion", v2)
+        wait_for(lambda: any(v == v2 for _, v in results[-3:]), timeout=60)
+        time.sleep(0.3)
+        stop.set()
+        for w in workers:
+            w.join()
+
+        assert [s for s, _ in results if s != 200] == [], "no failed request during the swap"
+        versions = [v for _, v in results]
+        assert v1 in versions and v2 in versions
+        assert versions.index(v2) > versions.index(v1) and v1 not in versions[versions.index(v2):]
+        info = httpx.get(base + "/admin/variants", headers={"Authorization": f"Bearer {admin_key}"}).json()
+        swap = info["variants"][0]["swaps"][-1]
+        assert swap["version"] == v2 and swap["reason"].startswith("alias @champion")
+        assert swap["swap_ms"] < 50 and swap["warmup_s"] > 0
+        wait_for(lambda: old_engine.backend._pipe is None, timeout=30)  # released after draining
+        assert old_engine.inflight == 0
+        metrics = httpx.get(base + "/metrics").text
+        assert 'lmforge_swaps_total{kind="model",variant="champion"} 2.0' in metrics
+        assert 'lmforge_variant_version{variant="champion"} 2.0' in metrics
+
+
+def test_admin_loads_lora_adapters_at_runtime(tmp_path, ir_dir, tiny_model_dir):
+    lora_a = tiny_lora(tiny_model_dir, tmp_path / "lora_a.safetensors", seed=1)
+    lora_b = tiny_lora(tiny_model_dir, tmp_path / "lora_b.safetensors", seed=2)
+    home = tmp_path / "home"
+    store = KeyStore(home / "serving" / "keys.sqlite")
+    admin_key, user_key = store.add("ops", admin=True)[0], store.add("user")[0]
+    cfg = ServeConfig(backend="openvino", watch=False, cache_gb=1,
+                      variants=[{"name": "champion", "model_uri": str(ir_dir)}])
+    with running_gateway(build_app(cfg, home)) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key=admin_key, max_retries=0)
+
+        def greedy() -> str:
+            return client.completions.create(model="champion", prompt="The weather", max_tokens=8,
+                                             temperature=0).choices[0].text
+
+        def admin(body, key=admin_key):
+            return httpx.post(base + "/admin/variants/champion", json=body, timeout=60,
+                              headers={"Authorization": f"Bearer {key}"})
+
+        base_text = greedy()
+        assert admin({"adapter": str(lora_a)}, key=user_key).status_code == 403
+        first = admin({"adapter": str(lora_a)})
+        assert first.status_code == 200, first.text
+        assert first.json()["adapter"]["reason"].startswith("adapter (engine rebuilt")
+        text_a = greedy()
+        second = admin({"adapter": str(lora_b)})
+        assert second.status_code == 200 and second.json()["adapter"]["reason"] == "adapter"
+        text_b = greedy()
+        assert len({base_text, text_a, text_b}) == 3, "each adapter changes the greedy output"
+        assert admin({"adapter": str(lora_a)}).json()["adapter"]["swap_ms"] < 100
+        assert greedy() == text_a, "switching back restores adapter A exactly"
+        missing = admin({"adapter": str(tmp_path / "nope.safetensors")})
+        assert missing.status_code == 400 and "not found" in missing.json()["error"]["message"]
+        assert admin({}).status_code == 400
+        assert greedy() == text_a, "a failed admin call leaves the variant as it was"
+
+
+# --------------------------------------------------------------------------- a backend dies
+def _start_upstream(home: Path, ir_dir: Path, port: int) -> subprocess.Popen:
+    """A second gateway process, used as the remote OpenAI-compatible backend of the first."""
+    overrides = [f"serve.port={port}", "serve.auth=false", "serve.watch=false", "serve.served_model=upstream",
+                 f"serve.variants=[{{name: up, model_uri: '{ir_dir}'}}]", "serve.cache_gb=1"]
+    env = {**os.environ, "LMFORGE_HOME": str(home)}
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "-c", "tiny", *overrides], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_backend_dies_mid_request_then_fallback_serves(tmp_path, ir_dir):
+    port = free_port()
+    upstream = _start_upstream(tmp_path / "upstream", ir_dir, port)
+    try:
+        wait_for(lambda: _ready(f"http://127.0.0.1:{port}"), timeout=90, interval=0.3)
+        cfg = ServeConfig(backend="openvino", auth=False, watch=False, cache_gb=1, fallback_variant="local",
+                          variants=[{"name": "remote", "model_uri": str(ir_dir), "url": f"http://127.0.0.1:{port}",
+                                     "weight": 1.0},
+                                    {"name": "local", "model_uri": str(ir_dir), "weight": 0.0}])
+        with running_gateway(build_app(cfg, tmp_path / "home")) as base:
+            client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+            ok = client.chat.completions.with_raw_response.create(model="lmforge-assistant", messages=HELLO,
+                                                                  max_tokens=4)
+            assert ok.headers["x-lmforge-variant"] == "remote"
+            stream = client.chat.completions.create(model="lmforge-assistant", messages=HELLO, max_tokens=1500,
+                                                    stream=True)
+            received = []
+            with pytest.raises(openai.APIError, match="backend"):
+                for chunk in stream:
+                    received.append(chunk)
+                    if len(received) == 3:
+                        upstream.send_signal(signal.SIGKILL)
+            assert len(received) >= 3, "the stream had started before the backend died"
+            upstream.wait(timeout=10)
+
+            after = client.chat.completions.with_raw_response.create(model="lmforge-assistant", messages=HELLO,
+                                                                     max_tokens=4)
+            assert after.headers["x-lmforge-variant"] == "local"
+            assert after.parse().choices[0].message.content is not None
+            assert httpx.get(base + "/health/live").status_code == 200
+            ready = httpx.get(base + "/health/ready")
+            assert ready.status_code == 503 and ready.json()["variants"]["remote"] == "down"
+            pinned = httpx.post(base + "/v1/chat/completions",
+                                json={"model": "remote", "messages": HELLO, "max_tokens": 2})
+            assert pinned.status_code == 200 and pinned.headers["x-lmforge-variant"] == "local", "fallback"
+    finally:
+        if upstream.poll() is None:
+            upstream.kill()
+            upstream.wait(timeout=10)
+
+
+def _ready(base: str) -> bool:
+    try:
+        return httpx.get(base + "/health/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+# --------------------------------------------------------------------------- backends agree
+def test_openvino_matches_hf_reference_greedy(ir_dir, tiny_model_dir):
+    from serving.backends.base import SamplingParams
+    from serving.backends.hf import HFBackend
+    from serving.backends.openvino import OpenVINOBackend
+
+    async def main():
+        outputs = []
+        for backend, model_dir in ((OpenVINOBackend(cache_gb=1), ir_dir), (HFBackend(), tiny_model_dir)):
+            await backend.load(model_dir)
+            prompt = backend.render_chat([{"role": "user", "content": "Name a colour."}])
+            chunks = [c async for c in backend.generate(prompt, SamplingParams(max_tokens=12, temperature=0))]
+            outputs.append(("".join(c.text for c in chunks), chunks[-1].prompt_tokens, chunks[-1].completion_tokens))
+            await backend.release()
+        return outputs
+
+    openvino_out, hf_out = asyncio.run(main())
+    assert openvino_out == hf_out
