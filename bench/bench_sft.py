@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--methods", default="qlora,lora")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. sft.cpu_threads=1")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
 
     from configs.schema import load
     from tasks.models import import_model, load_tokenizer

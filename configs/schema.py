@@ -114,8 +114,17 @@ class SFTConfig(Section):
     On a CPU shared with other jobs, 1 avoids OpenMP threads waiting on each other."""
     tasks: list[Literal["sentiment", "ner", "summarization", "generation"]] | None = None
     """Curated tasks to train on; None = all tasks in the training split."""
-    max_train_samples_per_task: int | None = Field(None, ge=1)
-    """Cap on training records per task (a seeded sample); None = all."""
+    max_train_samples_per_task: int | dict[Literal["sentiment", "ner", "summarization", "generation"], int] | None = None
+    """Cap on training records per task (a seeded sample): one number for every task, or task -> cap
+    (tasks not named are not capped), which also sets the task mix of the batches; None = all."""
+
+    @field_validator("max_train_samples_per_task")
+    @classmethod
+    def _positive_caps(cls, value):
+        caps = value.values() if isinstance(value, dict) else [] if value is None else [value]
+        if any(c < 1 for c in caps):
+            raise ValueError("caps must be >= 1")
+        return value
     evaluate: bool = True
     """Evaluate base and tuned model on the validation split after training (uses the evaluate section)."""
     eval_max_samples_per_task: int | None = Field(None, ge=1)

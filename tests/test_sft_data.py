@@ -79,6 +79,8 @@ def test_select_records_filters_tasks_and_caps_per_task_deterministically(record
     assert sorted(r["task"] for r in picked) == ["ner"] * 3 + ["sentiment"] * 3
     assert [r["id"] for r in picked] == [r["id"] for r in select_records(mixed, None, 3, seed=1)]
     assert [r["id"] for r in select_records(mixed, ["ner"])] == [f"n{i}" for i in range(10)]
+    weighted = select_records(mixed, None, {"sentiment": 2}, seed=1)  # unnamed tasks are not capped
+    assert sorted(r["task"] for r in weighted) == ["ner"] * 10 + ["sentiment"] * 2
 
 
 @pytest.mark.parametrize("packing", [False, True])

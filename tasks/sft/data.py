@@ -134,13 +134,13 @@ def encode_records(
 
 
 def select_records(records: Iterable[dict[str, Any]], tasks: Sequence[str] | None = None,
-                   max_per_task: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+                   max_per_task: int | dict[str, int] | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """Records of the chosen tasks, at most ``max_per_task`` each (a seeded sample), in input order.
 
     Args:
         records: curated records or a ``datasets.Dataset`` split.
         tasks: task names to keep; None keeps every task.
-        max_per_task: cap per task; None keeps all.
+        max_per_task: cap for every task, or task -> cap (unnamed tasks uncapped); None keeps all.
         seed: sampling seed (the same seed and input give the same selection).
     """
     rows = [dict(r) for r in records]
@@ -153,8 +153,9 @@ def select_records(records: Iterable[dict[str, Any]], tasks: Sequence[str] | Non
     for index, row in enumerate(rows):
         by_task.setdefault(str(row.get("task")), []).append(index)
     keep: set[int] = set()
-    for indices in by_task.values():
-        chosen = rng.permutation(len(indices))[:max_per_task]
+    for task_name, indices in sorted(by_task.items()):
+        cap = max_per_task.get(task_name, len(indices)) if isinstance(max_per_task, dict) else max_per_task
+        chosen = rng.permutation(len(indices))[:cap]
         keep.update(indices[i] for i in chosen)
     return [row for index, row in enumerate(rows) if index in keep]
 

@@ -139,6 +139,15 @@ class SFTModule(pl.LightningModule):
             self._rng_to_restore = None
 
 
+def adapter_fingerprint(module: SFTModule) -> str:
+    """sha256 over the adapter tensors (names and exact bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.trainable_state().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 class TrainHistory(pl.Callback):
     """Collects the per-step loss and throughput, and at the end every rank's adapter hash.
 
@@ -160,11 +169,7 @@ class TrainHistory(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         # Equal hashes on every rank prove DDP kept the replicas in sync.
-        digest = hashlib.sha256()
-        for name, tensor in sorted(pl_module.trainable_state().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        mine = (digest.hexdigest(), pl_module.examples_seen)
+        mine = (adapter_fingerprint(pl_module), pl_module.examples_seen)
         gathered: list = [mine]
         if trainer.world_size > 1:
             import torch.distributed as dist

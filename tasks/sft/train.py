@@ -133,7 +133,7 @@ def train_sft(spec: TrainSpec, records: list[dict[str, Any]] | None = None) -> d
     from tasks.models import load_tokenizer
     from tasks.sft.checkpoints import FaultTolerantCheckpoint, latest_valid, list_checkpoints
     from tasks.sft.data import SFTDataModule, encode_records, end_of_turn_id
-    from tasks.sft.module import SFTModule, StepProgressBar, TrainHistory, peak_rss_mb
+    from tasks.sft.module import SFTModule, StepProgressBar, TrainHistory, adapter_fingerprint, peak_rss_mb
     from tasks.sft.qlora import build_peft_model, context_length
 
     cfg = SFTConfig.model_validate(spec.sft)
@@ -202,8 +202,9 @@ def train_sft(spec: TrainSpec, records: list[dict[str, Any]] | None = None) -> d
         "tokens_seen": module.tokens_seen * trainer.world_size,
         "tokens_per_s": round(history.mean_tokens_per_s(), 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
-        "rank_adapter_sha256": history.rank_fingerprints,
-        "rank_examples_seen": history.rank_examples,
+        # A resume of a finished run never reaches on_train_end: fall back to this process's view.
+        "rank_adapter_sha256": history.rank_fingerprints or [adapter_fingerprint(module)],
+        "rank_examples_seen": history.rank_examples or [module.examples_seen],
         "data": dataclasses.asdict(report),
         "method": cfg.method,
         "cpu_threads": cpu_threads(cfg),
