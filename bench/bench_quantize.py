@@ -95,11 +95,13 @@ def main() -> None:
         started = time.perf_counter()
         steps.build_variant(plan, name, cfg.quantize, samples, info)
         timings[f"build {name}"] = round(time.perf_counter() - started, 1)
+        print(f"built {name} in {timings[f'build {name}']}s", flush=True)
     rows = []
     for name in plan.variants:
         started = time.perf_counter()
         rows.append(steps.measure_variant(plan, name, cfg.quantize, cfg.evaluate, records))
         timings[f"measure {name}"] = round(time.perf_counter() - started, 1)
+        print(f"measured {name} in {timings[f'measure {name}']}s", flush=True)
     summary = steps.write_report(plan, rows, cfg.quantize)
     print(summary["markdown"])
     print(json.dumps(timings, indent=1))
