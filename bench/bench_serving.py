@@ -1,6 +1,6 @@
 """Serving benchmark: gateway vs engine throughput, hot-swap time, LoRA switch, A/B split.
 
-    .venv/bin/python bench/bench_serving.py [--home .lmforge] [--rounds 3] [--skip-hf] [--skip-swap]
+    .venv/bin/python bench/bench_serving.py [--home .lmforge] [--rounds 3] [--skip-hf] [--skip-swap] [--only vllm]
 
 Same harness everywhere: 8 distinct raw prompts, 64 new tokens per request (greedy), C concurrent
 clients each sending ``rounds`` requests back to back; tokens/s = generated tokens / wall time.
@@ -8,7 +8,10 @@ clients each sending ``rounds`` requests back to back; tokens/s = generated toke
 * engine direct: ``ContinuousBatchingPipeline.generate`` on C prompts at once, in-process.
 * gateway: ``lmforge serve`` in its own process, C concurrent HTTP clients on /v1/completions
   (non-streaming and streaming), OpenVINO backend on the same IR.
-* HF transformers fp32 ``generate``, 1 client. vLLM: when ``.venv-vllm`` exists.
+* HF transformers fp32 ``generate``, 1 client.
+* vLLM (when ``.venv-vllm`` exists; ``--only vllm`` runs just this): ``lmforge serve`` with
+  ``serve.backend=vllm`` starts and manages a vLLM server on the SmolLM2 HF weights; the same clients
+  hit that server's /v1/completions directly, and the gateway in front of it.
 * swap: a registry alias flip under steady load (4 clients); failed requests, background
   load/warm-up time, the atomic switch, and the extra latency clients saw during the swap.
 * LoRA: switching the engine's adapter (random rank-8 LoRA on SmolLM2) through /admin.
@@ -126,11 +129,13 @@ def bench_direct(ir: Path, clients: int, rounds: int) -> dict:
     return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed}
 
 
-def bench_gateway(base: str, clients: int, rounds: int, stream: bool = False) -> dict:
+def bench_gateway(base: str, clients: int, rounds: int, stream: bool = False, model: str = "lmforge-assistant") -> dict:
+    """C concurrent HTTP clients on ``base``/v1/completions (any OpenAI-compatible server serving ``model``)."""
+
     async def client(i: int, http: httpx.AsyncClient) -> tuple[int, list[float]]:
         tokens, latencies = 0, []
         for r in range(rounds):
-            body = {"model": "lmforge-assistant", "prompt": PROMPTS[(r + i) % len(PROMPTS)],
+            body = {"model": model, "prompt": PROMPTS[(r + i) % len(PROMPTS)],
                     "max_tokens": NEW_TOKENS, "temperature": 0, "stream": stream, "ignore_eos": True}
             if stream:
                 body["stream_options"] = {"include_usage": True}
@@ -151,7 +156,7 @@ def bench_gateway(base: str, clients: int, rounds: int, stream: bool = False) ->
     async def main():
         limits = httpx.Limits(max_connections=clients + 2)
         async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as http:
-            await http.post("/v1/completions", json={"model": "lmforge-assistant", "prompt": "hi", "max_tokens": 4})
+            await http.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 4})
             started = time.perf_counter()
             results = await asyncio.gather(*(client(i, http) for i in range(clients)))
             return results, time.perf_counter() - started
@@ -185,14 +190,14 @@ def bench_hf(model_dir: Path, rounds: int) -> dict:
 class GatewayProcess:
     """``lmforge serve`` in its own process (as deployed), stopped with SIGTERM."""
 
-    def __init__(self, home: Path, overrides: list[str], port: int):
+    def __init__(self, home: Path, overrides: list[str], port: int, ready_timeout: float = 300):
         self.base = f"http://127.0.0.1:{port}"
         env = {**os.environ, "LMFORGE_HOME": str(home), "HF_HUB_OFFLINE": "1"}
         cmd = [sys.executable, "-m", "flows.cli", "serve", "-c", "pipeline", f"serve.port={port}",
                "serve.auth=false", *overrides]
         self.log = open(home / f"gateway-{port}.log", "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gateway exited ({self.process.returncode}); see {self.log.name}")
@@ -220,6 +225,53 @@ def _port() -> int:
 
 def _variant(name: str, uri: str, extra: str = "") -> str:
     return f"serve.variants=[{{name: {name}, model_uri: '{uri}'{extra}}}]"
+
+
+# --------------------------------------------------------------------------- vLLM
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+
+
+def bench_vllm(home: Path, work: Path, rounds: int, trials: int) -> dict:
+    """vLLM in the same harness: the server the gateway manages, hit directly and through the gateway.
+
+    vLLM serves the SmolLM2 HF weights (it picks bf16 on CPU); a variant is served under its name.
+    """
+    from tasks.models import import_model
+
+    model_dir = Path(import_model("smollm2-135m", home)["path"])
+    gateway = GatewayProcess(work, [_variant("champion", str(model_dir)), "serve.watch=false", "serve.backend=vllm",
+                                    "serve.vllm_startup_timeout_s=600"], _port(), ready_timeout=660)
+    trials_out: dict[str, list[dict]] = {}
+    engine: dict = {}
+    try:
+        engine = httpx.get(gateway.base + "/admin/variants").json()["variants"][0]["engine"]
+        print(f"vLLM at {engine['url']} (managed by the gateway, loaded in {engine['load_seconds']:.0f}s)", flush=True)
+        vllm_url, base = engine["url"], gateway.base
+        for trial in range(trials):
+            for c in (1, 8):
+                for key, run in ((f"vllm_{c}", lambda c=c: bench_gateway(vllm_url, c, rounds, model="champion")),
+                                 (f"vllm_gateway_{c}", lambda c=c: bench_gateway(base, c, rounds)),
+                                 (f"vllm_gateway_stream_{c}", lambda c=c: bench_gateway(base, c, rounds, True))):
+                    trials_out.setdefault(key, []).append(run())
+                    print(f"trial {trial} {key}: {trials_out[key][-1]['tok_s']:.1f} tok/s", flush=True)
+    finally:
+        gateway.stop()
+    out: dict = {"vllm_model": str(model_dir), "vllm_load_s": engine["load_seconds"]}
+    for key, runs in trials_out.items():
+        out[key] = max(runs, key=lambda r: r["tok_s"]) | {"all_tok_s": [round(r["tok_s"], 1) for r in runs]}
+    return out
+
+
+def report_vllm(out: dict) -> list[str]:
+    if "vllm_1" not in out:
+        return ["| vLLM CPU (reference, measured earlier here) | ~38 | ~240 | ~6.3x |"]
+    rows = []
+    for label, key in (("vLLM CPU direct (SmolLM2 HF weights, bf16)", "vllm"),
+                       ("gateway -> vLLM, non-streaming", "vllm_gateway"),
+                       ("gateway -> vLLM, streaming", "vllm_gateway_stream")):
+        one, eight = out[f"{key}_1"]["tok_s"], out[f"{key}_8"]["tok_s"]
+        rows.append(f"| {label} | {one:.1f} | {eight:.1f} | {eight / one:.1f}x |")
+    return rows
 
 
 # --------------------------------------------------------------------------- swap
@@ -339,11 +391,21 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3, help="Interleaved trials per measurement (best is kept).")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-swap", action="store_true")
+    parser.add_argument("--only", choices=["all", "vllm"], default="all",
+                        help="vllm: only vLLM, direct and through the gateway (-> <home>/bench/serving-vllm.json)")
     args = parser.parse_args()
     home = args.home.resolve()
-    ir = prepare(home)
     work = home / "bench" / f"serving-{int(time.time())}"
     work.mkdir(parents=True, exist_ok=True)
+    if args.only == "vllm":
+        if not VLLM_PYTHON.is_file():
+            sys.exit(f"{VLLM_PYTHON} not found: run `make vllm-env` first")
+        out = {"new_tokens": NEW_TOKENS, "rounds": args.rounds, **bench_vllm(home, work, args.rounds, args.trials)}
+        (home / "bench" / "serving-vllm.json").write_text(json.dumps(out, indent=2))
+        print("\n".join(["| engine / path | 1 client tok/s | 8 clients tok/s | 8 vs 1 |", "|---|---:|---:|---:|",
+                         *report_vllm(out)]))
+        return
+    ir = prepare(home)
     out: dict = {"ir": str(ir), "new_tokens": NEW_TOKENS, "rounds": args.rounds}
 
     # The machine is shared: interleave engine and gateway runs and keep each one's best trial, so a
@@ -367,8 +429,11 @@ def main() -> None:
     if not args.skip_hf:
         out["hf_1"] = bench_hf(home / "models" / "smollm2-135m", args.rounds)
         print(f"hf c=1: {out['hf_1']['tok_s']:.1f} tok/s", flush=True)
-    vllm_python = REPO / ".venv-vllm" / "bin" / "python"
-    out["vllm"] = "measured" if vllm_python.is_file() else "not run: .venv-vllm absent (make vllm-env)"
+    if VLLM_PYTHON.is_file():
+        out |= bench_vllm(home, work, args.rounds, args.trials)
+        out["vllm"] = "measured (SmolLM2 HF weights, same harness)"
+    else:
+        out["vllm"] = "not run: .venv-vllm absent (make vllm-env)"
     if not args.skip_swap:
         out["swap"] = bench_swap(ir, work)
         print(f"swap: {out['swap']}", flush=True)
@@ -388,7 +453,7 @@ def report(out: dict) -> str:
         rows.append(f"| {label} | {one:.1f} | {eight:.1f} | {eight / one:.1f}x |")
     if "hf_1" in out:
         rows.append(f"| HF transformers fp32 | {out['hf_1']['tok_s']:.1f} | - | - |")
-    rows.append("| vLLM CPU (reference, measured earlier here) | ~38 | ~240 | ~6.3x |")
+    rows += report_vllm(out)
     for c in (1, 8):
         overhead = 1 - out[f"gateway_{c}"]["tok_s"] / out[f"direct_{c}"]["tok_s"]
         rows.append(f"\ngateway overhead at {c} client(s): {overhead:+.1%} (non-streaming), "

