@@ -96,7 +96,8 @@ def _evaluate(cfg: LmforgeConfig, model_dir: str, run: dict[str, Any], prefix: s
     if cfg.align.eval_max_samples_per_task is not None:
         settings = settings.model_copy(update={"max_samples_per_task": cfg.align.eval_max_samples_per_task})
     out = evaluate_task(model_dir, settings, Path(run["run_dir"]) / "eval" / prefix, records=records,
-                        adapter_dir=adapter, max_length=cfg.model.max_seq_len, artifact_key=f"align-{prefix}")
+                        adapter_dir=adapter, max_length=cfg.model.max_seq_len, artifact_key=f"align-{prefix}",
+                        cache_dir=cfg.home / "cache" / "eval")
     return out["metrics"]
 
 

@@ -74,7 +74,8 @@ def finetune_flow(cfg: LmforgeConfig, resume: bool = False, data_version: str | 
         with torch_threads(cpu_threads(cfg.sft)):
             for prefix, adapter in (("base", None), ("tuned", summary["adapter_dir"])):
                 result = evaluate_task(model_dir, eval_cfg, out / prefix, records=records, adapter_dir=adapter,
-                                       max_length=cfg.model.max_seq_len, artifact_key=f"sft-{prefix}")
+                                       max_length=cfg.model.max_seq_len, artifact_key=f"sft-{prefix}",
+                                       cache_dir=cfg.home / "cache" / "eval")
                 evaluations[prefix] = result["metrics"]
     log_results_task(cfg.tracking_uri(), run_id, summary, run["run_dir"], evaluations)
     return {

@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -244,12 +246,16 @@ def evaluate_model(
     split: str = "validation",
     adapter_dir: str | Path | None = None,
     max_length: int = 2048,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate an HF model (+ adapter) on curated records and write the results to ``out_dir``.
 
     Records are ``records`` when given, else ``split`` of ``tasks.data.load_curated(data_home,
-    data_version)``. Returns ``{"metrics": ..., "metrics_json": path, "table_json": path,
-    "table_csv": path}``.
+    data_version)``. With ``cache_dir``, results are stored there by content (model, adapter,
+    scored records, settings) and reused when the same evaluation is asked for again: the base
+    model's evaluation is then paid once per data version, and alignment's "before" is the SFT
+    stage's "after" when the settings match. Returns ``{"metrics": ..., "metrics_json": path,
+    "table_json": path, "table_csv": path, "cached": bool}``.
     """
     if records is None:
         if data_home is None:
@@ -260,12 +266,70 @@ def evaluate_model(
         if split not in dataset:
             raise ValueError(f"curated data has no split {split!r} (splits: {', '.join(dataset)})")
         records = dataset[split]
+    selected = _select(records, cfg.max_samples_per_task)
+    entry = None
+    if cache_dir is not None:
+        entry = Path(cache_dir) / _cache_key(model_dir, adapter_dir, selected, cfg, max_length)
+        cached = _read_cached(entry)
+        if cached is not None:
+            log.info("evaluation of %s (adapter %s) reused from %s", model_dir, adapter_dir, entry)
+            return {"metrics": cached.metrics, **write_results(cached, out_dir), "cached": True}
     generator = hf_generator(model_dir, adapter_dir, cfg.max_new_tokens, cfg.batch_size, max_length)
-    result = evaluate_records(records, generator, cfg, perplexity_model=generator)
+    result = evaluate_records(selected, generator, cfg, perplexity_model=generator)
     paths = write_results(result, out_dir)
+    if entry is not None:
+        _write_cached(entry, result)
     log.info("evaluated %s on %d examples in %.1fs", model_dir, result.metrics["n_examples"],
              result.metrics["eval_seconds"])
-    return {"metrics": result.metrics, **paths}
+    return {"metrics": result.metrics, **paths, "cached": False}
+
+
+# Bump when decoding or scoring changes, so cached evaluations are not reused across recipes.
+EVAL_RECIPE = "hf-greedy-merged-lora-v1"
+
+
+def _cache_key(model_dir: str | Path, adapter_dir: str | Path | None, selected: list[dict[str, Any]],
+               cfg: EvaluateConfig, max_length: int) -> str:
+    payload = {
+        "recipe": EVAL_RECIPE, "model": _content_fingerprint(Path(model_dir)),
+        "adapter": _content_fingerprint(Path(adapter_dir)) if adapter_dir is not None else None,
+        "records": [[r["id"], r["task"], r["prompt"], r["label"]] for r in selected],
+        "settings": cfg.model_dump(mode="json"), "max_length": max_length,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _content_fingerprint(directory: Path) -> str:
+    """Hash of a model/adapter directory: its import manifest when it has one, else every file."""
+    digest = hashlib.sha256()
+    manifest = directory / "manifest.json"
+    files = [manifest] if manifest.is_file() else sorted(p for p in directory.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(str(file.relative_to(directory)).encode())
+        with open(file, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
+
+
+def _read_cached(entry: Path) -> EvalResult | None:
+    try:
+        metrics = json.loads((entry / "metrics.json").read_text(encoding="utf-8"))
+        table = json.loads((entry / "eval_table.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    metrics = {k: (math.nan if v is None else v) for k, v in metrics.items()}
+    return EvalResult(metrics=metrics, table=table)
+
+
+def _write_cached(entry: Path, result: EvalResult) -> None:
+    # Written whole into a temp dir and renamed: a half-written entry is never read as a hit.
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
+        write_results(result, tmp)
+        os.replace(tmp, entry)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process stored the same entry first
 
 
 @task(name="evaluate")
@@ -281,13 +345,14 @@ def evaluate_task(
     adapter_dir: str | Path | None = None,
     max_length: int = 2048,
     artifact_key: str = "eval",
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Prefect wrapper of :func:`evaluate_model` that also publishes table + metrics artifacts."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     out = evaluate_model(
         model_dir, cfg, out_dir, records=records, data_home=data_home, data_version=data_version,
-        split=split, adapter_dir=adapter_dir, max_length=max_length,
+        split=split, adapter_dir=adapter_dir, max_length=max_length, cache_dir=cache_dir,
     )
     table = json.loads(Path(out["table_json"]).read_text(encoding="utf-8"))
     create_table_artifact(

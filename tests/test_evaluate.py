@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -260,3 +261,68 @@ def test_evaluate_task_publishes_artifacts(prefect_harness, tiny_model_dir, tmp_
     assert table.type == "table"
     assert {row["id"] for row in json.loads(table.data)} == {"sentiment-1", "ner-2"}
     assert artifacts["test-eval-metrics"].type == "markdown" and "| ner_f1 |" in artifacts["test-eval-metrics"].data
+
+
+@pytest.fixture(scope="module")
+def random_adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter with non-zero B, so it really changes the tiny model's outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tasks.models import load_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(load_model(tiny_model_dir), LoraConfig(
+        r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    model.save_pretrained(str(out))
+    return out
+
+
+def test_merged_adapter_scores_like_the_peft_wrapper(tiny_model_dir, random_adapter):
+    """Folding the LoRA weights in (the fast path evaluation uses) must not change the model's function."""
+    import torch
+
+    merged = hf_generator(tiny_model_dir, random_adapter, max_new_tokens=8, batch_size=2)
+    wrapped = hf_generator(tiny_model_dir, random_adapter, max_new_tokens=8, batch_size=2, merge_adapter=False)
+    base = hf_generator(tiny_model_dir, max_new_tokens=8, batch_size=2)
+    assert not hasattr(merged.model, "peft_config") and hasattr(wrapped.model, "peft_config")
+    ids = torch.tensor([merged._encode("<|im_start|>user\nname a city<|im_end|>\n<|im_start|>assistant\n")])
+    with torch.no_grad():
+        m, w, b = (g.model(input_ids=ids).logits[0, -1] for g in (merged, wrapped, base))
+    assert torch.allclose(m, w, atol=1e-4, rtol=1e-4)
+    assert (w - b).abs().max() > 1e-2  # the adapter really acts, so the equality above means something
+
+
+def test_evaluation_cache_reuses_only_the_same_evaluation(tiny_model_dir, random_adapter, tmp_path, monkeypatch):
+    import tasks.evaluate as E
+    from tasks.evaluate import evaluate_model
+    from tasks.models import load_tokenizer
+
+    records = chat_records(load_tokenizer(tiny_model_dir))
+    cfg = EvaluateConfig(batch_size=2, max_new_tokens=6)
+    cache = tmp_path / "cache"
+    first = evaluate_model(tiny_model_dir, cfg, tmp_path / "a", records=records, cache_dir=cache)
+    assert first["cached"] is False and len(list(cache.iterdir())) == 1
+
+    real_generator = E.hf_generator
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a cached evaluation must not load or run the model")
+
+    monkeypatch.setattr(E, "hf_generator", no_generation)
+    again = evaluate_model(tiny_model_dir, cfg, tmp_path / "b", records=records, cache_dir=cache)
+    assert again["cached"] is True
+    assert again["metrics"]["perplexity"] == first["metrics"]["perplexity"]
+    assert json.loads(open(again["table_json"]).read()) == json.loads(open(first["table_json"]).read())
+
+    # A different adapter, settings or record set is a different evaluation: it must run.
+    monkeypatch.setattr(E, "hf_generator", real_generator)
+    tuned = evaluate_model(tiny_model_dir, cfg, tmp_path / "c", records=records, adapter_dir=random_adapter,
+                           cache_dir=cache)
+    shorter = evaluate_model(tiny_model_dir, cfg.model_copy(update={"max_new_tokens": 3}), tmp_path / "d",
+                             records=records, cache_dir=cache)
+    fewer = evaluate_model(tiny_model_dir, cfg, tmp_path / "e", records=records[:1], cache_dir=cache)
+    assert [tuned["cached"], shorter["cached"], fewer["cached"]] == [False, False, False]
+    assert len(list(cache.iterdir())) == 4
+    assert tuned["metrics"]["perplexity"] != first["metrics"]["perplexity"]
