@@ -19,9 +19,7 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import re
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ from typing import Any
 from prefect import task
 
 from configs.schema import ModelConfig
+from tasks.files import sha256_file, swap_into_place
 from tasks.gguf_tokenizer import tokenizer_from_gguf
 
 log = logging.getLogger(__name__)
@@ -111,7 +110,7 @@ def import_model(spec: str, home: Path, model_cfg: ModelConfig | None = None, fo
         manifest = _manifest(source, source_sha, model, staging, model_cfg.dtype)
         manifest["import_seconds"] = round(time.perf_counter() - started, 2)
         _write_json(staging / MANIFEST, manifest)
-        _swap_into_place(staging, target)
+        swap_into_place(staging, target)  # readers never see a half import
     log.info("imported %s into %s in %.1fs", spec, target, manifest["import_seconds"])
     return {**manifest, "path": str(target), "skipped": False}
 
@@ -154,7 +153,7 @@ def _smollm2_gguf() -> Path:
 
 def _source_sha256(source: ModelSource, model_cfg: ModelConfig) -> str:
     if source.kind == "smollm2":
-        return _sha256_file(Path(source.location))
+        return sha256_file(Path(source.location))
     if source.kind == "tiny":
         recipe = {"tiny": model_cfg.tiny.model_dump(), "dtype": model_cfg.dtype, "tokenizer": _tokenizer_sha(),
                   "recipe": TINY_RECIPE_VERSION}
@@ -165,7 +164,7 @@ def _source_sha256(source: ModelSource, model_cfg: ModelConfig) -> str:
 
 
 def _tokenizer_sha() -> str:
-    return _sha256_file(_smollm2_gguf())
+    return sha256_file(_smollm2_gguf())
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -270,34 +269,15 @@ def _manifest(source: ModelSource, source_sha: str, model, staging: Path, dtype:
 
 
 # --------------------------------------------------------------------------- files
-def _swap_into_place(staging: Path, target: Path) -> None:
-    """Replace ``target`` with the fully written ``staging`` dir; readers never see a half import."""
-    if target.exists():
-        retired = target.with_name(f".old-{target.name}-{os.getpid()}")
-        os.replace(target, retired)
-        os.replace(staging, target)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, target)
-
-
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _sha256_dir(path: Path) -> str:
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts):
         digest.update(str(file.relative_to(path)).encode())
-        digest.update(_sha256_file(file).encode())
+        digest.update(sha256_file(file).encode())
     return digest.hexdigest()
 
 

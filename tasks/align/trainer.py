@@ -24,6 +24,7 @@ from typing import Any
 
 from configs.schema import AlignConfig, AlignStageConfig
 from tasks.align.data import prompt_rows, rows_needed, stage_tasks
+from tasks.files import atomic_write_text, swap_into_place
 from tasks.rewards import WeightSchedule, build_reward_funcs
 
 log = logging.getLogger(__name__)
@@ -316,30 +317,11 @@ def save_adapter(policy, tokenizer, target: Path) -> None:
     tmp.parent.mkdir(parents=True, exist_ok=True)
     policy.save_pretrained(str(tmp), selected_adapters=["default"])
     tokenizer.save_pretrained(str(tmp))
-    _swap_into_place(tmp, target)
+    swap_into_place(tmp, target)
 
 
 def _copy_dir_atomic(source: Path, target: Path) -> None:
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp)
-    _swap_into_place(tmp, target)
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    if target.exists():
-        old = target.with_name(f".old-{target.name}-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    swap_into_place(tmp, target)

@@ -31,12 +31,13 @@ from configs.data_schema import TASKS, DataConfig
 from tasks.data.card import length_summary, render_markdown
 from tasks.data.cleaning import Cleaner
 from tasks.data.dedup import NearDupIndex, exact_key
-from tasks.data.loaders import RawRecord, Rejected, check_sources, load_source, source_path, stable_unit
+from tasks.data.loaders import load_source
+from tasks.data.records import RawRecord, Rejected, check_sources, source_path, stable_unit
 from tasks.data.store import (
-    SPLITS, compute_version, is_complete, read_card, sha256_file, tokenizer_fingerprint, version_dir,
-    write_latest, write_version,
+    SPLITS, compute_version, is_complete, read_card, tokenizer_fingerprint, version_dir, write_latest, write_version,
 )
 from tasks.data.templates import count_tokens, render
+from tasks.files import sha256_file
 
 log = logging.getLogger(__name__)
 _PRIORITY = {"test": 0, "validation": 1, "train": 2}

@@ -16,7 +16,7 @@ import unicodedata
 from collections.abc import Callable
 
 from configs.data_schema import CleaningRule, LengthBounds, compile_flags
-from tasks.data.loaders import RawRecord, Rejected, _excerpt
+from tasks.data.records import RawRecord, Rejected, excerpt
 
 
 def fix_mojibake(text: str) -> str:
@@ -136,7 +136,7 @@ class Cleaner:
         elif len(text) > bounds.max_input_chars:
             problem = f"input too long ({len(text)} > {bounds.max_input_chars} chars)"
         if problem:
-            return Rejected(record.source, record.line, "clean", problem, _excerpt(original))
+            return Rejected(record.source, record.line, "clean", problem, excerpt(original))
         return dataclasses.replace(record, input=text, label=label)
 
 

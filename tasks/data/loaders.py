@@ -9,8 +9,6 @@ is counted on the data card. A missing file or a source that cannot be read at a
 from __future__ import annotations
 
 import csv
-import dataclasses
-import hashlib
 import io
 import json
 import re
@@ -18,92 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from configs.data_schema import SourceConfig
+from tasks.data.records import (
+    DataError, RawRecord, Rejected, bad_utf8, check_sources, excerpt, numbered_lines, resolve_raw_dir, source_path,
+    stable_unit,
+)
+from tasks.parsing import NER_TYPES, SENTIMENT_LABELS
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-NER_TYPES = ("PER", "ORG", "LOC", "MISC")
-SENTIMENT_LABELS = ("positive", "negative")
-_BAD_BYTE = re.compile("[\udc80-\udcff]")
+# Curation code and tests import the shared record types and source helpers from here as well.
+__all__ = ["DataError", "RawRecord", "Rejected", "check_sources", "load_source", "resolve_raw_dir", "source_path",
+           "stable_unit"]
+
 _TURN = re.compile(r"^\s*(#[^#\n]{1,40}#)\s*:\s*(.*)$")
-
-
-class DataError(Exception):
-    """A data problem that stops curation (missing file, unreadable source), worded for the user."""
-
-
-@dataclasses.dataclass
-class RawRecord:
-    """One example before cleaning and rendering; ``label`` is already in its structured form."""
-
-    id: str
-    source: str
-    task: str
-    input: str
-    label: Any
-    group: str
-    split_hint: str
-    line: int
-
-
-@dataclasses.dataclass
-class Rejected:
-    """A row that was set aside, and why."""
-
-    source: str
-    line: int
-    stage: str
-    reason: str
-    excerpt: str
-
-    @property
-    def kind(self) -> str:
-        """Short category of the reason, for counting on the data card."""
-        return next((kind for pattern, kind in _REASON_KINDS if pattern.search(self.reason)), "other")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "kind": self.kind}
-
-
-_REASON_KINDS = [(re.compile(p, re.IGNORECASE), k) for p, k in [
-    (r"invalid UTF-8", "invalid_utf8"),
-    (r"columns|no column|malformed CSV", "wrong_columns"),
-    (r"tag", "bad_tags"),
-    (r"invalid JSON|expected a JSON object", "invalid_json"),
-    (r"^empty|became empty|empty after", "empty_text"),
-    (r"missing (id )?field", "missing_field"),
-    (r"label|bad entity", "bad_label"),
-    (r"duplicate id", "duplicate_id"),
-    (r"fewer than 2 turns", "too_few_turns"),
-    (r"not found in order", "entity_lost"),
-    (r"tokens", "too_many_tokens"),
-    (r"too short", "too_short"),
-    (r"too long", "too_long"),
-]]
-
-
-def resolve_raw_dir(raw_dir: Path) -> Path:
-    """``raw_dir`` as given if it exists (absolute or from the working directory), else from the project root."""
-    raw_dir = Path(raw_dir).expanduser()
-    if raw_dir.is_absolute() or raw_dir.exists():
-        return raw_dir.resolve()
-    return (PROJECT_ROOT / raw_dir).resolve()
-
-
-def source_path(source: SourceConfig, raw_dir: Path) -> Path:
-    """Absolute path of a source's file."""
-    path = Path(source.path).expanduser()
-    return path if path.is_absolute() else resolve_raw_dir(raw_dir) / path
-
-
-def check_sources(sources: list[SourceConfig], raw_dir: Path) -> None:
-    """Fail early, naming every source whose file is missing.
-
-    Raises:
-        DataError: one or more source files do not exist.
-    """
-    missing = [f"{s.name}: {source_path(s, raw_dir)}" for s in sources if not source_path(s, raw_dir).is_file()]
-    if missing:
-        raise DataError("source file(s) not found (data.sources[].path is relative to data.raw_dir):\n  "
-                        + "\n  ".join(missing))
 
 
 def load_source(source: SourceConfig, raw_dir: Path) -> tuple[list[RawRecord], list[Rejected]]:
@@ -125,29 +48,6 @@ def load_source(source: SourceConfig, raw_dir: Path) -> tuple[list[RawRecord], l
 
 
 # --------------------------------------------------------------------------- helpers
-def stable_unit(*parts: object) -> float:
-    """A deterministic number in [0, 1) from the parts (independent of PYTHONHASHSEED)."""
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def _bad_utf8(value: str) -> str | None:
-    match = _BAD_BYTE.search(value)
-    if match is None:
-        return None
-    return f"invalid UTF-8 (byte 0x{ord(match.group()) - 0xDC00:02x} at column {match.start() + 1})"
-
-
-def _excerpt(value: str, limit: int = 160) -> str:
-    value = _BAD_BYTE.sub("\ufffd", value)
-    return value if len(value) <= limit else value[: limit - 1] + "\u2026"
-
-
-def _lines(text: str):
-    for number, line in enumerate(text.split("\n"), start=1):
-        yield number, line.rstrip("\r")
-
-
 def _sentiment_label(source: SourceConfig, raw: Any) -> tuple[str | None, str | None]:
     value = str(raw).strip()
     mapped = source.label_map.get(value, value).strip().lower()
@@ -167,21 +67,21 @@ def _record(source: SourceConfig, key: str, text: str, label: Any, line: int, gr
 def _read_sst2(source: SourceConfig, text: str) -> tuple[list[RawRecord], list[Rejected]]:
     records, rejected = [], []
     mapped = source.model_copy(update={"label_map": source.label_map or {"1": "positive", "0": "negative"}})
-    for number, line in _lines(text):
+    for number, line in numbered_lines(text):
         if not line.strip():
             continue  # blank lines (including the final newline) carry no row
         if number == 1 and line.lower().startswith("sentence\t"):
             continue  # GLUE-style header
         sentence, label, problem = _sst2_row(mapped, line)
         if problem:
-            rejected.append(Rejected(source.name, number, "load", problem, _excerpt(line)))
+            rejected.append(Rejected(source.name, number, "load", problem, excerpt(line)))
         else:
             records.append(_record(source, f"{number:06d}", sentence, label, number))
     return records, rejected
 
 
 def _sst2_row(source: SourceConfig, line: str) -> tuple[str, str | None, str | None]:
-    if bad := _bad_utf8(line):
+    if bad := bad_utf8(line):
         return "", None, bad
     columns = line.split("\t")
     if len(columns) != 2:
@@ -205,12 +105,12 @@ def _read_conll(source: SourceConfig, text: str) -> tuple[list[RawRecord], list[
         if tokens or problem:
             sentence = " ".join(tokens)
             if problem:
-                rejected.append(Rejected(source.name, start, "load", problem, _excerpt(sentence)))
+                rejected.append(Rejected(source.name, start, "load", problem, excerpt(sentence)))
             else:
                 records.append(_record(source, f"{start:06d}", sentence, _spans(tokens, tags), start))
         tokens, tags, problem = [], [], None
 
-    for number, line in _lines(text):
+    for number, line in numbered_lines(text):
         columns = line.split()
         if not columns or columns[0] == "-DOCSTART-":
             finish()
@@ -219,7 +119,7 @@ def _read_conll(source: SourceConfig, text: str) -> tuple[list[RawRecord], list[
             start = number
         if problem:
             continue  # the sentence is already rejected; skip to its end
-        if bad := _bad_utf8(line):
+        if bad := bad_utf8(line):
             problem = f"line {number}: {bad}"
             continue
         width = width or len(columns)
@@ -270,7 +170,7 @@ def _read_dialogsum(source: SourceConfig, text: str) -> tuple[list[RawRecord], l
     records, rejected = [], []
     for number, row, problem, line in _json_rows(source, text):
         if problem:
-            rejected.append(Rejected(source.name, number, "load", problem, _excerpt(line)))
+            rejected.append(Rejected(source.name, number, "load", problem, excerpt(line)))
             continue
         dialogue, summary, fname = row.get("dialogue"), row.get("summary"), row.get("fname") or f"line{number}"
         if not isinstance(dialogue, str) or not dialogue.strip():
@@ -278,7 +178,7 @@ def _read_dialogsum(source: SourceConfig, text: str) -> tuple[list[RawRecord], l
         elif source.task == "summarization" and (not isinstance(summary, str) or not summary.strip()):
             problem = "empty target (field 'summary' missing or empty)"
         if problem:
-            rejected.append(Rejected(source.name, number, "load", problem, _excerpt(line)))
+            rejected.append(Rejected(source.name, number, "load", problem, excerpt(line)))
             continue
         group = f"{Path(source.path).as_posix()}#{fname}"
         if source.task == "summarization":
@@ -286,7 +186,7 @@ def _read_dialogsum(source: SourceConfig, text: str) -> tuple[list[RawRecord], l
             continue
         turns = [t for t in dialogue.split("\n") if t.strip()]
         if len(turns) < 2:
-            rejected.append(Rejected(source.name, number, "load", "dialogue has fewer than 2 turns", _excerpt(line)))
+            rejected.append(Rejected(source.name, number, "load", "dialogue has fewer than 2 turns", excerpt(line)))
             continue
         # Predict one turn after at least two of context when there are enough; which one is a
         # fixed function of the dialogue id so the data set is reproducible.
@@ -300,10 +200,10 @@ def _read_dialogsum(source: SourceConfig, text: str) -> tuple[list[RawRecord], l
 
 # --------------------------------------------------------------------------- generic JSONL / CSV
 def _json_rows(source: SourceConfig, text: str):
-    for number, line in _lines(text):
+    for number, line in numbered_lines(text):
         if not line.strip():
             continue
-        if bad := _bad_utf8(line):
+        if bad := bad_utf8(line):
             yield number, None, bad, line
             continue
         try:
@@ -345,7 +245,7 @@ def _read_csv(source: SourceConfig, text: str) -> tuple[list[RawRecord], list[Re
                 problem = f"expected {len(header)} columns ({', '.join(header)}), got {len(values)}"
                 yield reader.line_num, None, problem, line
                 continue
-            if bad := _bad_utf8(line):
+            if bad := bad_utf8(line):
                 yield reader.line_num, None, bad, line
                 continue
             yield reader.line_num, dict(zip(header, values)), None, line
@@ -361,7 +261,7 @@ def _read_mapped(source: SourceConfig, rows) -> tuple[list[RawRecord], list[Reje
             if record is not None and record.id in seen:
                 record, problem = None, f"duplicate id {record.id!r}"
         if problem:
-            rejected.append(Rejected(source.name, number, "load", problem, _excerpt(line)))
+            rejected.append(Rejected(source.name, number, "load", problem, excerpt(line)))
             continue
         seen.add(record.id)
         records.append(record)

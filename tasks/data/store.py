@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,7 +25,8 @@ from typing import Any
 from prefect import task
 
 from configs.data_schema import DataConfig
-from tasks.data.loaders import DataError, source_path
+from tasks.data.records import DataError, source_path
+from tasks.files import atomic_write_text, sha256_file, swap_into_place
 
 # Bump when the code changes what a given config and input produce, so old versions are not reused.
 CURATION_FORMAT = 1
@@ -42,15 +42,6 @@ def data_root(home: Path) -> Path:
 def version_dir(home: Path, version: str) -> Path:
     """Directory of one curated version."""
     return data_root(home) / version
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tokenizer_fingerprint(model_dir: Path) -> dict[str, str]:
@@ -105,7 +96,7 @@ def read_latest(home: Path) -> str | None:
 
 def write_latest(home: Path, version: str) -> None:
     """Point ``LATEST`` at ``version`` (atomically)."""
-    _atomic_write(data_root(home) / LATEST, version + "\n")
+    atomic_write_text(data_root(home) / LATEST, version + "\n")
 
 
 def read_card(home: Path, version: str | None = None) -> dict[str, Any]:
@@ -179,11 +170,7 @@ def write_version(home: Path, version: str, rows: dict[str, list[dict]], quarant
         (staging / "card.md").write_text(card_md, encoding="utf-8")
         # card.json last: its presence marks a complete version (see is_complete).
         (staging / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if target.exists():
-            retired = root / f".old-{version}-{os.getpid()}"
-            os.replace(target, retired)
-            shutil.rmtree(retired, ignore_errors=True)
-        os.replace(staging, target)
+        swap_into_place(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     write_latest(home, version)
@@ -213,14 +200,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 @task(name="data-version")

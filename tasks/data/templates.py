@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from configs.data_schema import TemplateConfig
-from tasks.data.loaders import stable_unit
+from tasks.data.records import stable_unit
 
 
 def completion_for(task: str, label: Any) -> str:

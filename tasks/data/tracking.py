@@ -11,6 +11,7 @@ from typing import Any
 from prefect import task
 
 from tasks.data.store import SPLITS, read_card, version_dir
+from tasks.tracking import use_mlflow
 
 log = logging.getLogger(__name__)
 VERSION_TAG = "lmforge.data_version"
@@ -70,15 +71,8 @@ def log_curated(home: Path, version: str, tracking_uri: str, experiment: str,
     """
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is None:
-        # Without a location MLflow would put artifacts in ./mlruns of whatever directory we run in.
-        artifact_root = artifact_root or default_artifact_root(tracking_uri)
-        location = Path(artifact_root).resolve().as_uri() if artifact_root else None
-        experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
-    else:
-        experiment_id = found.experiment_id
+    # Without a location MLflow would put artifacts in ./mlruns of whatever directory we run in.
+    experiment_id = use_mlflow(tracking_uri, experiment, artifact_root or default_artifact_root(tracking_uri))
     existing = mlflow.search_runs([experiment_id], filter_string=f"tags.`{VERSION_TAG}` = '{version}'",
                                   output_format="list", max_results=1)
     if existing:

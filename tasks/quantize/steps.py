@@ -22,6 +22,7 @@ from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from configs.schema import EvaluateConfig, QuantizeConfig
+from tasks.files import atomic_write_text
 from tasks.quantize.validate import AdapterError, AdapterInfo, validate_adapter
 from tasks.quantize.variants import (
     EXPORT_FILE, IR_VARIANTS, finish_variant, is_complete, read_variant, sha256_dir, staged_variant, sweep_stale,
@@ -158,9 +159,7 @@ def write_report(plan: ExportPlan, rows: list[dict[str, Any]], cfg: QuantizeConf
     selection = report.select_variant(rows, cfg)
     markdown = report.render_markdown(rows, selection, cfg, title=f"Quantisation report: export {plan.export_id}")
     md_path = plan.root / "report.md"
-    tmp = plan.root / ".tmp-report.md"
-    tmp.write_text(markdown)
-    tmp.replace(md_path)
+    atomic_write_text(md_path, markdown)
     png_path = report.render_chart(rows, cfg, plan.root / "report.png")
     summary = {
         "export_id": plan.export_id, "root": str(plan.root), "base_dir": str(plan.base_dir),
@@ -171,10 +170,7 @@ def write_report(plan: ExportPlan, rows: list[dict[str, Any]], cfg: QuantizeConf
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     write_json_atomic(plan.root / EXPORT_FILE, summary)
-    latest = plan.root.parent / "LATEST"
-    tmp = plan.root.parent / ".tmp-LATEST"
-    tmp.write_text(plan.export_id + "\n")
-    tmp.replace(latest)
+    atomic_write_text(plan.root.parent / "LATEST", plan.export_id + "\n")
     shutil.rmtree(plan.root / WORK_DIR, ignore_errors=True)
     return {**summary, "markdown": markdown}
 

@@ -9,6 +9,8 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
+from tasks.tracking import use_mlflow
+
 log = logging.getLogger(__name__)
 
 STAGE_TAG = "lmforge.stage"
@@ -28,13 +30,7 @@ def log_export(summary: dict[str, Any], tracking_uri: str, experiment: str, arti
     """
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is None:
-        location = Path(artifact_root).resolve().as_uri() if artifact_root else None
-        experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
-    else:
-        experiment_id = found.experiment_id
+    experiment_id = use_mlflow(tracking_uri, experiment, artifact_root)
     root = Path(summary["root"])
     with mlflow.start_run(run_name=f"quantize-{summary['export_id']}", experiment_id=experiment_id) as run:
         tags = {STAGE_TAG: "quantize", EXPORT_TAG: summary["export_id"],

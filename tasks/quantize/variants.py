@@ -12,13 +12,14 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from tasks.files import atomic_write_text, sha256_file, swap_into_place
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,8 @@ def staged_variant(root: Path, name: str) -> Iterator[Path]:
         yield staging
         if read_variant(staging) is None:
             raise RuntimeError(f"internal error: variant {name} staged without {VARIANT_FILE}")
-        _swap_into_place(staging, root / name)
+        # The old variant is set aside under TMP_PREFIX, so an interrupted swap is swept like any staging dir.
+        swap_into_place(staging, root / name, retired_prefix=f"{TMP_PREFIX}old-")
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -115,20 +117,7 @@ def ir_size_bytes(path: Path) -> int:
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON through a temp file in the same directory, then rename over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of one file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    atomic_write_text(Path(path), json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def sha256_dir(path: Path, names: list[str] | None = None) -> str:
@@ -141,13 +130,3 @@ def sha256_dir(path: Path, names: list[str] | None = None) -> str:
             digest.update(str(file.relative_to(path)).encode())
             digest.update(sha256_file(file).encode())
     return digest.hexdigest()
-
-
-def _swap_into_place(staging: Path, target: Path) -> None:
-    if target.exists():
-        retired = target.with_name(f"{TMP_PREFIX}old-{target.name}-{os.getpid()}")
-        os.replace(target, retired)
-        os.replace(staging, target)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, target)

@@ -15,7 +15,6 @@ batch); :class:`FaultTolerantCheckpoint` saves a checkpoint right before that st
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,20 +24,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from tasks.files import atomic_write_text, sha256_file
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.ckpt"
 CHECKSUM_FILE = "checksum.json"
 PREFIX = "step-"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
@@ -92,9 +84,7 @@ def latest_valid(root: Path) -> tuple[Path | None, list[str]]:
 def write_checksum(state: Path, step: int) -> None:
     """Write checksum.json next to ``state`` (atomically, via a temp file)."""
     payload = {"step": step, "sha256": sha256_file(state), "bytes": state.stat().st_size}
-    tmp = state.parent / f".{CHECKSUM_FILE}.tmp"
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, state.parent / CHECKSUM_FILE)
+    atomic_write_text(state.parent / CHECKSUM_FILE, json.dumps(payload))
 
 
 def prune(root: Path, keep: int) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from prefect import task
 
 from configs.schema import SFTConfig
+from tasks.files import atomic_write_text
 from tasks.sft import tracking
 from tasks.sft.data import SFTDataError, select_records
 from tasks.sft.train import TrainSpec, run_training, write_records
@@ -90,10 +91,7 @@ def _resume_info(home: Path, cfg: SFTConfig, data_version: str | None) -> dict[s
 
 
 def _write_run_file(run_dir: Path, info: dict[str, Any]) -> None:
-    from tasks.sft.train import _atomic_write_text
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(run_dir / RUN_FILE, json.dumps(info, indent=2))
+    atomic_write_text(run_dir / RUN_FILE, json.dumps(info, indent=2))
 
 
 def remember_mlflow_run(run_dir: Path, run_id: str) -> None:

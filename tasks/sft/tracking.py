@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from configs.schema import SFTConfig
+from tasks.files import atomic_write_text
+from tasks.tracking import use_mlflow
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +44,7 @@ def read_latest_run(home: Path) -> str | None:
 
 def write_latest_run(home: Path, name: str) -> None:
     """Point ``<home>/runs/sft/LATEST`` at ``name`` (atomically)."""
-    root = sft_root(home)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{LATEST}.{os.getpid()}.tmp"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, root / LATEST)
+    atomic_write_text(sft_root(home) / LATEST, name + "\n")
 
 
 def flat_params(cfg: SFTConfig, extra: dict[str, Any] | None = None) -> dict[str, str]:
@@ -68,7 +66,8 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[st
         run_name: the SFT run name.
         params: flat params to log (see :func:`flat_params`); unchanged on resume.
         data_version: curated data version, tagged and logged as a dataset input when known.
-        artifact_root: artifact location for a newly created experiment.
+        artifact_root: artifact location for a newly created experiment (file-backed stores only,
+            see :func:`tasks.tracking.use_mlflow`).
         run_id: an existing run to continue (resume).
         home: lmforge home, to log the curated train split as an MLflow dataset input.
     """
@@ -80,12 +79,7 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[st
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
         return run_id
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        location = Path(artifact_root).resolve().as_uri() if artifact_root else None
-        experiment_id = client.create_experiment(experiment, artifact_location=location)
-    else:
-        experiment_id = found.experiment_id
+    experiment_id = use_mlflow(tracking_uri, experiment, artifact_root)
     tags = {STAGE_TAG: "sft", "mlflow.runName": run_name}
     if data_version:
         tags[DATA_VERSION_TAG] = data_version

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from configs.schema import SFTConfig
+from tasks.files import atomic_write_text, swap_into_place
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,7 @@ class TrainSpec:
     def save(self) -> Path:
         """Write the spec atomically into the run dir and return its path."""
         path = Path(self.run_dir) / "spec.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(path, json.dumps(dataclasses.asdict(self), indent=2))
+        atomic_write_text(path, json.dumps(dataclasses.asdict(self), indent=2))
         return path
 
     @classmethod
@@ -71,9 +71,8 @@ class TrainSpec:
 
 def write_records(records, path: Path) -> int:
     """Write training records as JSON lines (atomically); returns how many."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps(dict(r), ensure_ascii=False) for r in records]
-    _atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
     return len(lines)
 
 
@@ -214,7 +213,7 @@ def train_sft(spec: TrainSpec, records: list[dict[str, Any]] | None = None) -> d
     }
     if trainer.is_global_zero:
         _save_adapter(model, tokenizer, run_dir / "adapter")
-        _atomic_write_text(run_dir / "metrics.json", json.dumps(summary, indent=2))
+        atomic_write_text(run_dir / "metrics.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -232,19 +231,7 @@ def _save_adapter(model, tokenizer, target: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
-    if target.exists():
-        old = target.with_name(f".old-{target.name}-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    swap_into_place(tmp, target)
 
 
 # --------------------------------------------------------------------------- subprocess
@@ -320,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sft: error: {err}", file=sys.stderr)
         # The launching process re-raises this as the same error type (see run_training).
         spec_dir = Path(argv[0]).parent
-        _atomic_write_text(spec_dir / ERROR_FILE, json.dumps({"type": type(err).__name__, "message": str(err)}))
+        atomic_write_text(spec_dir / ERROR_FILE, json.dumps({"type": type(err).__name__, "message": str(err)}))
         return 2
     return 0
 
