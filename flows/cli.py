@@ -40,7 +40,7 @@ app.add_typer(config_app, name="config")
 
 ConfigOption = Annotated[
     str | None,
-    typer.Option("--config", "-c", help="Preset YAML path or name (pipeline, tiny, gpu). Default: built-in defaults."),
+    typer.Option("--config", "-c", help="Preset YAML path or name (pipeline, tiny, gpu). Default: pipeline."),
 ]
 Overrides = Annotated[
     list[str] | None,
@@ -62,10 +62,14 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug l
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+# What `lmforge <command>` uses without --config: the preset sized for this class of machine.
+DEFAULT_PRESET = "pipeline"
+
+
 def load_or_exit(config: str | None, overrides: list[str] | None) -> LmforgeConfig:
-    """Load the config; on any problem print it plainly and exit 2 (a usage error)."""
+    """Load the config (the ``pipeline`` preset when none is named); on any problem print it plainly and exit 2."""
     try:
-        return load(config, overrides or [])
+        return load(config or DEFAULT_PRESET, overrides or [])
     except ConfigError as err:
         err_console.print(f"[bold red]error:[/] {err}", highlight=False)
         raise typer.Exit(2) from None

@@ -275,7 +275,9 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 
 def _sha256_dir(path: Path) -> str:
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts):
+    # Skip the hub's own .cache bookkeeping inside the snapshot (relative parts: the snapshot itself
+    # lives under ~/.cache/huggingface).
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.relative_to(path).parts):
         digest.update(str(file.relative_to(path)).encode())
         digest.update(sha256_file(file).encode())
     return digest.hexdigest()

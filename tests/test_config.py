@@ -153,6 +153,19 @@ def test_cli_config_show_prints_resolved_yaml(tmp_path):
     assert set(shown) >= {"data", "model", "sft", "align", "quantize", "evaluate", "registry", "serve"}
 
 
+def test_cli_without_config_uses_the_pipeline_preset(tmp_path):
+    """`make run` calls `lmforge run` with no --config: it must get the preset sized for this machine."""
+    import yaml
+
+    from configs.schema import load
+
+    shown = yaml.safe_load(run_cli("config", "show", env_home=tmp_path / "home").stdout)
+    preset = load("pipeline")
+    assert shown["name"] == "pipeline"
+    assert shown["sft"]["max_steps"] == preset.sft.max_steps != load().sft.max_steps
+    assert shown["align"]["stages"] == [s.model_dump(mode="json") for s in preset.align.stages]
+
+
 @pytest.mark.parametrize("command", [[], ["models"], ["models", "import"], ["models", "list"], ["config", "show"]])
 def test_every_command_has_help(command):
     result = run_cli(*command, "--help")
