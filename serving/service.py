@@ -277,6 +277,8 @@ def _as_api_error(err: Exception | None) -> APIError:
 async def _fan_out(backend: Backend, prompt: str, params: SamplingParams, n: int,
                    timeout: float) -> AsyncIterator[tuple[int, Chunk]]:
     """Run ``n`` generations (seed + i each) and interleave their chunks, all under one deadline."""
+    # asyncio.timeout_at around each wait (not wait_for, which wraps every chunk in a new Task); the
+    # timeout never spans a ``yield``, so it cannot fire while the consumer is doing something else.
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     if n == 1:
@@ -284,7 +286,8 @@ async def _fan_out(backend: Backend, prompt: str, params: SamplingParams, n: int
         try:
             while True:
                 try:
-                    chunk = await asyncio.wait_for(anext(stream), timeout=max(0.0, deadline - loop.time()))
+                    async with asyncio.timeout_at(deadline):
+                        chunk = await anext(stream)
                 except StopAsyncIteration:
                     return
                 yield 0, chunk
@@ -307,7 +310,8 @@ async def _fan_out(backend: Backend, prompt: str, params: SamplingParams, n: int
     try:
         remaining = n
         while remaining:
-            index, item = await asyncio.wait_for(queue.get(), timeout=max(0.0, deadline - loop.time()))
+            async with asyncio.timeout_at(deadline):
+                index, item = await queue.get()
             if item is None:
                 remaining -= 1
             elif isinstance(item, BaseException):

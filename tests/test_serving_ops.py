@@ -126,7 +126,9 @@ def test_alias_flip_swaps_without_restart_or_failed_requests(tmp_path, mlflow_ur
 
     v1, v2 = _register(mlflow_uri, ir_dir, tmp_path / "artifacts")
     home = tmp_path / "home"
-    admin_key = KeyStore(home / "serving" / "keys.sqlite").add("ops", admin=True)[0]
+    # The load below runs flat out on the tiny model (hundreds of requests/s): not what rate limits are tested on.
+    admin_key = KeyStore(home / "serving" / "keys.sqlite").add("ops", admin=True, rate_per_minute=10**6,
+                                                                burst=10**6)[0]
     cfg = ServeConfig(backend="openvino", auth=True, poll_interval_s=0.2, cache_gb=1,
                       variants=[{"name": "champion", "model_uri": "models:/lmforge-assistant@champion"}])
     app = build_app(cfg, home, tracking_uri=mlflow_uri)
@@ -286,3 +288,29 @@ def test_openvino_matches_hf_reference_greedy(ir_dir, tiny_model_dir):
 
     openvino_out, hf_out = asyncio.run(main())
     assert openvino_out == hf_out
+
+
+def test_openvino_fast_detokenizer_and_pacer(ir_dir):
+    """tokenizer.json decoding (verified at load) streams exactly what the OpenVINO detokenizer would;
+    the CorePacer runs only while requests generate."""
+    from serving.backends.base import SamplingParams
+    from serving.backends.openvino import OpenVINOBackend
+
+    async def main():
+        backend = OpenVINOBackend(cache_gb=1, keep_awake=True)
+        await backend.load(ir_dir)
+        assert backend.info()["detokenizer"] == "tokenizers" and backend.info()["keep_awake"]
+        params = SamplingParams(max_tokens=24, temperature=1.0, seed=3, ignore_eos=True)
+        texts = []
+        for fast in (backend._fast_decode, None):
+            backend._fast_decode = fast
+            chunks = [c async for c in backend.generate("Once upon a time", params)]
+            texts.append(("".join(c.text for c in chunks), chunks[-1].completion_tokens))
+        await asyncio.sleep(0.1)
+        idle = not backend._pacer._busy.is_set()
+        await backend.release()
+        return texts, idle
+
+    (fast, slow), idle = asyncio.run(main())
+    assert fast == slow and fast[1] == 24
+    assert idle, "the pacer sleeps when nothing generates"
