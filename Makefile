@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 run: setup
 	$(BIN)/lmforge models import $(ARGS)
-	$(BIN)/lmforge run $(ARGS)
+	$(BIN)/lmforge run --serve $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest $(ARGS)

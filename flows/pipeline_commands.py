@@ -7,11 +7,16 @@ from typing import Annotated
 
 import typer
 
-from flows.cli import ConfigOption, Overrides, app, console, fail, load_or_exit
+from flows.cli import ConfigOption, Overrides, app, console, err_console, fail, load_or_exit
 
 
 @app.command("run")
-def run_cmd(config: ConfigOption = None, overrides: Overrides = None) -> None:
+def run_cmd(
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+    serve: Annotated[bool, typer.Option("--serve", help="Then start the gateway on the registry aliases "
+                                        "(what `make run` does); stop it with Ctrl-C.")] = False,
+) -> None:
     """Run the whole pipeline: curate, finetune, align, quantize, evaluate, register, gate.
 
     Finished stages whose inputs did not change are reused, so re-running after a failure resumes
@@ -23,6 +28,34 @@ def run_cmd(config: ConfigOption = None, overrides: Overrides = None) -> None:
     cfg = load_or_exit(config, overrides)
     result = pipeline_flow(cfg)
     console.print(result["report"], highlight=False, markup=False)
+    if serve:
+        _serve_after_run(cfg, result["register"])
+
+
+def _serve_after_run(cfg, registered: dict) -> None:
+    from serving.app import serve
+    from serving.auth import KeyStore
+
+    if not registered.get("aliases") and not _any_champion(cfg):
+        fail(f"{registered['name']} v{registered['version']} failed its gates and there is no champion to serve; "
+             f"see the report above, or `lmforge promote {registered['version']} --force`")
+    if cfg.serve.auth:
+        store = KeyStore(cfg.home / "serving" / "keys.sqlite")
+        if not any(k.revoked_at is None for k in store.list()):
+            # A first run has no keys yet: make one so the gateway is usable right away (shown once).
+            key, record = store.add("make-run", admin=True)
+            err_console.print(f"created API key {record.key_id} (make-run, admin); shown once, store it now:")
+            console.print(key, highlight=False)
+    console.file.flush()  # the server below never returns: whoever reads stdout needs the key now
+    base = f"http://{cfg.serve.host}:{cfg.serve.port}"
+    err_console.print(f"gateway on {base}  (OpenAI API at {base}/v1, JSON-RPC at {base}/rpc; Ctrl-C stops it)")
+    serve(cfg.serve, cfg.home, cfg.tracking_uri(), cfg.data.templates, None)
+
+
+def _any_champion(cfg) -> bool:
+    from tasks.registry import aliases
+
+    return "champion" in aliases(cfg.registry.model_name)  # the pipeline flow set the tracking URI
 
 
 @app.command("deploy")

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import mlflow
@@ -80,3 +82,62 @@ def test_pipeline_resumes_at_quantize_and_registers_a_champion(prefect_harness, 
     model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@champion")
     outputs = model.predict(["Classify the sentiment: a wonderful film."], params={"max_new_tokens": 4})
     assert len(outputs) == 1 and isinstance(outputs[0], str)
+
+    _readme_command_serves_the_champion(home)
+
+
+def _readme_command_serves_the_champion(home) -> None:
+    """`lmforge run --serve` (what `make run` does): the cached pipeline, then the gateway on the
+    champion, with a first API key printed; the official OpenAI client gets an answer."""
+    import httpx
+    import openai
+
+    from tests.serving_helpers import free_port
+
+    port = free_port()
+    env = {**os.environ, "LMFORGE_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "-c", "tiny", "--serve", f"serve.port={port}"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        key, deadline = None, time.time() + 300
+        while key is None and time.time() < deadline:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                assert proc.poll() is None, f"lmforge run --serve exited with {proc.returncode} before printing a key"
+                continue
+            key = line.strip() if line.startswith("lmf_") else None
+        assert key, "no API key printed within 300 s"
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            assert proc.poll() is None, f"gateway exited with {proc.returncode}"
+            try:
+                if httpx.get(base + "/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            raise AssertionError("gateway never became ready")
+        client = openai.OpenAI(base_url=base + "/v1", api_key=key)
+        raw = client.chat.completions.with_raw_response.create(
+            model="lmforge-assistant", messages=[{"role": "user", "content": "Say hi."}], max_tokens=4, user="u1")
+        assert raw.headers["x-lmforge-variant"] in {"champion", "challenger"}
+        assert raw.parse().usage.completion_tokens >= 1
+        with_bad_key = openai.OpenAI(base_url=base + "/v1", api_key="lmf_nope_nope", max_retries=0)
+        try:
+            with_bad_key.models.list()
+            raise AssertionError("a wrong key was accepted")
+        except openai.AuthenticationError:
+            pass
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
