@@ -186,13 +186,14 @@ class Gateway:
 
     # ------------------------------------------------------------------ generation
     def sampling(self, max_tokens: int | None, temperature: float, top_p: float, stop: list[str],
-                 seed: int | None, adapter: str | None = None, ignore_eos: bool = False) -> SamplingParams:
+                 seed: int | None, adapter: str | None = None, ignore_eos: bool = False,
+                 stream: bool = True) -> SamplingParams:
         wanted = max_tokens if max_tokens is not None else self.cfg.default_max_tokens
         if wanted > self.cfg.max_tokens_limit:
             raise APIError(400, f"max_tokens is {wanted}, the largest allowed is {self.cfg.max_tokens_limit}",
                            param="max_tokens", code="max_tokens_too_large")
         return SamplingParams(max_tokens=wanted, temperature=temperature, top_p=top_p, stop=stop, seed=seed,
-                              adapter=adapter, ignore_eos=ignore_eos)
+                              adapter=adapter, ignore_eos=ignore_eos, stream=stream)
 
     async def run(self, ctx: RequestContext, variant: str, build: Callable[[Backend], str],
                   params: SamplingParams, n: int = 1) -> AsyncIterator[tuple[int, Chunk]]:

@@ -4,7 +4,9 @@ Why a stepping thread instead of ``pipeline.generate`` per request: ``add_reques
 how continuous batching is meant to be driven by a server (new requests join the running batch at
 the next step), and each request's new tokens are read from its ``GenerationHandle`` after every
 step and handed to the asyncio side in one ``call_soon_threadsafe`` per step (not one per request:
-each call is a wake-up of the event loop through its self-pipe). The thread does as little Python as
+each call is a wake-up of the event loop through its self-pipe); a non-streaming request's tokens
+are handed over once, at the end, so the event loop does not interrupt the inference threads at every
+step for output nobody reads yet. The thread does as little Python as
 possible; detokenising happens on the event loop, with the HF ``tokenizers`` library when the IR
 directory has a ``tokenizer.json`` that decodes exactly like the OpenVINO detokenizer (checked at
 load): ~2 us per call instead of ~150 us of CPU for an OpenVINO detokenizer inference, which would
@@ -48,10 +50,13 @@ _DONE = object()
 
 
 class _Request:
-    __slots__ = ("rid", "prompt", "config", "loop", "queue", "handle", "cancelled", "adapter")
+    __slots__ = ("rid", "prompt", "config", "loop", "queue", "handle", "cancelled", "adapter", "stream", "held")
 
-    def __init__(self, rid: int, prompt: str, config: Any, loop: asyncio.AbstractEventLoop, adapter: str | None):
+    def __init__(self, rid: int, prompt: str, config: Any, loop: asyncio.AbstractEventLoop, adapter: str | None,
+                 stream: bool = True):
         self.rid, self.prompt, self.config, self.loop, self.adapter = rid, prompt, config, loop, adapter
+        self.stream = stream
+        self.held: list[int] = []  # ids not handed over yet (non-streaming requests get them at the end)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.handle = None
         self.cancelled = False
@@ -83,11 +88,13 @@ class CorePacer:
     """While the engine is busy, a thread that wakes every ``period_s`` so the CPUs never go idle.
 
     Why: OpenVINO splits every layer of a step across its inference threads, which hand work to
-    each other hundreds of times per step. On a VM whose idle vCPUs halt at once (this machine:
-    cpuidle ``haltpoll`` with ``guest_halt_poll_ns=0``), each hand-off to an idle vCPU pays a halt
-    and a host-side wake-up. With one more thread that merely sleeps 0.5 ms in a loop the vCPUs stay
-    responsive: measured here, the single-stream step loop went from ~35 to ~85 tok/s. The cost is
-    a few microseconds of CPU per wake-up (~1-2% of a core), only while requests are generating.
+    each other hundreds of times per step. When the cores are oversubscribed (other jobs on this
+    2-vCPU VM, load average 6-15) a sleeping inference thread is woken late at each hand-off; one
+    more thread that merely sleeps 0.5 ms in a loop made the single-stream step loop 2-2.5x faster
+    there (~35 -> ~85 tok/s; the vCPUs here halt as soon as they idle: cpuidle ``haltpoll`` with
+    ``guest_halt_poll_ns=0``). On a quiet machine it does not help and costs ~5% at one stream (its
+    wake-ups preempt an inference thread), so it is off by default: ``LMFORGE_OV_KEEP_AWAKE=1``
+    (or ``keep_awake=True``) turns it on. It runs only while requests are generating.
     """
 
     def __init__(self, period_s: float = 0.0005):
@@ -123,8 +130,8 @@ class OpenVINOBackend:
     def __init__(self, device: str = "CPU", cache_gb: float = 1.0, max_num_seqs: int = 32,
                  num_threads: int | None = None, keep_awake: bool | None = None):
         self.device, self.cache_gb, self.max_num_seqs, self.num_threads = device, cache_gb, max_num_seqs, num_threads
-        if keep_awake is None:  # LMFORGE_OV_KEEP_AWAKE=0 turns the CorePacer off
-            keep_awake = os.environ.get("LMFORGE_OV_KEEP_AWAKE", "1") not in ("0", "false", "no", "")
+        if keep_awake is None:  # LMFORGE_OV_KEEP_AWAKE=1 turns the CorePacer on
+            keep_awake = os.environ.get("LMFORGE_OV_KEEP_AWAKE", "0").lower() in ("1", "true", "yes")
         self.keep_awake = keep_awake and device.upper().startswith("CPU")
         self._pacer: CorePacer | None = None
         self.model_dir: Path | None = None
@@ -306,7 +313,7 @@ class OpenVINOBackend:
         adapter = self._adapter_for(params)
         config = self._generation_config(params)
         prompt_tokens = self.count_tokens(prompt)
-        request = _Request(next(self._ids), prompt, config, asyncio.get_running_loop(), adapter)
+        request = _Request(next(self._ids), prompt, config, asyncio.get_running_loop(), adapter, params.stream)
         with self._cond:
             if self._closing:
                 raise BackendError("engine is shutting down")
@@ -402,6 +409,8 @@ class OpenVINOBackend:
                         if output.finish_reason != ov_genai.GenerationFinishReason.NONE:
                             reason = "length" if output.finish_reason == length else "stop"
                 if status in finished:
+                    if request.held:
+                        ids, request.held = request.held + ids, []
                     out.append((request, (ids, reason or "stop")))
                     out.append((request, _DONE))
                 elif status in failed:
@@ -409,7 +418,10 @@ class OpenVINOBackend:
                                                       "KV cache exhausted?")))
                 else:
                     if ids:
-                        out.append((request, (ids, None)))
+                        if request.stream:
+                            out.append((request, (ids, None)))
+                        else:  # nobody reads partial output: hand it over at the end, no wake-up now
+                            request.held.extend(ids)
                     still.append(request)
             self._active = still
             if out:

@@ -59,7 +59,7 @@ async def _serve(request: Request, ctx: RequestContext, body, build: Callable[[B
     ctx.user = body.user or ctx.user
     variant = gw.choose_variant(body.model, ctx)
     params = gw.sampling(body.max_tokens, body.temperature, body.top_p, body.stop, body.seed,
-                         ignore_eos=body.ignore_eos)
+                         ignore_eos=body.ignore_eos, stream=bool(body.stream))
     stream = gw.run(ctx, variant, build, params, body.n)
     model = body.model
     if not body.stream:
@@ -153,7 +153,7 @@ async def _batch_completions(request: Request, ctx: RequestContext, body: Comple
     ctx.user = body.user or ctx.user
     variant = gw.choose_variant(body.model, ctx)
     params = gw.sampling(body.max_tokens, body.temperature, body.top_p, body.stop, body.seed,
-                         ignore_eos=body.ignore_eos)
+                         ignore_eos=body.ignore_eos, stream=False)
 
     async def one(prompt: str) -> tuple[str, str, int, int]:
         text, finish, p_tokens, c_tokens = "", "stop", 0, 0

@@ -104,7 +104,8 @@ async def _dispatch(gw: Gateway, base: RequestContext, method: str, params: Any)
                               user=user if isinstance(user, str) else base.user, variant=None, version=None)
     route = gw.cfg.task_routes.get(task)
     variant = gw.choose_variant(params.get("model", gw.cfg.served_model), ctx, pinned=route.variant if route else None)
-    sampling = gw.sampling(max_tokens, 0.0, 1.0, [], None, adapter=_adapter_name(route.adapter) if route else None)
+    sampling = gw.sampling(max_tokens, 0.0, 1.0, [], None, adapter=_adapter_name(route.adapter) if route else None,
+                           stream=False)
     messages = task_messages(task, text, gw.templates)
     output, finish = "", "stop"
     try:
