@@ -5,7 +5,10 @@
 Same harness everywhere: 8 distinct raw prompts, 64 new tokens per request (greedy), C concurrent
 clients each sending ``rounds`` requests back to back; tokens/s = generated tokens / wall time.
 
-* engine direct: ``ContinuousBatchingPipeline.generate`` on C prompts at once, in-process.
+* engine direct: the engine alone in its own process, ``ContinuousBatchingPipeline`` driven by an
+  ``add_request``/``step`` loop and by ``generate`` on the C prompts at once; the faster is the baseline.
+  Engine and gateway run as deployed; the step loop and a second gateway also run with the
+  opt-in ``CorePacer`` (serving/backends/openvino.py), which only helps when the cores are oversubscribed.
 * gateway: ``lmforge serve`` in its own process, C concurrent HTTP clients on /v1/completions
   (non-streaming and streaming), OpenVINO backend on the same IR.
 * HF transformers fp32 ``generate``, 1 client.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -50,6 +54,7 @@ PROMPTS = [
 ]
 NEW_TOKENS = 64
 _PIPES: dict = {}  # one compiled engine per IR for the direct runs
+_RIDS = itertools.count()
 
 
 # --------------------------------------------------------------------------- model
@@ -78,8 +83,8 @@ class DirectWorker:
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.process.stdout.readline().strip() == "ready"
 
-    def run(self, clients: int, rounds: int) -> dict:
-        self.process.stdin.write(f"{clients} {rounds}\n")
+    def run(self, clients: int, rounds: int, mode: str = "step", awake: bool = False) -> dict:
+        self.process.stdin.write(f"{clients} {rounds} {mode} {int(awake)}\n")
         self.process.stdin.flush()
         return json.loads(self.process.stdout.readline())
 
@@ -92,12 +97,19 @@ def _direct_worker(ir: Path) -> None:
     bench_direct(ir, 1, 1)
     print("ready", flush=True)
     for line in sys.stdin:
-        clients, rounds = map(int, line.split())
-        print(json.dumps(bench_direct(ir, clients, rounds)), flush=True)
+        clients, rounds, mode, awake = line.split()
+        print(json.dumps(bench_direct(ir, int(clients), int(rounds), mode, awake == "1")), flush=True)
 
 
-def bench_direct(ir: Path, clients: int, rounds: int) -> dict:
+def bench_direct(ir: Path, clients: int, rounds: int, mode: str = "step", awake: bool = False) -> dict:
+    """The engine's own API, no server: ``mode`` "step" drives ``add_request``/``step``/``read`` like a
+    server loop; "generate" hands each round's C prompts to ``generate`` at once (the engine's batch API).
+
+    ``awake``: run the opt-in :class:`~serving.backends.openvino.CorePacer` alongside (see there).
+    """
     import openvino_genai as ov_genai
+
+    from serving.backends.openvino import CorePacer
 
     pipe = _PIPES.get(str(ir))
     if pipe is None:
@@ -109,13 +121,19 @@ def bench_direct(ir: Path, clients: int, rounds: int) -> dict:
     config.max_new_tokens, config.do_sample, config.apply_chat_template = NEW_TOKENS, False, False
     config.ignore_eos = True  # exactly NEW_TOKENS per request, as in the design's harness
     pipe.generate(PROMPTS[:1], [config])  # warm-up
-    tokens, started, rid = 0, time.perf_counter(), 0
+    pacer = CorePacer() if awake else None
+    if pacer:
+        pacer.busy(True)
+    tokens, started = 0, time.perf_counter()
     for r in range(rounds):
-        handles = []
-        for i in range(clients):
-            handles.append(pipe.add_request(rid, PROMPTS[(r + i) % len(PROMPTS)], config))
-            rid += 1
-        running = handles
+        prompts = [PROMPTS[(r + i) % len(PROMPTS)] for i in range(clients)]
+        if mode == "generate":
+            results = pipe.generate(prompts, [config] * clients)
+            tokens += results[0].perf_metrics.get_num_generated_tokens()  # the metrics cover the whole call
+            continue
+        running = []
+        for prompt in prompts:
+            running.append(pipe.add_request(next(_RIDS), prompt, config))
         while running:
             pipe.step()
             still = []
@@ -126,7 +144,9 @@ def bench_direct(ir: Path, clients: int, rounds: int) -> dict:
                     still.append(handle)
             running = still
     elapsed = time.perf_counter() - started
-    return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed}
+    if pacer:
+        pacer.close()
+    return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed, "mode": mode, "awake": awake}
 
 
 def bench_gateway(base: str, clients: int, rounds: int, stream: bool = False, model: str = "lmforge-assistant") -> dict:
@@ -190,9 +210,10 @@ def bench_hf(model_dir: Path, rounds: int) -> dict:
 class GatewayProcess:
     """``lmforge serve`` in its own process (as deployed), stopped with SIGTERM."""
 
-    def __init__(self, home: Path, overrides: list[str], port: int, ready_timeout: float = 300):
+    def __init__(self, home: Path, overrides: list[str], port: int, ready_timeout: float = 300,
+                 env: dict[str, str] | None = None):
         self.base = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "LMFORGE_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "LMFORGE_HOME": str(home), "HF_HUB_OFFLINE": "1", **(env or {})}
         cmd = [sys.executable, "-m", "flows.cli", "serve", "-c", "pipeline", f"serve.port={port}",
                "serve.auth=false", *overrides]
         self.log = open(home / f"gateway-{port}.log", "w")  # noqa: SIM115 - closed in stop()
@@ -391,6 +412,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3, help="Interleaved trials per measurement (best is kept).")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-swap", action="store_true")
+    parser.add_argument("--skip-vllm", action="store_true")
     parser.add_argument("--only", choices=["all", "vllm"], default="all",
                         help="vllm: only vLLM, direct and through the gateway (-> <home>/bench/serving-vllm.json)")
     args = parser.parse_args()
@@ -409,27 +431,41 @@ def main() -> None:
     out: dict = {"ir": str(ir), "new_tokens": NEW_TOKENS, "rounds": args.rounds}
 
     # The machine is shared: interleave engine and gateway runs and keep each one's best trial, so a
-    # burst of someone else's load does not land on one side only.
+    # burst of someone else's load does not land on one side only. Engine and gateway run as
+    # deployed (no CorePacer); the "pacer" runs show what it is worth under the current load.
+    out["loadavg_start"] = os.getloadavg()
     gateway = GatewayProcess(work, [_variant("champion", str(ir)), "serve.watch=false"], _port())
+    paced = GatewayProcess(work, [_variant("champion", str(ir)), "serve.watch=false"], _port(),
+                           env={"LMFORGE_OV_KEEP_AWAKE": "1"})
     direct = DirectWorker(ir)
     trials: dict[str, list[dict]] = {}
     try:
         for trial in range(args.trials):
             for c in (1, 8):
-                for key, run in ((f"direct_{c}", lambda: direct.run(c, args.rounds)),
-                                 (f"gateway_{c}", lambda: bench_gateway(gateway.base, c, args.rounds)),
-                                 (f"gateway_stream_{c}", lambda: bench_gateway(gateway.base, c, args.rounds, True))):
-                    trials.setdefault(key, []).append(run())
+                runs = ((f"direct_step_{c}", lambda: direct.run(c, args.rounds, "step")),
+                        (f"direct_generate_{c}", lambda: direct.run(c, args.rounds, "generate")),
+                        (f"gateway_{c}", lambda: bench_gateway(gateway.base, c, args.rounds)),
+                        (f"gateway_stream_{c}", lambda: bench_gateway(gateway.base, c, args.rounds, True)),
+                        (f"direct_step_pacer_{c}", lambda: direct.run(c, args.rounds, "step", awake=True)),
+                        (f"gateway_pacer_{c}", lambda: bench_gateway(paced.base, c, args.rounds)))
+                for key, run in runs:
+                    trials.setdefault(key, []).append(run() | {"loadavg": os.getloadavg()[0]})
                     print(f"trial {trial} {key}: {trials[key][-1]['tok_s']:.1f} tok/s", flush=True)
     finally:
         gateway.stop()
+        paced.stop()
         direct.stop()
+    out["loadavg_end"] = os.getloadavg()
     for key, runs in trials.items():
         out[key] = max(runs, key=lambda r: r["tok_s"]) | {"all_tok_s": [round(r["tok_s"], 1) for r in runs]}
+    for c in (1, 8):  # the engine's best single-process usage: its step loop or its batch generate()
+        out[f"direct_{c}"] = max(out[f"direct_step_{c}"], out[f"direct_generate_{c}"], key=lambda r: r["tok_s"])
     if not args.skip_hf:
         out["hf_1"] = bench_hf(home / "models" / "smollm2-135m", args.rounds)
         print(f"hf c=1: {out['hf_1']['tok_s']:.1f} tok/s", flush=True)
-    if VLLM_PYTHON.is_file():
+    if args.skip_vllm:
+        out["vllm"] = "not run (--skip-vllm)"
+    elif VLLM_PYTHON.is_file():
         out |= bench_vllm(home, work, args.rounds, args.trials)
         out["vllm"] = "measured (SmolLM2 HF weights, same harness)"
     else:
@@ -447,8 +483,14 @@ def main() -> None:
 
 def report(out: dict) -> str:
     rows = ["| engine / path | 1 client tok/s | 8 clients tok/s | 8 vs 1 |", "|---|---:|---:|---:|"]
-    for label, key in (("OpenVINO CB direct (INT8)", "direct"), ("gateway, non-streaming", "gateway"),
-                       ("gateway, streaming", "gateway_stream")):
+    for label, key in (("OpenVINO CB direct, best of the two below (INT8)", "direct"),
+                       ("  direct: add_request/step loop", "direct_step"),
+                       ("  direct: generate() on the C prompts", "direct_generate"),
+                       ("gateway, non-streaming", "gateway"), ("gateway, streaming", "gateway_stream"),
+                       ("direct step loop with CorePacer", "direct_step_pacer"),
+                       ("gateway with CorePacer, non-streaming", "gateway_pacer")):
+        if f"{key}_1" not in out:
+            continue
         one, eight = out[f"{key}_1"]["tok_s"], out[f"{key}_8"]["tok_s"]
         rows.append(f"| {label} | {one:.1f} | {eight:.1f} | {eight / one:.1f}x |")
     if "hf_1" in out:
