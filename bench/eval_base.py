@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--adapter", default=None, help="PEFT adapter directory")
     parser.add_argument("--split", default="validation")
     parser.add_argument("--per-task", type=int, default=16)
+    parser.add_argument("--tasks", nargs="*", default=None, help="only these tasks (default: all)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--show", type=int, default=2, help="outputs shown per task")
@@ -38,6 +39,8 @@ def main() -> None:
 
     home = Path(args.home)
     records = load_curated(home)[args.split]
+    if args.tasks:
+        records = [r for r in records if r["task"] in args.tasks]
     cfg = EvaluateConfig(max_samples_per_task=args.per_task, batch_size=args.batch_size,
                          max_new_tokens=args.max_new_tokens)
     generator = hf_generator(home / "models" / args.model, args.adapter, cfg.max_new_tokens, cfg.batch_size)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -49,6 +51,9 @@ def _serve_after_run(cfg, registered: dict) -> None:
     console.file.flush()  # the server below never returns: whoever reads stdout needs the key now
     base = f"http://{cfg.serve.host}:{cfg.serve.port}"
     err_console.print(f"gateway on {base}  (OpenAI API at {base}/v1, JSON-RPC at {base}/rpc; Ctrl-C stops it)")
+    # uvicorn drains on SIGTERM, then re-raises it: turn that into a normal exit so atexit handlers
+    # run (they stop the temporary Prefect server this process started for the pipeline).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     serve(cfg.serve, cfg.home, cfg.tracking_uri(), cfg.data.templates, None)
 
 

@@ -467,7 +467,18 @@ _PROBE = ("Héllo wörld: naïve café, 日本語 and emoji 🙂🚀.\n\tTabs, \
           "<|im_start|>user\nHi<|im_end|> 3.14159 -- The quick brown fox jumps over the lazy dog!")
 
 
+# pybind11 initialises its numpy bridge on the first tensor -> numpy conversion through a static
+# guard that waits for the GIL: two variants loading at once (champion and challenger) deadlocked
+# there, both threads parked in `.data` below. One probe at a time avoids it.
+_PROBE_LOCK = threading.Lock()
+
+
 def _fast_decoder(model_dir: Path, tokenizer: Any):
+    with _PROBE_LOCK:
+        return _probe_fast_decoder(model_dir, tokenizer)
+
+
+def _probe_fast_decoder(model_dir: Path, tokenizer: Any):
     """``tokenizers`` decode for ``model_dir/tokenizer.json`` if it matches the OpenVINO detokenizer, else None.
 
     Checked on every window of up to 6 ids of a probe text (multi-byte characters split across
