@@ -24,7 +24,8 @@ from prefect import flow
 from configs.schema import LmforgeConfig
 from tasks.align import run as align_run
 from tasks.align import tracking
-from tasks.align.trainer import torch_threads
+from tasks.runtime import torch_threads
+from tasks.sft.data import validation_records
 from tasks.evaluate import evaluate_task
 from tasks.models import import_base_model
 
@@ -67,7 +68,7 @@ def align_flow(cfg: LmforgeConfig, sft_adapter: Path | None = None, sft_run: str
                                            artifact_root)
     try:
         evaluations: dict[str, dict[str, float]] = {}
-        records = _validation_records(cfg, version) if cfg.align.evaluate else None
+        records = validation_records(cfg.home, version, cfg.sft.tasks) if cfg.align.evaluate else None
         with torch_threads(cfg.align.num_threads):
             if records is not None:
                 evaluations["before"] = _evaluate(cfg, model_dir, run, "before", sft["adapter_dir"], records)
@@ -108,11 +109,3 @@ def _latest_data_version(cfg: LmforgeConfig) -> str:
     if version is None:
         raise align_run.AlignRunError(f"no curated data under {cfg.home / 'data'}: run `lmforge curate` first")
     return version
-
-
-def _validation_records(cfg: LmforgeConfig, version: str) -> list[dict[str, Any]]:
-    """Validation records of the SFT tasks (all tasks when ``sft.tasks`` is None), as the SFT flow scores them."""
-    from tasks.data import load_curated
-    from tasks.sft.data import select_records
-
-    return select_records(load_curated(cfg.home, version)["validation"], cfg.sft.tasks)

@@ -19,8 +19,10 @@ from configs.schema import LmforgeConfig
 from tasks.evaluate import evaluate_task
 from tasks.models import import_base_model
 from tasks.sft import tracking
+from tasks.sft.data import validation_records
 from tasks.sft.run import log_results_task, prepare_run_task, start_tracking_task, train_task
-from tasks.sft.train import SFTInterrupted, TrainSpec, cpu_threads, torch_threads
+from tasks.runtime import torch_threads
+from tasks.sft.train import SFTInterrupted, TrainSpec, cpu_threads
 
 
 @flow(name="finetune", log_prints=True)
@@ -65,7 +67,7 @@ def finetune_flow(cfg: LmforgeConfig, resume: bool = False, data_version: str | 
 
     evaluations: dict[str, dict[str, float]] = {}
     if cfg.sft.evaluate:
-        records = _validation_records(cfg, run["data_version"])
+        records = validation_records(cfg.home, run["data_version"], cfg.sft.tasks)
         eval_cfg = cfg.evaluate
         if cfg.sft.eval_max_samples_per_task:
             eval_cfg = eval_cfg.model_copy(update={"max_samples_per_task": cfg.sft.eval_max_samples_per_task})
@@ -83,12 +85,3 @@ def finetune_flow(cfg: LmforgeConfig, resume: bool = False, data_version: str | 
         "mlflow_run_id": run_id, "data_version": run["data_version"], "train": summary,
         "base": evaluations.get("base", {}), "tuned": evaluations.get("tuned", {}),
     }
-
-
-def _validation_records(cfg: LmforgeConfig, version: str) -> list[dict[str, Any]]:
-    """Validation records of the trained tasks (all tasks when ``sft.tasks`` is None)."""
-    from tasks.data import load_curated
-    from tasks.sft.data import select_records
-
-    dataset = load_curated(cfg.home, version)
-    return select_records(dataset["validation"], cfg.sft.tasks)

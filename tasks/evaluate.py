@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
@@ -38,7 +39,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,6 +47,7 @@ from prefect import task
 
 from configs.schema import EvaluateConfig
 from tasks import metrics as M
+from tasks.files import atomic_write_text, sha256_dir
 from tasks.generators import Generator, HFGenerator, hf_generator, stop_token_ids
 from tasks.parsing import TASKS, coerce_label, parse_completion
 
@@ -221,17 +223,15 @@ def write_results(result: EvalResult, out_dir: str | Path) -> dict[str, str]:
         "table_json": out_dir / "eval_table.json",
         "table_csv": out_dir / "eval_table.csv",
     }
-    _atomic_write(paths["metrics_json"], lambda f: json.dump(_finite(result.metrics), f, indent=2))
-    _atomic_write(paths["table_json"], lambda f: json.dump(result.table, f, ensure_ascii=False, indent=1))
-
-    def _csv(f) -> None:
-        columns = list(result.table[0]) if result.table else ["id"]
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in result.table:
-            writer.writerow({k: _cell(v) for k, v in row.items()})
-
-    _atomic_write(paths["table_csv"], _csv)
+    atomic_write_text(paths["metrics_json"], json.dumps(_finite(result.metrics), indent=2))
+    atomic_write_text(paths["table_json"], json.dumps(result.table, ensure_ascii=False, indent=1))
+    buffer = io.StringIO(newline="")
+    columns = list(result.table[0]) if result.table else ["id"]
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in result.table:
+        writer.writerow({k: _cell(v) for k, v in row.items()})
+    atomic_write_text(paths["table_csv"], buffer.getvalue())
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -301,14 +301,7 @@ def _cache_key(model_dir: str | Path, adapter_dir: str | Path | None, selected: 
 
 def _content_fingerprint(directory: Path) -> str:
     """Hash of a model/adapter directory: its import manifest when it has one, else every file."""
-    digest = hashlib.sha256()
-    manifest = directory / "manifest.json"
-    files = [manifest] if manifest.is_file() else sorted(p for p in directory.rglob("*") if p.is_file())
-    for file in files:
-        digest.update(str(file.relative_to(directory)).encode())
-        with open(file, "rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
-    return digest.hexdigest()
+    return sha256_dir(directory, ["manifest.json"] if (directory / "manifest.json").is_file() else None)
 
 
 def _read_cached(entry: Path) -> EvalResult | None:
@@ -378,14 +371,3 @@ def _cell(value: Any, limit: int | None = None) -> Any:
 def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
     # JSON has no NaN; a missing perplexity is written as null rather than an invalid token.
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -18,6 +18,25 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def sha256_dir(path: Path, names: list[str] | None = None, skip_parts: tuple[str, ...] = ()) -> str:
+    """Hash of a directory's files (relative names + contents), in name order.
+
+    Args:
+        path: the directory.
+        names: only these relative names (missing ones are left out); None = every file below.
+        skip_parts: leave out files with one of these names in their relative path (e.g. ``.cache``).
+    """
+    path = Path(path)
+    files = [path / n for n in names] if names else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        relative = file.relative_to(path)
+        if file.is_file() and not set(relative.parts) & set(skip_parts):
+            digest.update(str(relative).encode())
+            digest.update(sha256_file(file).encode())
+    return digest.hexdigest()
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` through a temp file beside it and one ``os.replace``.
 

@@ -28,7 +28,7 @@ from typing import Any
 from prefect import task
 
 from configs.schema import ModelConfig
-from tasks.files import sha256_file, swap_into_place
+from tasks.files import sha256_dir, sha256_file, swap_into_place
 from tasks.gguf_tokenizer import tokenizer_from_gguf
 
 log = logging.getLogger(__name__)
@@ -274,13 +274,9 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def _sha256_dir(path: Path) -> str:
-    digest = hashlib.sha256()
-    # Skip the hub's own .cache bookkeeping inside the snapshot (relative parts: the snapshot itself
-    # lives under ~/.cache/huggingface).
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.relative_to(path).parts):
-        digest.update(str(file.relative_to(path)).encode())
-        digest.update(sha256_file(file).encode())
-    return digest.hexdigest()
+    # Skip the hub's own .cache bookkeeping inside a snapshot (the snapshot itself lives under
+    # ~/.cache/huggingface, so only the relative path is checked).
+    return sha256_dir(path, skip_parts=(".cache",))
 
 
 def _store_name(name: str) -> str:

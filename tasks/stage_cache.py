@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from tasks.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,4 @@ def _read(file: Path) -> dict[str, Any] | None:
 
 
 def _write_atomic(file: Path, payload: dict[str, Any]) -> None:
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-    os.replace(tmp, file)
+    atomic_write_text(file, json.dumps(payload, indent=2, sort_keys=True))

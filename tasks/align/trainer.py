@@ -11,14 +11,13 @@ stage's KL reference is the policy it started from, and every stage's adapter st
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -293,20 +292,6 @@ def train_stages(
     _copy_dir_atomic(adapter, final)
     return {"adapter_dir": str(final), "stages": summaries, "steps": offset,
             "seconds": round(time.perf_counter() - started, 2)}
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` torch intra-op threads (None = leave as is), restoring the count after."""
-    import torch
-
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- files

@@ -22,10 +22,10 @@ from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from configs.schema import EvaluateConfig, QuantizeConfig
-from tasks.files import atomic_write_text
+from tasks.files import atomic_write_text, sha256_dir
 from tasks.quantize.validate import AdapterError, AdapterInfo, validate_adapter
 from tasks.quantize.variants import (
-    EXPORT_FILE, IR_VARIANTS, finish_variant, is_complete, read_variant, sha256_dir, staged_variant, sweep_stale,
+    EXPORT_FILE, IR_VARIANTS, finish_variant, is_complete, read_variant, staged_variant, sweep_stale,
     write_json_atomic,
 )
 

@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tasks.files import sha256_dir
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
@@ -55,8 +57,6 @@ def validate_adapter(adapter_dir: Path, base_dir: Path, allow_name_mismatch: boo
     Raises:
         AdapterError: the first problem found, naming the file and what to do.
     """
-    from tasks.quantize.variants import sha256_dir
-
     adapter_dir, base_dir = Path(adapter_dir), Path(base_dir)
     if not adapter_dir.is_dir():
         raise AdapterError(f"adapter directory not found: {adapter_dir}")

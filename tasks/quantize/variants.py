@@ -9,7 +9,6 @@ written staging directory, so an interrupted export leaves at most a ``.tmp-*`` 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import shutil
@@ -19,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks.files import atomic_write_text, sha256_file, swap_into_place
+from tasks.files import atomic_write_text, swap_into_place
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +119,3 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     atomic_write_text(Path(path), json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def sha256_dir(path: Path, names: list[str] | None = None) -> str:
-    """Hash of the files of a directory (relative names + contents), optionally only ``names``."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    files = [path / n for n in names] if names else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        if file.is_file():
-            digest.update(str(file.relative_to(path)).encode())
-            digest.update(sha256_file(file).encode())
-    return digest.hexdigest()

@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -131,6 +132,13 @@ def encode_records(
             f"(e.g. {too_long[0][0]!r}: {too_long[0][1]} tokens); raise model.max_seq_len"
         )
     return encoded, report
+
+
+def validation_records(home: Path, version: str, tasks: Sequence[str] | None) -> list[dict[str, Any]]:
+    """Validation records of the trained tasks (all tasks when None): what SFT and alignment score."""
+    from tasks.data import load_curated
+
+    return select_records(load_curated(home, version)["validation"], tasks)
 
 
 def select_records(records: Iterable[dict[str, Any]], tasks: Sequence[str] | None = None,

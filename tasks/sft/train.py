@@ -16,7 +16,6 @@ Run directory (``<home>/runs/sft/<run_name>/``)::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -32,6 +31,7 @@ from typing import Any
 
 from configs.schema import SFTConfig
 from tasks.files import atomic_write_text, swap_into_place
+from tasks.runtime import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -99,19 +99,6 @@ def cpu_threads(cfg: SFTConfig) -> int:
         return cfg.cpu_threads
     local = cfg.devices if isinstance(cfg.devices, int) and cfg.accelerator != "gpu" else 1
     return max(1, (os.cpu_count() or 1) // max(1, local))
-
-
-@contextlib.contextmanager
-def torch_threads(count: int):
-    """Run a block with ``count`` torch intra-op threads, restoring the previous setting after."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 # --------------------------------------------------------------------------- training
