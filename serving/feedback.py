@@ -18,6 +18,7 @@ import math
 import sqlite3
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,9 @@ class FeedbackStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._buffer: list[tuple] = []
+        # A deque, drained by popleft: appends from the event loop never race the flush thread
+        # (swapping a list could drop a row appended to the old list after it was written).
+        self._buffer: deque[tuple] = deque()
         self._conn = sqlite3.connect(self.path, timeout=10, check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
@@ -58,7 +61,7 @@ class FeedbackStore:
     def flush(self) -> int:
         """Write buffered request rows; returns how many."""
         with self._lock:
-            rows, self._buffer = self._buffer, []
+            rows = [self._buffer.popleft() for _ in range(len(self._buffer))]
             if rows:
                 self._conn.executemany("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         return len(rows)

@@ -359,7 +359,7 @@ class OpenVINOBackend:
 
         finished = {ov_genai.GenerationStatus.FINISHED, ov_genai.GenerationStatus.STOP}
         failed = {ov_genai.GenerationStatus.IGNORED, ov_genai.GenerationStatus.CANCEL}
-        length = ov_genai.GenerationFinishReason.LENGTH
+        length, unfinished = ov_genai.GenerationFinishReason.LENGTH, ov_genai.GenerationFinishReason.NONE
         pacer = self._pacer
         while True:
             with self._cond:
@@ -406,7 +406,7 @@ class OpenVINOBackend:
                 if handle.can_read():
                     for output in handle.read().values():
                         ids.extend(output.generated_ids)
-                        if output.finish_reason != ov_genai.GenerationFinishReason.NONE:
+                        if output.finish_reason != unfinished:
                             reason = "length" if output.finish_reason == length else "stop"
                 if status in finished:
                     if request.held:
