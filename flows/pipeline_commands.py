@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import signal
+import atexit
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -31,11 +32,10 @@ def run_cmd(
     result = pipeline_flow(cfg)
     console.print(result["report"], highlight=False, markup=False)
     if serve:
-        _serve_after_run(cfg, result["register"])
+        _serve_after_run(cfg, result["register"], config, overrides or [])
 
 
-def _serve_after_run(cfg, registered: dict) -> None:
-    from serving.app import serve
+def _serve_after_run(cfg, registered: dict, config: str | None, overrides: list[str]) -> None:
     from serving.auth import KeyStore
 
     if not registered.get("aliases") and not _any_champion(cfg):
@@ -48,13 +48,17 @@ def _serve_after_run(cfg, registered: dict) -> None:
             key, record = store.add("make-run", admin=True)
             err_console.print(f"created API key {record.key_id} (make-run, admin); shown once, store it now:")
             console.print(key, highlight=False)
-    console.file.flush()  # the server below never returns: whoever reads stdout needs the key now
-    base = f"http://{cfg.serve.host}:{cfg.serve.port}"
-    err_console.print(f"gateway on {base}  (OpenAI API at {base}/v1, JSON-RPC at {base}/rpc; Ctrl-C stops it)")
-    # uvicorn drains on SIGTERM, then re-raises it: turn that into a normal exit so atexit handlers
-    # run (they stop the temporary Prefect server this process started for the pipeline).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    serve(cfg.serve, cfg.home, cfg.tracking_uri(), cfg.data.templates, None)
+    # The gateway gets a fresh process (same PID, so Ctrl-C and SIGTERM reach it): this one holds
+    # torch, training threads and the temporary Prefect server, and after a full pipeline its
+    # interpreter teardown could crash on SIGTERM and leave that server orphaned. Exit handlers run
+    # first (they stop the Prefect server and flush MLflow); exec then skips native teardown.
+    argv = [sys.executable, "-m", "flows.cli", "serve", *(["--config", config] if config else []), *overrides]
+    err_console.print("pipeline done; starting the gateway (Ctrl-C stops it)")
+    atexit._run_exitfuncs()
+    console.file.flush()  # whoever reads stdout needs the key now; exec drops unflushed buffers
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
 
 
 def _any_champion(cfg) -> bool:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,8 @@ def serve(cfg: ServeConfig, home: Path, tracking_uri: str | None = None, templat
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info", access_log=False,
                             timeout_graceful_shutdown=cfg.drain_timeout_s, lifespan="on")
     server = _DrainingServer(config, app.state.gateway)
+    # uvicorn drains on SIGTERM, then re-raises it to the previous handler: a drained stop exits 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server.run()
 
 

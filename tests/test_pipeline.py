@@ -18,6 +18,7 @@ import threading
 import time
 
 import mlflow
+import psutil
 
 from configs.schema import load
 from tasks.stage_cache import read_progress
@@ -134,8 +135,14 @@ def _readme_command_serves_the_champion(home) -> None:
             raise AssertionError("a wrong key was accepted")
         except openai.AuthenticationError:
             pass
+        # The gateway replaced the pipeline process: the temporary Prefect server it started is gone,
+        # and SIGTERM drains and exits cleanly.
+        assert psutil.Process(proc.pid).children(recursive=True) == [], "the pipeline left child processes behind"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
