@@ -50,13 +50,12 @@ _DONE = object()
 
 
 class _Request:
-    __slots__ = ("rid", "prompt", "config", "loop", "queue", "handle", "cancelled", "adapter", "stream", "held")
+    __slots__ = ("rid", "prompt", "config", "loop", "queue", "handle", "cancelled", "adapter", "stream")
 
     def __init__(self, rid: int, prompt: str, config: Any, loop: asyncio.AbstractEventLoop, adapter: str | None,
                  stream: bool = True):
         self.rid, self.prompt, self.config, self.loop, self.adapter = rid, prompt, config, loop, adapter
-        self.stream = stream
-        self.held: list[int] = []  # ids not handed over yet (non-streaming requests get them at the end)
+        self.stream = stream  # False: all tokens are handed over at the end
         self.queue: asyncio.Queue = asyncio.Queue()
         self.handle = None
         self.cancelled = False
@@ -360,6 +359,7 @@ class OpenVINOBackend:
         finished = {ov_genai.GenerationStatus.FINISHED, ov_genai.GenerationStatus.STOP}
         failed = {ov_genai.GenerationStatus.IGNORED, ov_genai.GenerationStatus.CANCEL}
         length, unfinished = ov_genai.GenerationFinishReason.LENGTH, ov_genai.GenerationFinishReason.NONE
+        running = ov_genai.GenerationStatus.RUNNING
         pacer = self._pacer
         while True:
             with self._cond:
@@ -401,16 +401,22 @@ class OpenVINOBackend:
                     handle.cancel()
                     continue
                 status = handle.get_status()
+                if status == running and not request.stream:
+                    # Nobody reads partial output: leave it in the engine's stream and take it all
+                    # at the end (read_all), as the engine's own generate() does. No per-step reads.
+                    still.append(request)
+                    continue
                 ids: list[int] = []
                 reason = None
-                if handle.can_read():
-                    for output in handle.read().values():
-                        ids.extend(output.generated_ids)
-                        if output.finish_reason != unfinished:
-                            reason = "length" if output.finish_reason == length else "stop"
+                if status in finished and not request.stream:
+                    outputs = handle.read_all()
+                else:
+                    outputs = handle.read().values() if handle.can_read() else ()
+                for output in outputs:
+                    ids.extend(output.generated_ids)
+                    if output.finish_reason != unfinished:
+                        reason = "length" if output.finish_reason == length else "stop"
                 if status in finished:
-                    if request.held:
-                        ids, request.held = request.held + ids, []
                     out.append((request, (ids, reason or "stop")))
                     out.append((request, _DONE))
                 elif status in failed:
@@ -418,10 +424,7 @@ class OpenVINOBackend:
                                                       "KV cache exhausted?")))
                 else:
                     if ids:
-                        if request.stream:
-                            out.append((request, (ids, None)))
-                        else:  # nobody reads partial output: hand it over at the end, no wake-up now
-                            request.held.extend(ids)
+                        out.append((request, (ids, None)))
                     still.append(request)
             self._active = still
             if out:
