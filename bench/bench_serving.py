@@ -151,11 +151,16 @@ def bench_direct(ir: Path, clients: int, rounds: int, mode: str = "step", awake:
     return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed, "mode": mode, "awake": awake}
 
 
-def bench_gateway(base: str, clients: int, rounds: int, stream: bool = False, model: str = "lmforge-assistant") -> dict:
-    """C concurrent HTTP clients on ``base``/v1/completions (any OpenAI-compatible server serving ``model``)."""
+def bench_gateway(base: str, clients: int, rounds: int, stream: bool = False, model: str = "lmforge-assistant",
+                  server_pid: int | None = None) -> dict:
+    """C concurrent HTTP clients on ``base``/v1/completions (any OpenAI-compatible server serving ``model``).
 
-    async def client(i: int, http: httpx.AsyncClient) -> tuple[int, list[float]]:
-        tokens, latencies = 0, []
+    With ``server_pid`` (a gateway), also the CPU time of its event-loop thread and of these clients,
+    as a share of the machine's CPU time over the run: what they took from the engine's threads.
+    """
+
+    async def client(i: int, http: httpx.AsyncClient) -> tuple[int, list[float], list[float]]:
+        tokens, latencies, engine = 0, [], []
         for r in range(rounds):
             body = {"model": model, "prompt": PROMPTS[(r + i) % len(PROMPTS)],
                     "max_tokens": NEW_TOKENS, "temperature": 0, "stream": stream, "ignore_eos": True}
@@ -172,8 +177,11 @@ def bench_gateway(base: str, clients: int, rounds: int, stream: bool = False, mo
                 response = await http.post("/v1/completions", json=body)
                 response.raise_for_status()
                 tokens += response.json()["usage"]["completion_tokens"]
+                timing = response.headers.get("server-timing", "")  # engine;dur=<ms>, when the backend measures it
+                if timing.startswith("engine;dur="):
+                    engine.append(float(timing.split("=")[1]) / 1000)
             latencies.append(time.perf_counter() - t)
-        return tokens, latencies
+        return tokens, latencies, engine
 
     async def main():
         limits = httpx.Limits(max_connections=clients + 2)
@@ -183,10 +191,29 @@ def bench_gateway(base: str, clients: int, rounds: int, stream: bool = False, mo
             results = await asyncio.gather(*(client(i, http) for i in range(clients)))
             return results, time.perf_counter() - started
 
+    server = _main_thread_cpu(server_pid) if server_pid else 0.0
+    client_cpu = time.process_time()
     results, elapsed = asyncio.run(main())
+    client_cpu = time.process_time() - client_cpu
+    server = (_main_thread_cpu(server_pid) - server) if server_pid else None
     tokens = sum(r[0] for r in results)
-    return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed,
-            "p50_latency_s": statistics.median([x for r in results for x in r[1]])}
+    latencies, engine = [x for r in results for x in r[1]], [x for r in results for x in r[2]]
+    out = {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed, "p50_latency_s": statistics.median(latencies)}
+    if engine and len(engine) == len(latencies):
+        # Of each request's life as the client saw it, the share spent outside the engine's batch:
+        # HTTP both ways, parsing, queueing, tokenising, detokenising (this machine's own clients included).
+        out["outside_engine_share"] = 1 - sum(engine) / sum(latencies)
+        out["outside_engine_ms_median"] = statistics.median((a - b) * 1000 for a, b in zip(latencies, engine))
+    if server is not None:  # the warm-up request is inside both counts: a slight overestimate
+        out["cpu_share"] = (server + client_cpu) / (elapsed * (os.cpu_count() or 1))
+    return out
+
+
+def _main_thread_cpu(pid: int) -> float:
+    import psutil
+
+    thread = next(t for t in psutil.Process(pid).threads() if t.id == pid)
+    return thread.user_time + thread.system_time
 
 
 def bench_hf(model_dir: Path, rounds: int) -> dict:
@@ -220,6 +247,7 @@ class GatewayProcess:
                "serve.auth=false", *overrides]
         self.log = open(home / f"gateway-{port}.log", "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.pid = self.process.pid
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -448,9 +476,10 @@ def main() -> None:
         for trial in range(args.trials):
             for c in (1, 8):
                 runs = [(f"direct_step_{c}", lambda: direct.run(c, args.rounds, "step")),
-                        (f"gateway_{c}", lambda: bench_gateway(gateway.base, c, args.rounds)),
+                        (f"gateway_{c}", lambda: bench_gateway(gateway.base, c, args.rounds, server_pid=gateway.pid)),
                         (f"direct_generate_{c}", lambda: direct.run(c, args.rounds, "generate")),
-                        (f"gateway_stream_{c}", lambda: bench_gateway(gateway.base, c, args.rounds, True))]
+                        (f"gateway_stream_{c}", lambda: bench_gateway(gateway.base, c, args.rounds, True,
+                                                                       server_pid=gateway.pid))]
                 if paced is not None:
                     runs += [(f"direct_step_pacer_{c}", lambda: direct.run(c, args.rounds, "step", awake=True)),
                              (f"gateway_pacer_{c}", lambda: bench_gateway(paced.base, c, args.rounds))]
@@ -493,6 +522,11 @@ def summarize(trials: dict[str, list[dict]]) -> dict:
         rates = [r["tok_s"] for r in runs]
         out[key] = {"tok_s": statistics.median(rates), "best_tok_s": max(rates),
                     "all_tok_s": [round(x, 1) for x in rates], "loadavg": [r["loadavg"] for r in runs]}
+        if all("cpu_share" in r for r in runs):
+            out[key]["cpu_share"] = statistics.median(r["cpu_share"] for r in runs)
+        if all("outside_engine_share" in r for r in runs):
+            out[key]["outside_engine_share"] = statistics.median(r["outside_engine_share"] for r in runs)
+            out[key]["outside_engine_ms_median"] = statistics.median(r["outside_engine_ms_median"] for r in runs)
     for c in (1, 8):
         out[f"direct_{c}"] = max(out[f"direct_step_{c}"], out[f"direct_generate_{c}"], key=lambda r: r["tok_s"])
         for path in ("gateway", "gateway_stream"):
@@ -523,6 +557,11 @@ def report(out: dict) -> str:
                     f"{1 - g['tok_s'] / out[f'direct_{c}']['tok_s']:+.1%} non-streaming, "
                     f"{1 - st['tok_s'] / out[f'direct_{c}']['tok_s']:+.1%} streaming; trial by trial vs the step "
                     f"loop (median): {1 - g['paired_ratio_median']:+.1%} / {1 - st['paired_ratio_median']:+.1%}")
+        if "outside_engine_share" in g:
+            rows.append(f"non-streaming requests at {c} client(s) spent {g['outside_engine_share']:.2%} of their "
+                        f"latency outside the engine (median {g['outside_engine_ms_median']:.2f} ms per request)"
+                        + (f"; the gateway's event loop and the HTTP clients used {g['cpu_share']:.2%} of the CPU"
+                           if "cpu_share" in g else ""))
     if "swap" in out:
         s = out["swap"]
         rows.append(f"\nswap under load: {s['failed']} failed of {s['requests']}; alias flip -> new version serving "

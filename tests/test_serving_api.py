@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -62,10 +63,14 @@ def _post(gateway, path, content, key="user", headers=None):
 
 # --------------------------------------------------------------------------- openai client
 def test_sync_chat_and_completions(client):
+    started = time.perf_counter()
     raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO, max_tokens=6, user="ann",
                                                             temperature=0)
+    latency_ms = (time.perf_counter() - started) * 1000
     chat = raw.parse()
     assert raw.headers["x-lmforge-variant"] in ("champion", "challenger")
+    timing = raw.headers["server-timing"]  # engine;dur=<ms>: what the engine took of the client's latency
+    assert timing.startswith("engine;dur=") and 0 < float(timing.split("=")[1]) < latency_ms
     assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
     assert chat.choices[0].finish_reason in ("stop", "length")
     assert chat.usage.completion_tokens == 6 or chat.choices[0].finish_reason == "stop"

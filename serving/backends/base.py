@@ -50,6 +50,7 @@ class Chunk:
     finish_reason: str | None = None  # "stop" | "length" | None while streaming
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    engine_s: float = 0.0  # last chunk: admission into the engine's batch to the last token (0: not measured)
 
 
 @runtime_checkable

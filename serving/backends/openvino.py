@@ -50,7 +50,8 @@ _DONE = object()
 
 
 class _Request:
-    __slots__ = ("rid", "prompt", "config", "loop", "queue", "handle", "cancelled", "adapter", "stream")
+    __slots__ = ("rid", "prompt", "config", "loop", "queue", "handle", "cancelled", "adapter", "stream", "added_at",
+                 "engine_s")
 
     def __init__(self, rid: int, prompt: str, config: Any, loop: asyncio.AbstractEventLoop, adapter: str | None,
                  stream: bool = True):
@@ -59,6 +60,7 @@ class _Request:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.handle = None
         self.cancelled = False
+        self.added_at = self.engine_s = 0.0
 
     def push(self, item: Any) -> None:
         _post([(self, item)])
@@ -345,7 +347,7 @@ class OpenVINOBackend:
             if tail:
                 yield Chunk(text=tail)
             yield Chunk(finish_reason=finish or "stop", prompt_tokens=prompt_tokens,
-                        completion_tokens=len(decoder.ids))
+                        completion_tokens=len(decoder.ids), engine_s=request.engine_s)
         finally:
             if finish is None or request.cancelled:
                 request.cancelled = True
@@ -378,6 +380,7 @@ class OpenVINOBackend:
                     self._switch_adapter(new[0].adapter)
                 for request in new:
                     request.handle = self._pipe.add_request(request.rid, request.prompt, request.config)
+                    request.added_at = time.perf_counter()
                     self._active.append(request)
                 if not self._active:
                     continue
@@ -417,6 +420,7 @@ class OpenVINOBackend:
                     if output.finish_reason != unfinished:
                         reason = "length" if output.finish_reason == length else "stop"
                 if status in finished:
+                    request.engine_s = time.perf_counter() - request.added_at
                     out.append((request, (ids, reason or "stop")))
                     out.append((request, _DONE))
                 elif status in failed:

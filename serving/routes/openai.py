@@ -65,6 +65,7 @@ async def _serve(request: Request, ctx: RequestContext, body, build: Callable[[B
     if not body.stream:
         texts, finishes = [echo] * body.n, ["stop"] * body.n
         prompt_tokens = completion_tokens = 0
+        engine_s = 0.0
         try:
             async with contextlib.aclosing(stream):
                 async for index, chunk in stream:
@@ -73,13 +74,14 @@ async def _serve(request: Request, ctx: RequestContext, body, build: Callable[[B
                         finishes[index] = chunk.finish_reason
                         prompt_tokens = chunk.prompt_tokens
                         completion_tokens += chunk.completion_tokens
+                        engine_s = max(engine_s, chunk.engine_s)
         except APIError as err:
             gw.log_request(ctx, err.status)
             raise
         gw.log_request(ctx, 200)
         build_response = protocol.chat_response if chat else protocol.completion_response
         payload = build_response(ctx.request_id, model, texts, finishes, prompt_tokens, completion_tokens)
-        return JSONResponse(payload, headers=_headers(ctx))
+        return JSONResponse(payload, headers=_headers(ctx, engine_s))
     # Streaming: wait for the first chunk before answering, so admission, validation and the
     # first-attempt failures still produce a proper HTTP status and the right variant header.
     try:
@@ -176,8 +178,10 @@ async def _batch_completions(request: Request, ctx: RequestContext, body: Comple
     return JSONResponse(payload, headers=_headers(ctx))
 
 
-def _headers(ctx: RequestContext) -> dict[str, str]:
+def _headers(ctx: RequestContext, engine_s: float = 0.0) -> dict[str, str]:
     headers = {"X-Request-Id": ctx.request_id}
+    if engine_s:  # W3C Server-Timing: the client's latency minus this is what the gateway and network added
+        headers["Server-Timing"] = f"engine;dur={engine_s * 1000:.2f}"
     if ctx.variant:
         headers[VARIANT_HEADER] = ctx.variant
     if ctx.version:
