@@ -168,7 +168,7 @@ def test_alias_flip_swaps_without_restart_or_failed_requests(tmp_path, mlflow_ur
         swap = info["variants"][0]["swaps"][-1]
         assert swap["version"] == v2 and swap["reason"].startswith("alias @champion")
         assert swap["swap_ms"] < 50 and swap["warmup_s"] > 0
-        wait_for(lambda: old_engine.backend._pipe is None, timeout=30)  # released after draining
+        wait_for(lambda: old_engine.backend.released, timeout=30)  # released after draining: engine process gone
         assert old_engine.inflight == 0
         metrics = httpx.get(base + "/metrics").text
         assert 'lmforge_swaps_total{kind="model",variant="champion"} 2.0' in metrics
@@ -261,6 +261,34 @@ def test_backend_dies_mid_request_then_fallback_serves(tmp_path, ir_dir):
         if upstream.poll() is None:
             upstream.kill()
             upstream.wait(timeout=10)
+
+
+def test_openvino_engine_process_dies_mid_request_then_fallback_serves(tmp_path, ir_dir):
+    """The OpenVINO engine runs in its own process: killing it fails the request in flight with a
+    clear error, the next one is served by the fallback variant, and the gateway stays up."""
+    cfg = ServeConfig(backend="openvino", auth=False, watch=False, cache_gb=1, fallback_variant="local",
+                      variants=[{"name": "champion", "model_uri": str(ir_dir), "weight": 1.0},
+                                {"name": "local", "model_uri": str(ir_dir), "weight": 0.0}])
+    app = build_app(cfg, tmp_path / "home")
+    with running_gateway(app) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        engine_pid = app.state.gateway.pool.slots["champion"].ref.backend.info()["engine_pid"]
+        assert engine_pid and engine_pid != os.getpid()
+        stream = client.chat.completions.create(model="lmforge-assistant", messages=HELLO, max_tokens=1500,
+                                                stream=True, extra_body={"ignore_eos": True})
+        received = []
+        with pytest.raises(openai.APIError, match="engine"):
+            for chunk in stream:
+                received.append(chunk)
+                if len(received) == 3:
+                    os.kill(engine_pid, signal.SIGKILL)
+        assert len(received) >= 3, "the stream had started before the engine died"
+        after = client.chat.completions.with_raw_response.create(model="lmforge-assistant", messages=HELLO,
+                                                                 max_tokens=4)
+        assert after.headers["x-lmforge-variant"] == "local"
+        assert httpx.get(base + "/health/live").status_code == 200
+        ready = httpx.get(base + "/health/ready")
+        assert ready.status_code == 503 and ready.json()["variants"]["champion"] == "down"
 
 
 def _ready(base: str) -> bool:

@@ -1,22 +1,20 @@
-"""OpenVINO GenAI backend: one ``ContinuousBatchingPipeline`` driven by a dedicated engine thread.
+"""OpenVINO GenAI backend: one ``ContinuousBatchingPipeline`` stepped by an engine process.
 
-Why a stepping thread instead of ``pipeline.generate`` per request: ``add_request`` + ``step`` is
-how continuous batching is meant to be driven by a server (new requests join the running batch at
-the next step), and each request's new tokens are read from its ``GenerationHandle`` after every
-step and handed to the asyncio side in one ``call_soon_threadsafe`` per step (not one per request:
-each call is a wake-up of the event loop through its self-pipe); a non-streaming request's tokens
-are handed over once, at the end, so the event loop does not interrupt the inference threads at every
-step for output nobody reads yet. The thread does as little Python as
-possible; detokenising happens on the event loop, with the HF ``tokenizers`` library when the IR
-directory has a ``tokenizer.json`` that decodes exactly like the OpenVINO detokenizer (checked at
-load): ~2 us per call instead of ~150 us of CPU for an OpenVINO detokenizer inference, which would
-also compete with the engine's inference threads for the same cores.
+Why ``add_request`` + ``step`` instead of ``pipeline.generate`` per request: that is how continuous
+batching is meant to be driven by a server (new requests join the running batch at the next step).
+Why a process (:mod:`serving.backends.openvino_engine`): ``step()`` holds the GIL for the whole
+step, which would freeze the gateway's event loop. The engine sends each step's new token ids in one
+message; a reader thread here hands them to the event loop in one ``call_soon_threadsafe`` per
+message. Non-streaming requests get their ids once, at the end. Detokenising happens on the event
+loop, with the HF ``tokenizers`` library when the IR directory has a ``tokenizer.json`` that decodes
+exactly like the OpenVINO detokenizer (checked at load): ~2 us per call instead of ~150 us of CPU
+for an OpenVINO detokenizer inference.
 
 Runtime LoRA, as measured with openvino_genai 2026.4: LoRA is enabled only when the pipeline is
 built with at least one adapter (an empty AdapterConfig silently disables it); after that further
 adapters can be used without rebuilding. But the adapter state is pipeline-wide and is applied
 only by ``generate()`` (``add_request`` ignores ``GenerationConfig.adapters``), and it persists for
-later steps. So the engine thread keeps one *active* adapter, runs requests for it together, and
+later steps. So the engine process keeps one *active* adapter, runs requests for it together, and
 switches (a 1-token ``generate`` with the new AdapterConfig) only when the batch has drained;
 once a request for another adapter waits, new requests for the active one wait too, so no group
 starves. A backend built without adapters refuses ``add_adapter`` and the gateway rebuilds it
@@ -26,6 +24,7 @@ with the adapter instead (a model swap, done in the background).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -50,17 +49,13 @@ _DONE = object()
 
 
 class _Request:
-    __slots__ = ("rid", "prompt", "config", "loop", "queue", "handle", "cancelled", "adapter", "stream", "added_at",
-                 "engine_s")
+    __slots__ = ("rid", "loop", "queue", "cancelled", "engine_s")
 
-    def __init__(self, rid: int, prompt: str, config: Any, loop: asyncio.AbstractEventLoop, adapter: str | None,
-                 stream: bool = True):
-        self.rid, self.prompt, self.config, self.loop, self.adapter = rid, prompt, config, loop, adapter
-        self.stream = stream  # False: all tokens are handed over at the end
+    def __init__(self, rid: int, loop: asyncio.AbstractEventLoop):
+        self.rid, self.loop = rid, loop
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.handle = None
         self.cancelled = False
-        self.added_at = self.engine_s = 0.0
+        self.engine_s = 0.0  # admission into the engine's batch to the last token, set when it finishes
 
     def push(self, item: Any) -> None:
         _post([(self, item)])
@@ -124,7 +119,12 @@ class CorePacer:
 
 
 class OpenVINOBackend:
-    """``ContinuousBatchingPipeline`` on CPU (or any OpenVINO device), streaming, runtime LoRA."""
+    """``ContinuousBatchingPipeline`` on CPU (or any OpenVINO device) in an engine process (see
+    :mod:`serving.backends.openvino_engine` for why), streaming, runtime LoRA.
+
+    This side keeps the tokenizer (chat template, prompt length, detokenising) and the requests'
+    queues; a reader thread hands the engine's token ids to the event loop.
+    """
 
     kind = "openvino"
 
@@ -137,19 +137,20 @@ class OpenVINOBackend:
         self._pacer: CorePacer | None = None
         self.model_dir: Path | None = None
         self.context_length = 2048
-        self._pipe = None
+        self._proc = None  # the engine process
+        self._conn = None
+        self._send_lock = threading.Lock()
+        self._reader: threading.Thread | None = None
         self._tokenizer = None
         self._fast_decode = None  # HF tokenizers decode, when verified equal to the OpenVINO detokenizer
         self._token_counts: dict[str, int] = {}
         self._lora = False
-        self._adapters: dict[str, Any] = {}
+        self._adapters: dict[str, Path] = {}
         self._default_adapter: str | None = None
-        self._active_adapter: str | None | object = _DONE  # unknown until the first switch
+        self._active_adapter: str | None = None
         self.adapter_switch_s = 0.0
-        self._pending: list[_Request] = []
-        self._active: list[_Request] = []
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._requests: dict[int, _Request] = {}
+        self._replies: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._closing = False
         self._dead: str | None = None
         self._ids = itertools.count()
@@ -157,7 +158,7 @@ class OpenVINOBackend:
 
     # ------------------------------------------------------------------ lifecycle
     async def load(self, model_dir: Path, adapter: Path | None = None, extra_adapters: list[Path] = ()) -> None:
-        """Compile the IR in ``model_dir``.
+        """Start the engine process on the IR in ``model_dir`` and load its tokenizer here.
 
         With ``adapter`` LoRA is enabled and it becomes the default; ``extra_adapters`` (e.g. per-task
         adapters) are loaded too, under their file stems, and also enable LoRA.
@@ -168,60 +169,82 @@ class OpenVINOBackend:
         self.load_seconds = time.perf_counter() - started
         if self.keep_awake:
             self._pacer = CorePacer()
-        self._thread = threading.Thread(target=self._engine_loop, name=f"ov-engine-{model_dir}", daemon=True)
-        self._thread.start()
+        self._reader = threading.Thread(target=self._read_loop, name=f"ov-reader-{model_dir}", daemon=True)
+        self._reader.start()
 
     def _load_sync(self, model_dir: Path, adapter: Path | None, extra: list[Path]) -> None:
+        import multiprocessing
+
         import openvino_genai as ov_genai
+
+        from serving.backends.openvino_engine import engine_main
 
         if not (model_dir / "openvino_model.xml").is_file():
             raise BackendError(f"{model_dir} has no openvino_model.xml (not an OpenVINO IR directory)")
         for name in ("openvino_tokenizer.xml", "openvino_detokenizer.xml"):
             if not (model_dir / name).is_file():
                 raise BackendError(f"{model_dir} has no {name}; export the tokenizer with openvino_tokenizers")
-        scheduler = ov_genai.SchedulerConfig()
-        scheduler.cache_size = max(1, int(round(self.cache_gb)))
-        scheduler.max_num_seqs = self.max_num_seqs
-        properties: dict[str, Any] = {}
-        if self.num_threads:
-            properties["INFERENCE_NUM_THREADS"] = self.num_threads
         for path in extra:
-            self._adapters[path.stem] = self._read_adapter(path)
+            self._adapters[path.stem] = self._adapter_file(path)
         if adapter is not None:
-            self._adapters[adapter.stem] = self._read_adapter(adapter)
+            self._adapters[adapter.stem] = self._adapter_file(adapter)
             self._default_adapter = adapter.stem
-        if self._adapters:
-            properties["adapters"] = ov_genai.AdapterConfig(list(self._adapters.values()))
-            self._lora = True
+        self._lora = bool(self._adapters)
+        # spawn: a fork of a process with threads (the event loop's, uvicorn's) is not safe.
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._proc = context.Process(
+            target=engine_main, name=f"lmforge-ov-engine-{model_dir.name}", daemon=True,
+            args=(child, str(model_dir), self.device, self.cache_gb, self.max_num_seqs, self.num_threads,
+                  {name: str(path) for name, path in self._adapters.items()}))
+        self._proc.start()
+        child.close()
         try:
-            self._pipe = ov_genai.ContinuousBatchingPipeline(str(model_dir), scheduler, self.device, properties)
-        except Exception as err:  # noqa: BLE001 - report any compile failure with the directory
-            raise BackendError(f"could not load {model_dir} with OpenVINO: {err}") from err
-        self._tokenizer = self._pipe.get_tokenizer()
+            message = self._conn.recv()
+        except EOFError:
+            message = ("error", f"the engine process exited with code {self._proc.join(5) or self._proc.exitcode}")
+        if message[0] != "ready":
+            self._stop_process()
+            raise BackendError(f"could not load {model_dir} with OpenVINO: {message[1]}")
+        try:
+            self._tokenizer = ov_genai.Tokenizer(str(model_dir))
+        except Exception as err:  # noqa: BLE001
+            self._stop_process()
+            raise BackendError(f"could not load the tokenizer of {model_dir}: {err}") from err
         self._fast_decode = _fast_decoder(model_dir, self._tokenizer)
         self.model_dir = model_dir
         self.context_length = _context_length(model_dir)
 
     @staticmethod
-    def _read_adapter(path: Path):
-        import openvino_genai as ov_genai
-
+    def _adapter_file(path: Path) -> Path:
         file = path / "adapter_model.safetensors" if path.is_dir() else path
         if path.is_dir() and (path / "genai_adapter.safetensors").is_file():
             file = path / "genai_adapter.safetensors"
         if not file.is_file():
             raise BackendInputError(f"adapter file not found: {file}")
-        try:
-            return ov_genai.Adapter(str(file))
-        except Exception as err:  # noqa: BLE001
-            raise BackendInputError(f"could not read LoRA adapter {file}: {err}") from err
+        return file
+
+    def _send(self, message: tuple) -> None:
+        with self._send_lock:
+            self._conn.send(message)
 
     async def add_adapter(self, name: str, path: Path) -> float:
         """Register a LoRA adapter for per-request use; needs a pipeline built with LoRA enabled."""
         if not self._lora:
             raise BackendInputError("this engine was built without LoRA; reload the variant with an adapter")
+        file = self._adapter_file(Path(path))
+        if self._dead is not None or self._conn is None:
+            raise BackendError(f"engine is down: {self._dead or 'released'}")
+        token = next(self._ids)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._replies[token] = (loop, future)
         started = time.perf_counter()
-        self._adapters[name] = await asyncio.to_thread(self._read_adapter, Path(path))
+        await asyncio.to_thread(self._send, ("adapter", token, name, str(file)))
+        error = await future
+        if error:
+            raise BackendInputError(error)
+        self._adapters[name] = file
         return time.perf_counter() - started
 
     def set_default_adapter(self, name: str | None) -> None:
@@ -238,28 +261,47 @@ class OpenVINOBackend:
         return self._lora
 
     async def health(self) -> bool:
-        return self._pipe is not None and self._dead is None and bool(self._thread and self._thread.is_alive())
+        return (self._proc is not None and self._proc.is_alive() and self._dead is None
+                and bool(self._reader and self._reader.is_alive()))
 
     async def release(self) -> None:
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 10)
+        self._closing = True
+        await asyncio.to_thread(self._stop_process)
+        if self._reader is not None:
+            await asyncio.to_thread(self._reader.join, 10)
         if self._pacer is not None:
             self._pacer.close()
             self._pacer = None
-        self._pipe = self._tokenizer = self._fast_decode = None
+        self._tokenizer = self._fast_decode = None
         self._adapters.clear()
+
+    def _stop_process(self) -> None:
+        proc, conn = self._proc, self._conn
+        if proc is None:
+            return
+        try:
+            with self._send_lock:
+                conn.send(("close",))
+        except (OSError, ValueError):
+            pass
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+        conn.close()
+        self._proc = None
+
+    @property
+    def released(self) -> bool:
+        return self._proc is None and self._tokenizer is None
 
     def info(self) -> dict[str, Any]:
         return {"kind": self.kind, "model_dir": str(self.model_dir), "device": self.device, "lora": self._lora,
                 "adapters": self.adapters(), "default_adapter": self._default_adapter,
                 "context_length": self.context_length, "load_seconds": round(self.load_seconds, 3),
-                "active_adapter": None if self._active_adapter is _DONE else self._active_adapter,
-                "adapter_switch_ms": round(self.adapter_switch_s * 1000, 3),
+                "active_adapter": self._active_adapter, "adapter_switch_ms": round(self.adapter_switch_s * 1000, 3),
                 "detokenizer": "tokenizers" if self._fast_decode else "openvino", "keep_awake": self.keep_awake,
-                "dead": self._dead}
+                "engine_pid": self._proc.pid if self._proc else None, "dead": self._dead}
 
     # ------------------------------------------------------------------ text
     def render_chat(self, messages: list[dict[str, str]]) -> str:
@@ -281,23 +323,19 @@ class OpenVINOBackend:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
 
     # ------------------------------------------------------------------ generation
-    def _generation_config(self, params: SamplingParams):
-        config = self._pipe.get_config()
-        config.apply_chat_template = False
-        config.max_new_tokens = params.max_tokens
-        config.ignore_eos = params.ignore_eos
+    @staticmethod
+    def _generation_fields(params: SamplingParams) -> dict[str, Any]:
+        """GenerationConfig fields for the engine process (the config object itself does not pickle)."""
+        fields: dict[str, Any] = {"max_new_tokens": params.max_tokens, "ignore_eos": params.ignore_eos}
         if params.greedy:
-            config.do_sample = False
+            fields["do_sample"] = False
         else:
-            config.do_sample = True
-            config.temperature = params.temperature
-            config.top_p = params.top_p
-            config.top_k = 0
+            fields.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
             if params.seed is not None:
-                config.rng_seed = params.seed
+                fields["rng_seed"] = params.seed
         if params.stop:
-            config.stop_strings = set(params.stop)
-        return config
+            fields["stop_strings"] = list(params.stop)
+        return fields
 
     def _adapter_for(self, params: SamplingParams) -> str | None:
         if params.adapter and not self._lora:
@@ -309,17 +347,19 @@ class OpenVINOBackend:
     async def generate(self, prompt: str, params: SamplingParams) -> AsyncIterator[Chunk]:
         if self._dead is not None:
             raise BackendError(f"engine is down: {self._dead}")
-        if self._pipe is None:
-            raise BackendError("engine is not loaded (released or never loaded)")
+        if self._proc is None or self._closing:
+            raise BackendError("engine is not loaded (released, shutting down or never loaded)")
         adapter = self._adapter_for(params)
-        config = self._generation_config(params)
         prompt_tokens = self.count_tokens(prompt)
-        request = _Request(next(self._ids), prompt, config, asyncio.get_running_loop(), adapter, params.stream)
-        with self._cond:
-            if self._closing:
-                raise BackendError("engine is shutting down")
-            self._pending.append(request)
-            self._cond.notify()
+        request = _Request(next(self._ids), asyncio.get_running_loop())
+        self._requests[request.rid] = request
+        if self._pacer is not None:
+            self._pacer.busy(True)
+        try:
+            self._send(("add", request.rid, prompt, self._generation_fields(params), adapter, params.stream))
+        except (OSError, ValueError) as err:
+            self._forget(request)
+            raise BackendError(f"engine is down: {err}") from err
         decoder = IncrementalDecoder(self._decode)
         stops = StopMatcher(params.stop)
         finish: str | None = None
@@ -336,8 +376,7 @@ class OpenVINOBackend:
                     finish = "stop"
                     if text:
                         yield Chunk(text=text)
-                    request.cancelled = True  # no need to compute tokens we will not send
-                    break
+                    break  # the finally below cancels it: no need to compute tokens we will not send
                 if text:
                     yield Chunk(text=text)
                 if reason is not None:
@@ -349,125 +388,65 @@ class OpenVINOBackend:
             yield Chunk(finish_reason=finish or "stop", prompt_tokens=prompt_tokens,
                         completion_tokens=len(decoder.ids), engine_s=request.engine_s)
         finally:
-            if finish is None or request.cancelled:
-                request.cancelled = True
-                with self._cond:
-                    self._cond.notify()
+            if request.rid in self._requests:  # still generating: client gone, stop string or timeout
+                self._forget(request)
+                with contextlib.suppress(OSError, ValueError):
+                    self._send(("cancel", request.rid))
 
-    # ------------------------------------------------------------------ engine thread
-    def _engine_loop(self) -> None:
-        import openvino_genai as ov_genai
+    def _forget(self, request: _Request) -> None:
+        self._requests.pop(request.rid, None)
+        if self._pacer is not None and not self._requests:
+            self._pacer.busy(False)
 
-        finished = {ov_genai.GenerationStatus.FINISHED, ov_genai.GenerationStatus.STOP}
-        failed = {ov_genai.GenerationStatus.IGNORED, ov_genai.GenerationStatus.CANCEL}
-        length, unfinished = ov_genai.GenerationFinishReason.LENGTH, ov_genai.GenerationFinishReason.NONE
-        running = ov_genai.GenerationStatus.RUNNING
-        pacer = self._pacer
+    # ------------------------------------------------------------------ reader thread
+    def _read_loop(self) -> None:
+        """Engine process -> event loop: token ids, replies, adapter stats, failure."""
+        conn = self._conn
         while True:
-            with self._cond:
-                if not self._pending and not self._active:
-                    if pacer is not None:
-                        pacer.busy(False)
-                    while not self._pending and not self._active and not self._closing:
-                        self._cond.wait()
-                    if self._closing and not self._pending and not self._active:
-                        return
-                    if pacer is not None:
-                        pacer.busy(True)
-                new = self._admit()
             try:
-                if new and self._lora and new[0].adapter != self._active_adapter:
-                    self._switch_adapter(new[0].adapter)
-                for request in new:
-                    request.handle = self._pipe.add_request(request.rid, request.prompt, request.config)
-                    request.added_at = time.perf_counter()
-                    self._active.append(request)
-                if not self._active:
-                    continue
-                self._pipe.step()
-            except Exception as err:  # noqa: BLE001 - the engine is unusable: fail everyone, stay up
-                self._dead = f"{type(err).__name__}: {err}"
-                log.error("OpenVINO engine failed: %s", self._dead)
-                with self._cond:
-                    waiting, self._pending = self._pending, []
-                for request in [*self._active, *new, *waiting]:
-                    request.push(BackendError(f"engine failed mid-request: {self._dead}"))
-                self._active = []
-                if pacer is not None:
-                    pacer.busy(False)
+                message = conn.recv()
+            except (EOFError, OSError):
+                if not self._closing:
+                    self._fail(f"the engine process exited (code {self._proc.exitcode if self._proc else None})")
                 return
-            still: list[_Request] = []
-            out: list[tuple[_Request, Any]] = []
-            for request in self._active:
-                handle = request.handle
-                if request.cancelled:
-                    handle.cancel()
-                    continue
-                status = handle.get_status()
-                if status == running and not request.stream:
-                    # Nobody reads partial output: leave it in the engine's stream and take it all
-                    # at the end (read_all), as the engine's own generate() does. No per-step reads.
-                    still.append(request)
-                    continue
-                ids: list[int] = []
-                reason = None
-                if status in finished and not request.stream:
-                    outputs = handle.read_all()
-                else:
-                    outputs = handle.read().values() if handle.can_read() else ()
-                for output in outputs:
-                    ids.extend(output.generated_ids)
-                    if output.finish_reason != unfinished:
-                        reason = "length" if output.finish_reason == length else "stop"
-                if status in finished:
-                    request.engine_s = time.perf_counter() - request.added_at
-                    out.append((request, (ids, reason or "stop")))
-                    out.append((request, _DONE))
-                elif status in failed:
-                    out.append((request, BackendError(f"engine dropped the request ({status.name}): "
-                                                      "KV cache exhausted?")))
-                else:
-                    if ids:
-                        out.append((request, (ids, None)))
-                    still.append(request)
-            self._active = still
-            if out:
-                _post(out)
+            kind = message[0]
+            if kind == "out":
+                out: list[tuple[_Request, Any]] = []
+                for rid, ids, reason, engine_s, error in message[1]:
+                    request = self._requests.get(rid)
+                    if request is None:
+                        continue  # cancelled here already
+                    if error is not None:
+                        self._forget(request)
+                        out.append((request, BackendError(error)))
+                        continue
+                    out.append((request, (ids, reason)))
+                    if reason is not None:
+                        request.engine_s = engine_s
+                        self._forget(request)
+                        out.append((request, _DONE))
+                if out:
+                    _post(out)
+            elif kind == "reply":
+                _, token, _, error = message
+                loop, future = self._replies.pop(token)
+                loop.call_soon_threadsafe(lambda f=future, e=error: f.done() or f.set_result(e))
+            elif kind == "stats":
+                self._active_adapter, self.adapter_switch_s = message[1], message[2]
+            elif kind == "dead":
+                self._fail(message[1])
+                return
 
-    def _admit(self) -> list[_Request]:
-        """Pending requests that may join the batch now (called with the condition held)."""
-        if not self._lora:
-            new, self._pending = self._pending, []
-            return new
-        pending = [r for r in self._pending if not r.cancelled]
-        if not pending:
-            self._pending = []
-            return []
-        if any(r.adapter != self._active_adapter for r in pending):
-            if self._active:
-                # Another adapter is waiting: let the running batch drain, admit nothing new.
-                self._pending = pending
-                return []
-            target = pending[0].adapter
-        else:
-            target = self._active_adapter
-        new = [r for r in pending if r.adapter == target]
-        self._pending = [r for r in pending if r.adapter != target]
-        return new
-
-    def _switch_adapter(self, name: str | None) -> None:
-        """Apply adapter ``name`` (None = base weights) to the whole pipeline; needs an empty batch."""
-        import openvino_genai as ov_genai
-
-        started = time.perf_counter()
-        config = self._pipe.get_config()
-        config.apply_chat_template = False
-        config.max_new_tokens = 1
-        config.do_sample = False
-        config.adapters = ov_genai.AdapterConfig(self._adapters[name]) if name else ov_genai.AdapterConfig()
-        self._pipe.generate(["."], [config])
-        self._active_adapter = name
-        self.adapter_switch_s = time.perf_counter() - started
+    def _fail(self, reason: str) -> None:
+        self._dead = reason
+        log.error("OpenVINO engine failed: %s", reason)
+        requests, self._requests = list(self._requests.values()), {}
+        _post([(r, BackendError(f"engine failed mid-request: {reason}")) for r in requests])
+        for loop, future in self._replies.values():
+            loop.call_soon_threadsafe(lambda f=future: f.done() or f.set_result(f"engine failed: {reason}"))
+        self._replies.clear()
+        if self._pacer is not None:
+            self._pacer.busy(False)
 
 
 _PROBE = ("Héllo wörld: naïve café, 日本語 and emoji 🙂🚀.\n\tTabs, \"quotes\", code `x = [1, 2]`;  double  spaces "

@@ -1,0 +1,191 @@
+"""The OpenVINO engine loop, run in its own process by :class:`serving.backends.openvino.OpenVINOBackend`.
+
+Why a process: ``ContinuousBatchingPipeline.step()`` holds the Python GIL for the whole step
+(measured with openvino_genai 2026.4: a thread spinning beside a 15 ms step advanced once), so in
+the gateway's process the event loop could only parse requests and send responses between steps;
+at 8 clients a request spent 5% of its life waiting there while its batch slot idled. vLLM runs
+its EngineCore in a separate process for the same reason.
+
+Protocol over one duplex ``multiprocessing`` connection. Parent -> engine:
+``("add", rid, prompt, fields, adapter, stream)``, ``("cancel", rid)``,
+``("adapter", token, name, path)``, ``("close",)``. Engine -> parent: ``("ready", info)`` or
+``("error", message)`` once; then ``("out", [(rid, ids, reason, engine_s, error)])`` after a step
+(reason None while running; error set when the engine dropped the request), ``("reply", token,
+seconds, error)``, ``("stats", active_adapter, switch_s)`` and, when the engine fails,
+``("dead", message)``.
+
+Runtime LoRA (see the module docstring of serving.backends.openvino): one adapter is active for
+the whole pipeline; requests for another adapter wait until the running batch drains, then the
+engine switches with a 1-token ``generate``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def read_adapter(path: str):
+    import openvino_genai as ov_genai
+
+    return ov_genai.Adapter(path)
+
+
+class _Engine:
+    def __init__(self, conn, model_dir: str, device: str, cache_gb: float, max_num_seqs: int,
+                 num_threads: int | None, adapters: dict[str, str]):
+        import openvino_genai as ov_genai
+
+        self.ov = ov_genai
+        self.conn = conn
+        scheduler = ov_genai.SchedulerConfig()
+        scheduler.cache_size = max(1, int(round(cache_gb)))
+        scheduler.max_num_seqs = max_num_seqs
+        properties: dict[str, Any] = {}
+        if num_threads:
+            properties["INFERENCE_NUM_THREADS"] = num_threads
+        self.adapters = {name: read_adapter(path) for name, path in adapters.items()}
+        self.lora = bool(self.adapters)
+        if self.lora:
+            properties["adapters"] = ov_genai.AdapterConfig(list(self.adapters.values()))
+        self.pipe = ov_genai.ContinuousBatchingPipeline(model_dir, scheduler, device, properties)
+        self.active_adapter: Any = ()  # unknown until the first switch
+        self.pending: list[list] = []  # [rid, prompt, config, adapter, stream]
+        self.active: dict[int, list] = {}  # rid -> [handle, stream, added_at]
+        self.cancelled: set[int] = set()
+
+    # ------------------------------------------------------------------ messages
+    def config(self, fields: dict[str, Any]):
+        config = self.pipe.get_config()
+        config.apply_chat_template = False
+        for key, value in fields.items():
+            setattr(config, key, set(value) if key == "stop_strings" else value)
+        return config
+
+    def handle(self, message: tuple) -> bool:
+        kind = message[0]
+        if kind == "add":
+            _, rid, prompt, fields, adapter, stream = message
+            self.pending.append([rid, prompt, self.config(fields), adapter, stream])
+        elif kind == "cancel":
+            self.cancelled.add(message[1])
+        elif kind == "adapter":
+            _, token, name, path = message
+            started = time.perf_counter()
+            try:
+                self.adapters[name] = read_adapter(path)
+                self.conn.send(("reply", token, time.perf_counter() - started, None))
+            except Exception as err:  # noqa: BLE001 - reported to the caller as a bad adapter
+                self.conn.send(("reply", token, 0.0, f"could not read LoRA adapter {path}: {err}"))
+        elif kind == "close":
+            return False
+        return True
+
+    def drain(self, block: bool) -> bool:
+        """Read every waiting message (waiting for one when ``block``); False once told to close."""
+        conn = self.conn
+        if block and not conn.poll(None):
+            return True
+        while conn.poll(0):
+            if not self.handle(conn.recv()):
+                return False
+        return True
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> None:
+        ov = self.ov
+        finished = {ov.GenerationStatus.FINISHED, ov.GenerationStatus.STOP}
+        failed = {ov.GenerationStatus.IGNORED, ov.GenerationStatus.CANCEL}
+        running = ov.GenerationStatus.RUNNING
+        length, unfinished = ov.GenerationFinishReason.LENGTH, ov.GenerationFinishReason.NONE
+        while self.drain(block=not self.pending and not self.active):
+            if self.cancelled:
+                self.pending = [p for p in self.pending if p[0] not in self.cancelled]
+                for rid in self.cancelled & self.active.keys():
+                    self.active.pop(rid)[0].cancel()
+                self.cancelled.clear()
+            new = self.admit()
+            if new and self.lora and new[0][3] != self.active_adapter:
+                self.switch_adapter(new[0][3])
+            for rid, prompt, config, _, stream in new:
+                self.active[rid] = [self.pipe.add_request(rid, prompt, config), stream, time.perf_counter()]
+            if not self.active:
+                continue
+            self.pipe.step()
+            out = []
+            for rid, (handle, stream, added_at) in list(self.active.items()):
+                status = handle.get_status()
+                if status == running and not stream:
+                    continue  # nobody reads partial output: take it all at the end, as generate() does
+                ids: list[int] = []
+                reason = None
+                if status in finished and not stream:
+                    outputs = handle.read_all()
+                else:
+                    outputs = handle.read().values() if handle.can_read() else ()
+                for output in outputs:
+                    ids.extend(output.generated_ids)
+                    if output.finish_reason != unfinished:
+                        reason = "length" if output.finish_reason == length else "stop"
+                if status in finished:
+                    del self.active[rid]
+                    out.append((rid, ids, reason or "stop", time.perf_counter() - added_at, None))
+                elif status in failed:
+                    del self.active[rid]
+                    out.append((rid, [], None, 0.0, f"engine dropped the request ({status.name}): KV cache exhausted?"))
+                elif ids:
+                    out.append((rid, ids, None, 0.0, None))
+            if out:
+                self.conn.send(("out", out))
+
+    def admit(self) -> list[list]:
+        if not self.lora:
+            new, self.pending = self.pending, []
+            return new
+        if not self.pending:
+            return []
+        if any(p[3] != self.active_adapter for p in self.pending):
+            if self.active:
+                return []  # another adapter is waiting: let the running batch drain, admit nothing new
+            target = self.pending[0][3]
+        else:
+            target = self.active_adapter
+        new = [p for p in self.pending if p[3] == target]
+        self.pending = [p for p in self.pending if p[3] != target]
+        return new
+
+    def switch_adapter(self, name: str | None) -> None:
+        started = time.perf_counter()
+        config = self.pipe.get_config()
+        config.apply_chat_template = False
+        config.max_new_tokens = 1
+        config.do_sample = False
+        config.adapters = self.ov.AdapterConfig(self.adapters[name]) if name else self.ov.AdapterConfig()
+        self.pipe.generate(["."], [config])
+        self.active_adapter = name
+        self.conn.send(("stats", name, time.perf_counter() - started))
+
+
+def engine_main(conn, model_dir: str, device: str, cache_gb: float, max_num_seqs: int, num_threads: int | None,
+                adapters: dict[str, str]) -> None:
+    """Entry point of the engine process."""
+    import signal
+
+    # Ctrl-C reaches the whole process group: the gateway drains in-flight requests and then
+    # closes this process; it must not die first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        engine = _Engine(conn, model_dir, device, cache_gb, max_num_seqs, num_threads, adapters)
+    except Exception as err:  # noqa: BLE001 - reported to the parent, which raises BackendError
+        conn.send(("error", f"{type(err).__name__}: {err}"))
+        return
+    conn.send(("ready", {"lora": engine.lora}))
+    try:
+        engine.run()
+    except (EOFError, BrokenPipeError):
+        return  # the gateway went away
+    except Exception as err:  # noqa: BLE001 - the engine is unusable: say so, the parent fails its requests
+        try:
+            conn.send(("dead", f"{type(err).__name__}: {err}"))
+        except OSError:
+            pass
