@@ -247,7 +247,6 @@ class GatewayProcess:
                "serve.auth=false", *overrides]
         self.log = open(home / f"gateway-{port}.log", "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.pid = self.process.pid
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -309,8 +308,7 @@ def bench_vllm(home: Path, work: Path, rounds: int, trials: int) -> dict:
         gateway.stop()
     out: dict = {"vllm_model": str(model_dir), "vllm_load_s": engine["load_seconds"]}
     for key, runs in trials_out.items():
-        rates = [r["tok_s"] for r in runs]
-        out[key] = {"tok_s": statistics.median(rates), "best_tok_s": max(rates), "all_tok_s": [round(x, 1) for x in rates]}
+        out[key] = _aggregate(runs)
     return out
 
 
@@ -476,10 +474,11 @@ def main() -> None:
         for trial in range(args.trials):
             for c in (1, 8):
                 runs = [(f"direct_step_{c}", lambda: direct.run(c, args.rounds, "step")),
-                        (f"gateway_{c}", lambda: bench_gateway(gateway.base, c, args.rounds, server_pid=gateway.pid)),
+                        (f"gateway_{c}", lambda: bench_gateway(gateway.base, c, args.rounds,
+                                                               server_pid=gateway.process.pid)),
                         (f"direct_generate_{c}", lambda: direct.run(c, args.rounds, "generate")),
                         (f"gateway_stream_{c}", lambda: bench_gateway(gateway.base, c, args.rounds, True,
-                                                                       server_pid=gateway.pid))]
+                                                                       server_pid=gateway.process.pid))]
                 if paced is not None:
                     runs += [(f"direct_step_pacer_{c}", lambda: direct.run(c, args.rounds, "step", awake=True)),
                              (f"gateway_pacer_{c}", lambda: bench_gateway(paced.base, c, args.rounds))]
@@ -514,14 +513,18 @@ def main() -> None:
     print(report(out))
 
 
+def _aggregate(runs: list[dict]) -> dict:
+    """One row over its trials: the median (reported), the best and every trial's tok/s."""
+    rates = [r["tok_s"] for r in runs]
+    return {"tok_s": statistics.median(rates), "best_tok_s": max(rates), "all_tok_s": [round(x, 1) for x in rates]}
+
+
 def summarize(trials: dict[str, list[dict]]) -> dict:
     """Median over trials per row; the engine baseline is its faster API by median; the overhead is
     also taken trial by trial (gateway vs the step loop run just before it) and its median reported."""
     out: dict = {}
     for key, runs in trials.items():
-        rates = [r["tok_s"] for r in runs]
-        out[key] = {"tok_s": statistics.median(rates), "best_tok_s": max(rates),
-                    "all_tok_s": [round(x, 1) for x in rates], "loadavg": [r["loadavg"] for r in runs]}
+        out[key] = _aggregate(runs) | {"loadavg": [r["loadavg"] for r in runs]}
         if all("cpu_share" in r for r in runs):
             out[key]["cpu_share"] = statistics.median(r["cpu_share"] for r in runs)
         if all("outside_engine_share" in r for r in runs):

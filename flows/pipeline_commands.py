@@ -55,8 +55,7 @@ def _serve_after_run(cfg, registered: dict, config: str | None, overrides: list[
     argv = [sys.executable, "-m", "flows.cli", "serve", *(["--config", config] if config else []), *overrides]
     err_console.print("pipeline done; starting the gateway (Ctrl-C stops it)")
     atexit._run_exitfuncs()
-    console.file.flush()  # whoever reads stdout needs the key now; exec drops unflushed buffers
-    sys.stdout.flush()
+    sys.stdout.flush()  # whoever reads stdout needs the key now; exec drops unflushed buffers
     sys.stderr.flush()
     os.execv(sys.executable, argv)
 

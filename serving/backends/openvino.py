@@ -49,16 +49,12 @@ _DONE = object()
 
 
 class _Request:
-    __slots__ = ("rid", "loop", "queue", "cancelled", "engine_s")
+    __slots__ = ("rid", "loop", "queue", "engine_s")
 
     def __init__(self, rid: int, loop: asyncio.AbstractEventLoop):
         self.rid, self.loop = rid, loop
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.cancelled = False
         self.engine_s = 0.0  # admission into the engine's batch to the last token, set when it finishes
-
-    def push(self, item: Any) -> None:
-        _post([(self, item)])
 
 
 def _deliver(items: list[tuple[_Request, Any]]) -> None:
@@ -68,7 +64,7 @@ def _deliver(items: list[tuple[_Request, Any]]) -> None:
 
 
 def _post(items: list[tuple[_Request, Any]]) -> None:
-    """From the engine thread: deliver ``items`` with one event-loop wake-up per loop (usually one)."""
+    """From the reader thread: deliver ``items`` with one event-loop wake-up per loop (usually one)."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Request, Any]]] = {}
     for request, item in items:
         by_loop.setdefault(request.loop, []).append((request, item))
@@ -76,8 +72,7 @@ def _post(items: list[tuple[_Request, Any]]) -> None:
         try:
             loop.call_soon_threadsafe(_deliver, batch)
         except RuntimeError:  # the event loop is gone (shutdown); nobody is listening
-            for request, _ in batch:
-                request.cancelled = True
+            pass
 
 
 class CorePacer:
@@ -150,7 +145,7 @@ class OpenVINOBackend:
         self._active_adapter: str | None = None
         self.adapter_switch_s = 0.0
         self._requests: dict[int, _Request] = {}
-        self._replies: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._replies: dict[int, asyncio.Future] = {}  # adapter loads waiting for the engine's answer
         self._closing = False
         self._dead: str | None = None
         self._ids = itertools.count()
@@ -202,7 +197,8 @@ class OpenVINOBackend:
         try:
             message = self._conn.recv()
         except EOFError:
-            message = ("error", f"the engine process exited with code {self._proc.join(5) or self._proc.exitcode}")
+            self._proc.join(5)
+            message = ("error", f"the engine process exited with code {self._proc.exitcode}")
         if message[0] != "ready":
             self._stop_process()
             raise BackendError(f"could not load {model_dir} with OpenVINO: {message[1]}")
@@ -236,11 +232,9 @@ class OpenVINOBackend:
         if self._dead is not None or self._conn is None:
             raise BackendError(f"engine is down: {self._dead or 'released'}")
         token = next(self._ids)
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._replies[token] = (loop, future)
+        future = self._replies[token] = asyncio.get_running_loop().create_future()
         started = time.perf_counter()
-        await asyncio.to_thread(self._send, ("adapter", token, name, str(file)))
+        self._send(("adapter", token, name, str(file)))
         error = await future
         if error:
             raise BackendInputError(error)
@@ -429,8 +423,8 @@ class OpenVINOBackend:
                     _post(out)
             elif kind == "reply":
                 _, token, _, error = message
-                loop, future = self._replies.pop(token)
-                loop.call_soon_threadsafe(lambda f=future, e=error: f.done() or f.set_result(e))
+                future = self._replies.pop(token)
+                future.get_loop().call_soon_threadsafe(lambda f=future, e=error: f.done() or f.set_result(e))
             elif kind == "stats":
                 self._active_adapter, self.adapter_switch_s = message[1], message[2]
             elif kind == "dead":
@@ -442,8 +436,8 @@ class OpenVINOBackend:
         log.error("OpenVINO engine failed: %s", reason)
         requests, self._requests = list(self._requests.values()), {}
         _post([(r, BackendError(f"engine failed mid-request: {reason}")) for r in requests])
-        for loop, future in self._replies.values():
-            loop.call_soon_threadsafe(lambda f=future: f.done() or f.set_result(f"engine failed: {reason}"))
+        for future in self._replies.values():
+            future.get_loop().call_soon_threadsafe(lambda f=future: f.done() or f.set_result(f"engine failed: {reason}"))
         self._replies.clear()
         if self._pacer is not None:
             self._pacer.busy(False)
