@@ -47,14 +47,14 @@ def quantize_flow(
     manifest = import_base_model(cfg.model.base, cfg.home, cfg.model)
     base_dir = Path(manifest["path"])
     adapter = resolve_adapter(cfg.home, adapter_dir)
-    validate_task(adapter, base_dir, cfg.quantize)  # a bad adapter stops the run before data or export work
+    info = validate_task(adapter, base_dir, cfg.quantize)  # a bad adapter stops the run before data or export work
     if samples is None or eval_records is None:
         from tasks.quantize.steps import curated_inputs
 
         curated_samples, curated_records = curated_inputs(cfg.home, data_version)
         samples = curated_samples if samples is None else samples
         eval_records = curated_records if eval_records is None else eval_records
-    plan, info = plan_task(cfg.home, base_dir, adapter, cfg.quantize, samples)
+    plan, info = plan_task(cfg.home, base_dir, adapter, cfg.quantize, samples, info)
     for name in plan.variants:
         build_variant_task(plan, name, cfg.quantize, samples, info)
     rows = [measure_variant_task(plan, name, cfg.quantize, cfg.evaluate, eval_records) for name in plan.variants]

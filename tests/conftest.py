@@ -62,21 +62,12 @@ def mlflow_uri(tmp_path) -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_ir_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model as an OpenVINO IR with tokenizer/detokenizer IRs (loadable by openvino_genai)."""
-    import openvino as ov
-    import openvino_tokenizers
-    from optimum.intel import OVModelForCausalLM
-    from transformers import AutoTokenizer
+def tiny_ir_dir(session_home, tiny_model_dir) -> Path:
+    """The tiny model as an OpenVINO IR with tokenizer/detokenizer IRs (loadable by openvino_genai);
+    the same export the serving tests use, made once per session."""
+    from tests.serving_helpers import tiny_ir
 
-    out = tmp_path_factory.mktemp("tiny-ir") / "ir"
-    OVModelForCausalLM.from_pretrained(str(tiny_model_dir), export=True, compile=False).save_pretrained(out)
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    tokenizer.save_pretrained(out)
-    ov_tokenizer, ov_detokenizer = openvino_tokenizers.convert_tokenizer(tokenizer, with_detokenizer=True)
-    ov.save_model(ov_tokenizer, out / "openvino_tokenizer.xml")
-    ov.save_model(ov_detokenizer, out / "openvino_detokenizer.xml")
-    return out
+    return tiny_ir(session_home, tiny_model_dir)
 
 
 def read_artifact(key: str):

@@ -18,15 +18,15 @@ from serving.auth import KeyStore
 from serving.feedback import ab_report
 from serving.routes.rpc import DEFAULT_MAX_TOKENS, task_messages
 from tasks.parsing import parse_completion
-from tests.serving_helpers import running_gateway, tiny_ir
+from tests.serving_helpers import running_gateway
 
 MODEL = "lmforge-assistant"
 HELLO = [{"role": "user", "content": "Say hello."}]
 
 
 @pytest.fixture(scope="module")
-def ir_dir(session_home, tiny_model_dir):
-    return tiny_ir(session_home, tiny_model_dir)
+def ir_dir(tiny_ir_dir):
+    return tiny_ir_dir
 
 
 @pytest.fixture(scope="module")

@@ -23,15 +23,15 @@ from serving.errors import APIError
 from serving.metrics import Metrics
 from serving.router import ABRouter
 from serving.service import Admission
-from tests.serving_helpers import free_port, running_gateway, tiny_ir, tiny_lora, wait_for
+from tests.serving_helpers import free_port, running_gateway, tiny_lora, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 HELLO = [{"role": "user", "content": "Say hello."}]
 
 
 @pytest.fixture(scope="module")
-def ir_dir(session_home, tiny_model_dir):
-    return tiny_ir(session_home, tiny_model_dir)
+def ir_dir(tiny_ir_dir):
+    return tiny_ir_dir
 
 
 # --------------------------------------------------------------------------- A/B split

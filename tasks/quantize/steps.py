@@ -72,13 +72,14 @@ def calibration_texts(samples: list[tuple[str, str]], cfg: QuantizeConfig) -> li
 
 
 def plan_export(home: Path, base_dir: Path, adapter_dir: Path, cfg: QuantizeConfig,
-                samples: list[tuple[str, str]]) -> tuple[ExportPlan, AdapterInfo]:
-    """Validate the adapter against the base (before any heavy work) and decide the export directory.
+                samples: list[tuple[str, str]], info: AdapterInfo | None = None) -> tuple[ExportPlan, AdapterInfo]:
+    """Validate the adapter against the base (before any heavy work; ``info`` when the caller already
+    did) and decide the export directory.
 
     Raises:
         AdapterError: corrupt/missing adapter, or one made for a different base.
     """
-    info = validate_adapter(adapter_dir, base_dir, cfg.allow_base_name_mismatch)
+    info = info or validate_adapter(adapter_dir, base_dir, cfg.allow_base_name_mismatch)
     digest = hashlib.sha256()
     digest.update(_base_fingerprint(Path(base_dir)).encode())
     digest.update(info.sha256.encode())
@@ -243,9 +244,10 @@ def validate_task(adapter_dir: Path, base_dir: Path, cfg: QuantizeConfig) -> Ada
 
 
 @task(name="quantize-plan", cache_policy=NO_CACHE)
-def plan_task(home: Path, base_dir: Path, adapter_dir: Path, cfg: QuantizeConfig, samples: list) -> tuple:
+def plan_task(home: Path, base_dir: Path, adapter_dir: Path, cfg: QuantizeConfig, samples: list,
+              info: AdapterInfo | None = None) -> tuple:
     """Prefect wrapper of :func:`plan_export`."""
-    return plan_export(home, base_dir, adapter_dir, cfg, samples)
+    return plan_export(home, base_dir, adapter_dir, cfg, samples, info)
 
 
 @task(name="quantize-build-variant", cache_policy=NO_CACHE, task_run_name="build-{name}")
