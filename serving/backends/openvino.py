@@ -113,6 +113,11 @@ class CorePacer:
             sleep(self.period_s)
 
 
+def _answer(future: asyncio.Future, error: str | None) -> None:
+    """From the reader thread: settle an adapter load's future (None = loaded) on its own loop."""
+    future.get_loop().call_soon_threadsafe(lambda: future.done() or future.set_result(error))
+
+
 class OpenVINOBackend:
     """``ContinuousBatchingPipeline`` on CPU (or any OpenVINO device) in an engine process (see
     :mod:`serving.backends.openvino_engine` for why), streaming, runtime LoRA.
@@ -422,9 +427,8 @@ class OpenVINOBackend:
                 if out:
                     _post(out)
             elif kind == "reply":
-                _, token, _, error = message
-                future = self._replies.pop(token)
-                future.get_loop().call_soon_threadsafe(lambda f=future, e=error: f.done() or f.set_result(e))
+                _, token, error = message
+                _answer(self._replies.pop(token), error)
             elif kind == "stats":
                 self._active_adapter, self.adapter_switch_s = message[1], message[2]
             elif kind == "dead":
@@ -437,7 +441,7 @@ class OpenVINOBackend:
         requests, self._requests = list(self._requests.values()), {}
         _post([(r, BackendError(f"engine failed mid-request: {reason}")) for r in requests])
         for future in self._replies.values():
-            future.get_loop().call_soon_threadsafe(lambda f=future: f.done() or f.set_result(f"engine failed: {reason}"))
+            _answer(future, f"engine failed: {reason}")
         self._replies.clear()
         if self._pacer is not None:
             self._pacer.busy(False)

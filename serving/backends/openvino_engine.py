@@ -11,7 +11,7 @@ Protocol over one duplex ``multiprocessing`` connection. Parent -> engine:
 ``("adapter", token, name, path)``, ``("close",)``. Engine -> parent: ``("ready", info)`` or
 ``("error", message)`` once; then ``("out", [(rid, ids, reason, engine_s, error)])`` after a step
 (reason None while running; error set when the engine dropped the request), ``("reply", token,
-seconds, error)``, ``("stats", active_adapter, switch_s)`` and, when the engine fails,
+error)``, ``("stats", active_adapter, switch_s)`` and, when the engine fails,
 ``("dead", message)``.
 
 Runtime LoRA (see the module docstring of serving.backends.openvino): one adapter is active for
@@ -71,12 +71,11 @@ class _Engine:
             self.cancelled.add(message[1])
         elif kind == "adapter":
             _, token, name, path = message
-            started = time.perf_counter()
             try:
                 self.adapters[name] = read_adapter(path)
-                self.conn.send(("reply", token, time.perf_counter() - started, None))
+                self.conn.send(("reply", token, None))
             except Exception as err:  # noqa: BLE001 - reported to the caller as a bad adapter
-                self.conn.send(("reply", token, 0.0, f"could not read LoRA adapter {path}: {err}"))
+                self.conn.send(("reply", token, f"could not read LoRA adapter {path}: {err}"))
         elif kind == "close":
             return False
         return True
