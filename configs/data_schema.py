@@ -168,7 +168,7 @@ DEFAULT_RULES: list[CleaningRule] = [
     _rule("email", r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+", "<EMAIL>"),
     _rule("ip_address", r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-                        r"(?![\w.])", "<IP>"),
+                        r"(?!\w|\.\w)", "<IP>"),  # a sentence's full stop may follow; a 5th octet may not
     # US SSN and unspaced IBAN.
     _rule("id_number", r"(?<![\w-])(?:\d{3}-\d{2}-\d{4}|[A-Z]{2}\d{2}[A-Z0-9]{11,30})(?![\w-])", "<ID>"),
     # 16-digit card numbers, masked only when the Luhn checksum holds (so 9 in 10 runs of numbers are spared).
