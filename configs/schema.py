@@ -514,6 +514,17 @@ class LmforgeConfig(Section):
         """The MLflow tracking URI, defaulting to the embedded SQLite store under ``home``."""
         return self.registry.tracking_uri or f"sqlite:///{self.home / 'mlflow.db'}"
 
+    def artifact_root(self) -> Path:
+        """Where a file-backed MLflow store keeps run artifacts: ``mlartifacts/`` beside its SQLite file.
+
+        Without a location MLflow writes to ``./mlruns`` of whatever directory the process runs in.
+        A tracking server picks its own, so ``use_mlflow`` ignores this for one.
+        """
+        uri = self.tracking_uri()
+        if uri.startswith("sqlite:///"):
+            return Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+        return self.home / "mlartifacts"
+
     def fingerprint(self) -> str:
         """Short content hash of the full config (``home`` excluded: it is where, not what)."""
         payload = self.model_dump(mode="json", exclude={"home"})

@@ -63,9 +63,8 @@ def align_flow(cfg: LmforgeConfig, sft_adapter: Path | None = None, sft_run: str
     tags = {tracking.DATA_VERSION_TAG: version}
     if sft["mlflow_run_id"]:
         tags[tracking.SFT_RUN_TAG] = sft["mlflow_run_id"]
-    artifact_root = cfg.home / "mlartifacts" if cfg.registry.tracking_uri is None else None
     run_id = align_run.start_tracking_task(cfg.tracking_uri(), cfg.registry.experiment, run, params, tags,
-                                           artifact_root)
+                                           cfg.artifact_root())
     try:
         evaluations: dict[str, dict[str, float]] = {}
         records = validation_records(cfg.home, version, cfg.sft.tasks) if cfg.align.evaluate else None

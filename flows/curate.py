@@ -47,5 +47,5 @@ def curate_flow(cfg: LmforgeConfig, force: bool = False) -> dict[str, Any]:
     mark_latest_task(cfg.home, version)
     card_md = Path(summary["card_md"]).read_text(encoding="utf-8")
     publish_card_task(version, card_md)
-    run_id = log_curated_task(cfg.home, version, cfg.tracking_uri(), cfg.registry.experiment)
+    run_id = log_curated_task(cfg.home, version, cfg.tracking_uri(), cfg.registry.experiment, cfg.artifact_root())
     return {**summary, "mlflow_run_id": run_id}

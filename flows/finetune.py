@@ -49,8 +49,7 @@ def finetune_flow(cfg: LmforgeConfig, resume: bool = False, data_version: str | 
         "max_seq_len": cfg.model.max_seq_len, "data_version": run["data_version"],
         "train_records": run["n_records"], "config_fingerprint": cfg.fingerprint(),
     })
-    artifact_root = cfg.home / "mlartifacts" if cfg.registry.tracking_uri is None else None
-    run_id = start_tracking_task(cfg.tracking_uri(), cfg.registry.experiment, run, params, artifact_root, cfg.home)
+    run_id = start_tracking_task(cfg.tracking_uri(), cfg.registry.experiment, run, params, cfg.artifact_root(), cfg.home)
     spec = TrainSpec(
         run_dir=run["run_dir"], model_dir=model_dir, sft=cfg.sft.model_dump(mode="json"),
         max_seq_len=cfg.model.max_seq_len, records_path=run["records_path"], resume=run["resume"],

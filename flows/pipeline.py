@@ -30,7 +30,7 @@ def pipeline_flow(cfg: LmforgeConfig) -> dict[str, Any]:
     from flows.finetune import finetune_flow
     from flows.quantize import quantize_flow
 
-    use_mlflow(cfg.tracking_uri(), cfg.registry.experiment, cfg.home / "mlartifacts")
+    use_mlflow(cfg.tracking_uri(), cfg.registry.experiment, cfg.artifact_root())
     manifest = import_base_model(cfg.model.base, cfg.home, cfg.model)
     reused: dict[str, bool] = {}
 

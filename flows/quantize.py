@@ -62,6 +62,5 @@ def quantize_flow(
     publish_markdown_task(summary["markdown"], plan.export_id)
     run_id = None
     if log_mlflow:
-        artifact_root = cfg.home / "mlartifacts" if cfg.registry.tracking_uri is None else None
-        run_id = log_export_task(summary, cfg.tracking_uri(), cfg.registry.experiment, artifact_root, data_version)
+        run_id = log_export_task(summary, cfg.tracking_uri(), cfg.registry.experiment, cfg.artifact_root(), data_version)
     return {**summary, "mlflow_run_id": run_id}

@@ -18,7 +18,7 @@ def _registry(config: str | None, overrides: list[str] | None):
     from tasks.tracking import use_mlflow
 
     cfg = load_or_exit(config, overrides)
-    use_mlflow(cfg.tracking_uri(), cfg.registry.experiment, cfg.home / "mlartifacts")
+    use_mlflow(cfg.tracking_uri(), cfg.registry.experiment, cfg.artifact_root())
     return cfg
 
 
@@ -118,5 +118,5 @@ def ui_cmd(
                   "before `lmforge run`, so flow runs appear there.")
     cfg.home.mkdir(parents=True, exist_ok=True)
     command = [mlflow_bin, "server", "--backend-store-uri", uri, "--default-artifact-root",
-               (cfg.home / "mlartifacts").as_uri(), "--host", host, "--port", str(port)]
+               cfg.artifact_root().resolve().as_uri(), "--host", host, "--port", str(port)]
     raise typer.Exit(subprocess.call(command))

@@ -51,6 +51,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def read_pointer(path: Path) -> str | None:
+    """The name a pointer file (``LATEST``) holds, or None when it is missing or empty."""
+    try:
+        return Path(path).read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def write_pointer(path: Path, name: str) -> None:
+    """Point the pointer file ``path`` at ``name``; readers see the old name or the new one."""
+    atomic_write_text(path, name + "\n")
+
+
 def swap_into_place(staging: Path, target: Path, retired_prefix: str = ".old-") -> None:
     """Replace the directory ``target`` with the fully written ``staging`` directory.
 

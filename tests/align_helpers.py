@@ -59,20 +59,11 @@ def write_curated(home: Path, tokenizer, version: str = "testdata0001") -> str:
 
 
 def make_adapter(model_dir: Path, target: Path, seed: int = 0) -> Path:
-    """A LoRA adapter for ``model_dir`` with non-zero B (as after SFT), saved with the tokenizer."""
-    import torch
-    from peft import LoraConfig, get_peft_model
+    """A LoRA adapter for ``model_dir`` with small non-zero B (as after SFT), saved with the tokenizer."""
+    from tasks.models import load_tokenizer
+    from tests.quantize_helpers import make_adapter as random_lora
 
-    from tasks.models import load_model, load_tokenizer
-
-    torch.manual_seed(seed)
-    model = get_peft_model(load_model(model_dir), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.02)
-    model.save_pretrained(str(target))
+    random_lora(model_dir, target, scale=0.02, seed=seed)
     load_tokenizer(model_dir).save_pretrained(str(target))
     return target
 

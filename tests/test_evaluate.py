@@ -266,17 +266,9 @@ def test_evaluate_task_publishes_artifacts(prefect_harness, tiny_model_dir, tmp_
 @pytest.fixture(scope="module")
 def random_adapter(tiny_model_dir, tmp_path_factory) -> Path:
     """A LoRA adapter with non-zero B, so it really changes the tiny model's outputs."""
-    import torch
-    from peft import LoraConfig, get_peft_model
+    from tests.quantize_helpers import make_adapter
 
-    from tasks.models import load_model
-
-    torch.manual_seed(1)
-    model = get_peft_model(load_model(tiny_model_dir), LoraConfig(
-        r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
-    out = tmp_path_factory.mktemp("adapter") / "adapter"
-    model.save_pretrained(str(out))
-    return out
+    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "adapter", seed=1, r=8, alpha=32)
 
 
 def test_merged_adapter_scores_like_the_peft_wrapper(tiny_model_dir, random_adapter):

@@ -86,17 +86,29 @@ def test_fp32_ir_matches_the_merged_model_token_for_token(export):
     prompt = export["records"][0]["prompt"]
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(export["base"])), str(export["adapter"]))
+    merged = model.merge_and_unload()
     with torch.no_grad():
-        expected = model.merge_and_unload().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                                                     min_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+        expected = merged.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                   min_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+
+    def assert_same_greedy(got: list[int]) -> None:
+        """Equal tokens; a random tiny model may have a near-tie, where fp32 summation order decides."""
+        if got == expected:
+            return
+        k = next(i for i, (a, b) in enumerate(zip(got, expected)) if a != b)
+        with torch.no_grad():
+            logits = merged(torch.tensor([ids[0].tolist() + expected[:k]])).logits[0, -1]
+        gap = float(logits[expected[k]] - logits[got[k]])
+        assert gap < 1e-4, f"token {k}: the IR chose {got[k]}, the merged model prefers {expected[k]} by {gap:.3g}"
+
     config = og.GenerationConfig(max_new_tokens=8, min_new_tokens=8, do_sample=False)
     pipe = og.LLMPipeline(str(root / "fp32_ir"), "CPU")
     inputs = og.TokenizedInputs(ov.Tensor(ids.numpy()), ov.Tensor(np.ones_like(ids.numpy())))
-    assert pipe.generate(inputs, config).tokens[0] == expected
+    assert_same_greedy(list(pipe.generate(inputs, config).tokens[0]))
     scheduler = og.SchedulerConfig()
     scheduler.cache_size = 1
     cb = og.ContinuousBatchingPipeline(str(root / "fp32_ir"), scheduler, "CPU")
-    assert cb.generate([ov.Tensor(ids.numpy())], [config])[0].m_generation_ids[0] == expected
+    assert_same_greedy(list(cb.generate([ov.Tensor(ids.numpy())], [config])[0].m_generation_ids[0]))
 
 
 @pytest.mark.parametrize("variant", ["fp32_ir", "int8", "int4", "qat_int4"])
@@ -180,6 +192,8 @@ def test_mlflow_run_and_prefect_artifact(export):
     summary = export["summary"]
     client = mlflow.MlflowClient(tracking_uri=export["cfg"].tracking_uri())
     run = client.get_run(summary["mlflow_run_id"])
+    # A custom SQLite store keeps artifacts beside it, not in ./mlruns of the test's directory.
+    assert run.info.artifact_uri.startswith(export["cfg"].artifact_root().resolve().as_uri())
     assert run.data.tags["lmforge.selected_variant"] == summary["selected"]
     assert run.data.metrics["int8.ir_mb"] < run.data.metrics["fp32_ir.ir_mb"]
     assert "qat_int4.tok_s_8" in run.data.metrics

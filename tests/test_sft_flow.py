@@ -59,6 +59,7 @@ def test_finetune_flow_trains_evaluates_and_tracks(prefect_harness, flow_config)
     client = MlflowClient(cfg.tracking_uri())
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED"
+    assert run.info.artifact_uri.startswith(cfg.artifact_root().resolve().as_uri())
     assert run.data.tags["lmforge.data_version"] == VERSION
     assert run.data.params["data_version"] == VERSION and run.data.params["sft.lora_r"] == "8"
     assert run.data.params["sft.method"] == "lora" and run.data.params["train_records"] == "40"

@@ -20,7 +20,7 @@ from configs.schema import AlignConfig
 from tasks.align import tracking
 from tasks.align.trainer import train_stages
 from tasks.runtime import torch_threads
-from tasks.files import atomic_write_text
+from tasks.files import atomic_write_text, read_pointer, write_pointer
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +39,12 @@ def align_root(home: Path) -> Path:
 
 def read_latest_run(home: Path) -> str | None:
     """Name of the newest finished alignment run, or None."""
-    try:
-        return (align_root(home) / LATEST).read_text().strip() or None
-    except OSError:
-        return None
+    return read_pointer(align_root(home) / LATEST)
 
 
 def write_latest_run(home: Path, name: str) -> None:
     """Point ``<home>/runs/align/LATEST`` at ``name`` (atomically)."""
-    atomic_write_text(align_root(home) / LATEST, name + "\n")
+    write_pointer(align_root(home) / LATEST, name)
 
 
 def resolve_sft(home: Path, sft_adapter: Path | None = None, sft_run: str | None = None) -> dict[str, Any]:
@@ -68,10 +65,7 @@ def resolve_sft(home: Path, sft_adapter: Path | None = None, sft_run: str | None
     sft_root = Path(home) / "runs" / "sft"
     if sft_adapter is None:
         if sft_run is None:
-            try:
-                sft_run = (sft_root / LATEST).read_text().strip() or None
-            except OSError:
-                sft_run = None
+            sft_run = read_pointer(sft_root / LATEST)
             if sft_run is None:
                 raise AlignRunError(f"no SFT run under {sft_root} (no LATEST): run `lmforge finetune` first, "
                                     f"or pass --sft-run / --adapter")

@@ -26,7 +26,7 @@ from prefect import task
 
 from configs.data_schema import DataConfig
 from tasks.data.records import DataError, source_path
-from tasks.files import atomic_write_text, sha256_file, swap_into_place
+from tasks.files import read_pointer, sha256_file, swap_into_place, write_pointer
 
 # Bump when the code changes what a given config and input produce, so old versions are not reused.
 CURATION_FORMAT = 1
@@ -88,15 +88,12 @@ def is_complete(path: Path) -> bool:
 
 def read_latest(home: Path) -> str | None:
     """The newest version string, or None when nothing was curated yet."""
-    try:
-        return (data_root(home) / LATEST).read_text().strip() or None
-    except OSError:
-        return None
+    return read_pointer(data_root(home) / LATEST)
 
 
 def write_latest(home: Path, version: str) -> None:
     """Point ``LATEST`` at ``version`` (atomically)."""
-    atomic_write_text(data_root(home) / LATEST, version + "\n")
+    write_pointer(data_root(home) / LATEST, version)
 
 
 def read_card(home: Path, version: str | None = None) -> dict[str, Any]:

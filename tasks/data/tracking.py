@@ -43,15 +43,7 @@ def mlflow_dataset(home: Path, version: str, split: str):
                                    name=f"lmforge-data-{split}", digest=f"{version}-{split}"[:36])
 
 
-def default_artifact_root(tracking_uri: str) -> Path | None:
-    """``mlartifacts/`` beside a local SQLite store; None for servers (they pick their own)."""
-    if tracking_uri.startswith("sqlite:///"):
-        return Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts"
-    return None
-
-
-def log_curated(home: Path, version: str, tracking_uri: str, experiment: str,
-                artifact_root: Path | None = None) -> str:
+def log_curated(home: Path, version: str, tracking_uri: str, experiment: str, artifact_root: Path) -> str:
     """Record a curated version in MLflow (once per version and tracking store).
 
     Creates a run ``curate-<version>`` tagged with the version, logs each split as a dataset input,
@@ -63,16 +55,15 @@ def log_curated(home: Path, version: str, tracking_uri: str, experiment: str,
         version: curated data version.
         tracking_uri: MLflow tracking URI.
         experiment: experiment name (created when missing).
-        artifact_root: artifact location for a newly created experiment (None = ``mlartifacts/``
-            beside a SQLite store, else the server's default).
+        artifact_root: artifact location for a newly created experiment in a file-backed store
+            (``LmforgeConfig.artifact_root()``); a tracking server picks its own.
 
     Returns:
         The MLflow run id.
     """
     import mlflow
 
-    # Without a location MLflow would put artifacts in ./mlruns of whatever directory we run in.
-    experiment_id = use_mlflow(tracking_uri, experiment, artifact_root or default_artifact_root(tracking_uri))
+    experiment_id = use_mlflow(tracking_uri, experiment, artifact_root)
     existing = mlflow.search_runs([experiment_id], filter_string=f"tags.`{VERSION_TAG}` = '{version}'",
                                   output_format="list", max_results=1)
     if existing:
@@ -94,7 +85,6 @@ def log_curated(home: Path, version: str, tracking_uri: str, experiment: str,
 
 
 @task(name="log-dataset-mlflow", retries=1)
-def log_curated_task(home: Path, version: str, tracking_uri: str, experiment: str,
-                     artifact_root: Path | None = None) -> str:
+def log_curated_task(home: Path, version: str, tracking_uri: str, experiment: str, artifact_root: Path) -> str:
     """Prefect wrapper around :func:`log_curated`."""
     return log_curated(home, version, tracking_uri, experiment, artifact_root)

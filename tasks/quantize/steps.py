@@ -22,7 +22,7 @@ from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from configs.schema import EvaluateConfig, QuantizeConfig
-from tasks.files import atomic_write_text, sha256_dir
+from tasks.files import atomic_write_text, read_pointer, sha256_dir, write_pointer
 from tasks.quantize.validate import AdapterError, AdapterInfo, validate_adapter
 from tasks.quantize.variants import (
     EXPORT_FILE, IR_VARIANTS, finish_variant, is_complete, read_variant, staged_variant, sweep_stale,
@@ -171,7 +171,7 @@ def write_report(plan: ExportPlan, rows: list[dict[str, Any]], cfg: QuantizeConf
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     write_json_atomic(plan.root / EXPORT_FILE, summary)
-    atomic_write_text(plan.root.parent / "LATEST", plan.export_id + "\n")
+    write_pointer(plan.root.parent / "LATEST", plan.export_id)
     shutil.rmtree(plan.root / WORK_DIR, ignore_errors=True)
     return {**summary, "markdown": markdown}
 
@@ -191,8 +191,8 @@ def resolve_adapter(home: Path, adapter: Path | None) -> Path:
     if adapter is not None:
         return Path(adapter)
     latest = Path(home) / "runs" / "sft" / "LATEST"
-    if latest.is_file():
-        name = latest.read_text().strip()
+    name = read_pointer(latest)
+    if name is not None:
         run = Path(name) if Path(name).is_absolute() else latest.parent / name
         if (run / "adapter").is_dir():
             return run / "adapter"

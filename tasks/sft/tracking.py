@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from configs.schema import SFTConfig
-from tasks.files import atomic_write_text
+from tasks.files import read_pointer, write_pointer
 from tasks.tracking import use_mlflow
 
 log = logging.getLogger(__name__)
@@ -36,15 +36,12 @@ def new_run_name(prefix: str = "sft") -> str:
 
 def read_latest_run(home: Path) -> str | None:
     """Name of the newest SFT run, or None."""
-    try:
-        return (sft_root(home) / LATEST).read_text().strip() or None
-    except OSError:
-        return None
+    return read_pointer(sft_root(home) / LATEST)
 
 
 def write_latest_run(home: Path, name: str) -> None:
     """Point ``<home>/runs/sft/LATEST`` at ``name`` (atomically)."""
-    atomic_write_text(sft_root(home) / LATEST, name + "\n")
+    write_pointer(sft_root(home) / LATEST, name)
 
 
 def flat_params(cfg: SFTConfig, extra: dict[str, Any] | None = None) -> dict[str, str]:
