@@ -519,6 +519,15 @@ def _aggregate(runs: list[dict]) -> dict:
     return {"tok_s": statistics.median(rates), "best_tok_s": max(rates), "all_tok_s": [round(x, 1) for x in rates]}
 
 
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the median: how uncertain the host's noise leaves it."""
+    from scipy.stats import bootstrap
+
+    result = bootstrap((values,), statistics.median, confidence_level=confidence, method="percentile",
+                       vectorized=False, random_state=0)
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
 def summarize(trials: dict[str, list[dict]]) -> dict:
     """Median over trials per row; the engine baseline is its faster API by median; the overhead is
     also taken trial by trial (gateway vs the step loop run just before it, and vs the mean of that
@@ -544,6 +553,8 @@ def summarize(trials: dict[str, list[dict]]) -> dict:
                     zip(trials[f"{path}_{c}"], trials[f"direct_step_{c}"], trials[f"direct_generate_{c}"])]
             out[f"{path}_{c}"]["paired_both_ratio_median"] = statistics.median(both)
             out[f"{path}_{c}"]["paired_both_ratios"] = [round(x, 3) for x in both]
+            if len(both) >= 3:
+                out[f"{path}_{c}"]["paired_both_interval"] = median_interval(both)
     return out
 
 
@@ -570,6 +581,9 @@ def report(out: dict) -> str:
                     f"loop (median): {1 - g['paired_ratio_median']:+.1%} / {1 - st['paired_ratio_median']:+.1%}; "
                     f"trial by trial vs the mean of both engine rows: {1 - g['paired_both_ratio_median']:+.1%} / "
                     f"{1 - st['paired_both_ratio_median']:+.1%}")
+        if "paired_both_interval" in g:
+            low, high = g["paired_both_interval"]
+            rows.append(f"95% bootstrap interval of that non-streaming overhead: {1 - high:+.1%} to {1 - low:+.1%}")
         if "outside_engine_share" in g:
             rows.append(f"non-streaming requests at {c} client(s) spent {g['outside_engine_share']:.2%} of their "
                         f"latency outside the engine (median {g['outside_engine_ms_median']:.2f} ms per request)"
