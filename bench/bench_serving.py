@@ -277,6 +277,11 @@ def _variant(name: str, uri: str, extra: str = "") -> str:
     return f"serve.variants=[{{name: {name}, model_uri: '{uri}'{extra}}}]"
 
 
+def ir_gateway(work: Path, ir: Path, env: dict[str, str] | None = None) -> GatewayProcess:
+    """A gateway serving the IR ``ir`` as its one variant, no registry watcher, on a free port."""
+    return GatewayProcess(work, [_variant("champion", str(ir)), "serve.watch=false"], _port(), env=env)
+
+
 # --------------------------------------------------------------------------- vLLM
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 
@@ -465,9 +470,8 @@ def main() -> None:
     # ratio (a best-of-N favours whichever side has more rows). Engine and gateway run as deployed;
     # with --pacer the opt-in CorePacer rows show what it is worth under the current load.
     out["loadavg_start"] = os.getloadavg()
-    gateway = GatewayProcess(work, [_variant("champion", str(ir)), "serve.watch=false"], _port())
-    paced = (GatewayProcess(work, [_variant("champion", str(ir)), "serve.watch=false"], _port(),
-                            env={"LMFORGE_OV_KEEP_AWAKE": "1"}) if args.pacer else None)
+    gateway = ir_gateway(work, ir)
+    paced = ir_gateway(work, ir, env={"LMFORGE_OV_KEEP_AWAKE": "1"}) if args.pacer else None
     direct = DirectWorker(ir)
     trials: dict[str, list[dict]] = {}
     try:

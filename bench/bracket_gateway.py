@@ -31,7 +31,7 @@ def main() -> None:
     ir = bench.prepare(args.home)
     work = args.home / "bench" / "bracket"
     work.mkdir(parents=True, exist_ok=True)
-    gateway = bench.GatewayProcess(work, [bench._variant("champion", str(ir)), "serve.watch=false"], bench._port())
+    gateway = bench.ir_gateway(work, ir)
     direct = bench.DirectWorker(ir)
     ratios, outside = [], []
     print("| trial | engine before | gateway | engine after | gateway / mean | outside engine (median ms, share) |")
