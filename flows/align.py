@@ -25,6 +25,7 @@ from configs.schema import LmforgeConfig
 from tasks.align import run as align_run
 from tasks.align import tracking
 from tasks.runtime import torch_threads
+from tasks.tracking import DATA_VERSION_TAG, mark_failed
 from tasks.sft.data import validation_records
 from tasks.evaluate import evaluate_task
 from tasks.models import import_base_model
@@ -60,7 +61,7 @@ def align_flow(cfg: LmforgeConfig, sft_adapter: Path | None = None, sft_run: str
         "sft_adapter": sft["adapter_dir"], "sft_run": sft["sft_run"] or "", "data_version": version,
         "config_fingerprint": cfg.fingerprint(),
     })
-    tags = {tracking.DATA_VERSION_TAG: version}
+    tags = {DATA_VERSION_TAG: version}
     if sft["mlflow_run_id"]:
         tags[tracking.SFT_RUN_TAG] = sft["mlflow_run_id"]
     run_id = align_run.start_tracking_task(cfg.tracking_uri(), cfg.registry.experiment, run, params, tags,
@@ -76,7 +77,7 @@ def align_flow(cfg: LmforgeConfig, sft_adapter: Path | None = None, sft_run: str
                 evaluations["after"] = _evaluate(cfg, model_dir, run, "after", result["adapter_dir"], records)
         table = align_run.log_results_task(cfg.tracking_uri(), run_id, result, run["run_dir"], evaluations)
     except BaseException:
-        tracking.mark_failed(cfg.tracking_uri(), run_id)
+        mark_failed(cfg.tracking_uri(), run_id)
         raise
     align_run.write_latest_run(cfg.home, run["name"])
     if table:

@@ -22,6 +22,7 @@ from tasks.sft import tracking
 from tasks.sft.data import validation_records
 from tasks.sft.run import log_results_task, prepare_run_task, start_tracking_task, train_task
 from tasks.runtime import torch_threads
+from tasks.tracking import mark_failed
 from tasks.sft.train import SFTInterrupted, TrainSpec, cpu_threads
 
 
@@ -58,10 +59,10 @@ def finetune_flow(cfg: LmforgeConfig, resume: bool = False, data_version: str | 
     try:
         summary = train_task(spec)
     except SFTInterrupted:
-        tracking.mark_failed(cfg.tracking_uri(), run_id, status="KILLED")  # resumable, not broken
+        mark_failed(cfg.tracking_uri(), run_id, status="KILLED")  # resumable, not broken
         raise
     except BaseException:
-        tracking.mark_failed(cfg.tracking_uri(), run_id)
+        mark_failed(cfg.tracking_uri(), run_id)
         raise
 
     evaluations: dict[str, dict[str, float]] = {}

@@ -6,48 +6,30 @@ Prefect may run tasks on worker threads and the fluent API's active run is per t
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
 
 from configs.schema import AlignConfig
+from tasks import tracking
+from tasks.tracking import is_metric
 
-log = logging.getLogger(__name__)
-
-STAGE_TAG = "lmforge.stage"
-DATA_VERSION_TAG = "lmforge.data_version"  # the tag the curate and SFT runs carry too
 SFT_RUN_TAG = "lmforge.sft_run_id"
 EVAL_KEYS = ("accuracy", "macro_f1", "precision", "recall", "f1", "rougeL", "compliance", "perplexity")
 
 
 def flat_params(cfg: AlignConfig, extra: dict[str, Any] | None = None) -> dict[str, str]:
     """MLflow params: every ``align`` field as ``align.<name>`` (stages and judge as JSON) plus ``extra``."""
-    dumped = cfg.model_dump(mode="json")
-    dumped["judge"] = {k: v for k, v in dumped["judge"].items() if k != "api_key_env"}
-    params = {f"align.{k}": json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in dumped.items()}
-    params.update({k: str(v) for k, v in (extra or {}).items()})
-    return params
+    fields = cfg.model_dump(mode="json")
+    fields["judge"] = {k: v for k, v in fields["judge"].items() if k != "api_key_env"}
+    return tracking.flat_params("align", fields, extra)
 
 
 def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, str],
               tags: dict[str, str] | None = None, artifact_root: Path | None = None) -> str:
     """Create the MLflow run of an alignment run and log its params; returns the run id."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Param
-
-    from tasks.tracking import use_mlflow
-
-    experiment_id = use_mlflow(tracking_uri, experiment, artifact_root)
-    client = MlflowClient(tracking_uri)
-    run = client.create_run(experiment_id, run_name=run_name,
-                            tags={STAGE_TAG: "align", "mlflow.runName": run_name, **(tags or {})})
-    items = [Param(k, v[:6000]) for k, v in params.items()]
-    for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-        client.log_batch(run.info.run_id, params=items[start : start + 100])
-    return run.info.run_id
+    return tracking.create_run(tracking_uri, experiment, run_name, "align", params, tags, artifact_root)
 
 
 class MlflowSink:
@@ -95,7 +77,7 @@ def log_results(tracking_uri: str, run_id: str, result: dict[str, Any], run_dir:
     step = int(result.get("steps", 0))
     values: dict[str, float] = {"align_seconds": float(result["seconds"]), "align_steps": float(step)}
     for prefix, metrics in (evaluations or {}).items():
-        values.update({f"{prefix}_{k}": float(v) for k, v in metrics.items() if _number(v)})
+        values.update({f"{prefix}_{k}": float(v) for k, v in metrics.items() if is_metric(v)})
     table = compare(evaluations or {})
     values.update({f"delta_{k}": row["delta"] for k, row in table.items() if row["delta"] is not None})
     client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
@@ -118,9 +100,9 @@ def compare(evaluations: dict[str, dict[str, float]]) -> dict[str, dict[str, flo
     names = sorted(k for k in set(before) | set(after) if k.endswith(EVAL_KEYS))
     table = {}
     for name in names:
-        b, a = before.get(name), after.get(name)
-        delta = a - b if _number(a) and _number(b) else None
-        table[name] = {"before": b if _number(b) else None, "after": a if _number(a) else None, "delta": delta}
+        b = before.get(name) if is_metric(before.get(name)) else None
+        a = after.get(name) if is_metric(after.get(name)) else None
+        table[name] = {"before": b, "after": a, "delta": a - b if a is not None and b is not None else None}
     return table
 
 
@@ -133,17 +115,3 @@ def compare_markdown(table: dict[str, dict[str, float | None]]) -> str:
     lines += [f"| {k} | {cell(r['before'])} | {cell(r['after'])} | {cell(r['delta'], '+.4f')} |"
               for k, r in table.items()]
     return "\n".join(lines) + "\n"
-
-
-def mark_failed(tracking_uri: str, run_id: str) -> None:
-    """Mark the run failed so the UI does not show it running forever."""
-    from mlflow import MlflowClient
-
-    try:
-        MlflowClient(tracking_uri).set_terminated(run_id, status="FAILED")
-    except Exception as err:  # noqa: BLE001 - bookkeeping must not hide the real error
-        log.warning("could not mark MLflow run %s as failed: %s", run_id, err)
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

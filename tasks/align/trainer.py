@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -25,6 +24,7 @@ from configs.schema import AlignConfig, AlignStageConfig
 from tasks.align.data import prompt_rows, rows_needed, stage_tasks
 from tasks.files import atomic_write_text, swap_into_place
 from tasks.rewards import WeightSchedule, build_reward_funcs
+from tasks.tracking import is_metric
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def _trainer_callback_class():
             final = "train_runtime" in logs  # the end-of-training summary, not a step
             metrics: dict[str, float] = {}
             for key, value in logs.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                if is_metric(value):
                     metrics[f"{self.stage_name}/{key}" if final else key] = float(value)
             if not final:
                 metrics["stage"] = float(self.stage_index)

@@ -11,10 +11,9 @@ from typing import Any
 from prefect import task
 
 from tasks.data.store import SPLITS, read_card, version_dir
-from tasks.tracking import use_mlflow
+from tasks.tracking import DATA_VERSION_TAG, STAGE_TAG, use_mlflow
 
 log = logging.getLogger(__name__)
-VERSION_TAG = "lmforge.data_version"
 _COLUMNS = ["id", "task", "source", "input", "prompt", "completion", "label"]
 
 
@@ -64,7 +63,7 @@ def log_curated(home: Path, version: str, tracking_uri: str, experiment: str, ar
     import mlflow
 
     experiment_id = use_mlflow(tracking_uri, experiment, artifact_root)
-    existing = mlflow.search_runs([experiment_id], filter_string=f"tags.`{VERSION_TAG}` = '{version}'",
+    existing = mlflow.search_runs([experiment_id], filter_string=f"tags.`{DATA_VERSION_TAG}` = '{version}'",
                                   output_format="list", max_results=1)
     if existing:
         log.info("data version %s already logged in MLflow run %s", version, existing[0].info.run_id)
@@ -72,7 +71,7 @@ def log_curated(home: Path, version: str, tracking_uri: str, experiment: str, ar
     card: dict[str, Any] = read_card(home, version)
     path = version_dir(home, version)
     with mlflow.start_run(run_name=f"curate-{version}", experiment_id=experiment_id) as run:
-        mlflow.set_tags({VERSION_TAG: version, "lmforge.stage": "curate"})
+        mlflow.set_tags({DATA_VERSION_TAG: version, STAGE_TAG: "curate"})
         mlflow.log_params({"data_version": version, "seed": card["seed"], "config_sha256": card["config_sha256"]})
         for split in SPLITS:
             mlflow.log_input(mlflow_dataset(home, version, split), context=split)

@@ -9,11 +9,10 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from tasks.tracking import use_mlflow
+from tasks.tracking import DATA_VERSION_TAG, STAGE_TAG, use_mlflow
 
 log = logging.getLogger(__name__)
 
-STAGE_TAG = "lmforge.stage"
 EXPORT_TAG = "lmforge.export_id"
 
 
@@ -37,7 +36,7 @@ def log_export(summary: dict[str, Any], tracking_uri: str, experiment: str, arti
                 "lmforge.selected_variant": summary["selected"],
                 "lmforge.selected_path": summary["selected_path"], "lmforge.adapter_sha256": summary["adapter_sha256"]}
         if data_version:
-            tags["lmforge.data_version"] = data_version
+            tags[DATA_VERSION_TAG] = data_version
         mlflow.set_tags(tags)
         mlflow.log_params({"export_id": summary["export_id"], "base_dir": summary["base_dir"],
                            "adapter_dir": summary["adapter_dir"], "selection_policy": summary["selection"]["policy"]})

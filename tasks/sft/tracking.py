@@ -6,7 +6,6 @@ Lightning's ``MLFlowLogger`` into the run created here; this module logs everyth
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -14,13 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from configs.schema import SFTConfig
+from tasks import tracking
 from tasks.files import read_pointer, write_pointer
-from tasks.tracking import use_mlflow
 
 log = logging.getLogger(__name__)
 
-DATA_VERSION_TAG = "lmforge.data_version"  # the same tag the curate stage puts on its run
-STAGE_TAG = "lmforge.stage"
 LATEST = "LATEST"
 
 
@@ -46,10 +43,7 @@ def write_latest_run(home: Path, name: str) -> None:
 
 def flat_params(cfg: SFTConfig, extra: dict[str, Any] | None = None) -> dict[str, str]:
     """MLflow params: every ``sft`` field as ``sft.<name>`` plus ``extra`` (values stringified)."""
-    params = {f"sft.{k}": json.dumps(v) if isinstance(v, (list, dict)) else str(v)
-              for k, v in cfg.model_dump(mode="json").items()}
-    params.update({k: str(v) for k, v in (extra or {}).items()})
-    return params
+    return tracking.flat_params("sft", cfg.model_dump(mode="json"), extra)
 
 
 def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, str],
@@ -68,25 +62,13 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[st
         run_id: an existing run to continue (resume).
         home: lmforge home, to log the curated train split as an MLflow dataset input.
     """
-    import mlflow
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
     if run_id is not None:
-        client.update_run(run_id, status="RUNNING")
+        MlflowClient(tracking_uri).update_run(run_id, status="RUNNING")
         return run_id
-    experiment_id = use_mlflow(tracking_uri, experiment, artifact_root)
-    tags = {STAGE_TAG: "sft", "mlflow.runName": run_name}
-    if data_version:
-        tags[DATA_VERSION_TAG] = data_version
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    run_id = run.info.run_id
-    from mlflow.entities import Param
-
-    items = [Param(k, v[:6000]) for k, v in params.items()]
-    for start in range(0, len(items), 100):  # MLflow caps params per batch at 100
-        client.log_batch(run_id, params=items[start : start + 100])
+    tags = {tracking.DATA_VERSION_TAG: data_version} if data_version else {}
+    run_id = tracking.create_run(tracking_uri, experiment, run_name, "sft", params, tags, artifact_root)
     if data_version and home is not None:
         _log_dataset_input(home, data_version, run_id)
     return run_id
@@ -115,8 +97,6 @@ def log_results(tracking_uri: str, run_id: str, summary: dict[str, Any], run_dir
         run_dir: the SFT run directory (adapter/ and metrics.json are uploaded).
         evaluations: prefix -> metrics, e.g. ``{"base": {...}, "tuned": {...}}``.
     """
-    import math
-
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
@@ -134,20 +114,10 @@ def log_results(tracking_uri: str, run_id: str, summary: dict[str, Any], run_dir
         values["final_loss"] = summary["final_loss"]
     for prefix, metrics in (evaluations or {}).items():
         for name, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            if tracking.is_metric(value):
                 values[f"{prefix}_{name}"] = float(value)
     step = int(summary.get("steps", 0))
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
     client.log_artifacts(run_id, str(Path(run_dir) / "adapter"), artifact_path="adapter")
     client.log_artifact(run_id, str(Path(run_dir) / "metrics.json"), artifact_path="sft")
     client.set_terminated(run_id, status="FINISHED")
-
-
-def mark_failed(tracking_uri: str, run_id: str, status: str = "FAILED") -> None:
-    """Mark the run failed (or KILLED after SIGTERM) so the UI does not show it running forever."""
-    from mlflow import MlflowClient
-
-    try:
-        MlflowClient(tracking_uri).set_terminated(run_id, status=status)
-    except Exception as err:  # noqa: BLE001 - bookkeeping must not hide the real error
-        log.warning("could not mark MLflow run %s as %s: %s", run_id, status, err)
