@@ -44,6 +44,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from configs.schema import ServeConfig  # noqa: E402 - after the path fix
+
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
     "Explain how a bicycle works to a curious child, step by step.",
@@ -151,15 +153,25 @@ def bench_direct(ir: Path, clients: int, rounds: int, mode: str = "step", awake:
     return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed, "mode": mode, "awake": awake}
 
 
+HTTP_CLIENTS = ("aiohttp", "httpx")
+REGROUP_MS = ServeConfig.model_fields["regroup_ms"].default  # what the bench's gateways run with
+
+
 def bench_gateway(base: str, clients: int, rounds: int, stream: bool = False, model: str = "lmforge-assistant",
-                  server_pid: int | None = None) -> dict:
+                  server_pid: int | None = None, http_client: str = "httpx") -> dict:
     """C concurrent HTTP clients on ``base``/v1/completions (any OpenAI-compatible server serving ``model``).
 
     With ``server_pid`` (a gateway), also the CPU time of its event-loop thread and of these clients,
     as a share of the machine's CPU time over the run: what they took from the engine's threads.
-    """
 
-    async def client(i: int, http: httpx.AsyncClient) -> tuple[int, list[float], list[float]]:
+    ``http_client``: httpx (every run before 2026-12-01 19:16) or aiohttp (what vLLM's own serving
+    benchmark uses). The clients share the engine's 2 cores: httpx spends ~2 ms of CPU per request
+    here, aiohttp ~0.4 ms, yet side by side aiohttp did not measure a smaller overhead
+    (bench/SERVING_RESULTS.md).
+    """
+    post = _post_aiohttp if http_client == "aiohttp" else _post_httpx
+
+    async def client(i: int, session) -> tuple[int, list[float], list[float]]:
         tokens, latencies, engine = 0, [], []
         for r in range(rounds):
             body = {"model": model, "prompt": PROMPTS[(r + i) % len(PROMPTS)],
@@ -167,28 +179,18 @@ def bench_gateway(base: str, clients: int, rounds: int, stream: bool = False, mo
             if stream:
                 body["stream_options"] = {"include_usage": True}
             t = time.perf_counter()
-            if stream:
-                async with http.stream("POST", "/v1/completions", json=body) as response:
-                    response.raise_for_status()
-                    async for line in response.aiter_lines():
-                        if line.startswith("data: {") and '"usage":{' in line:
-                            tokens += json.loads(line[6:])["usage"]["completion_tokens"]
-            else:
-                response = await http.post("/v1/completions", json=body)
-                response.raise_for_status()
-                tokens += response.json()["usage"]["completion_tokens"]
-                timing = response.headers.get("server-timing", "")  # engine;dur=<ms>, when the backend measures it
-                if timing.startswith("engine;dur="):
-                    engine.append(float(timing.split("=")[1]) / 1000)
+            generated, engine_s = await post(session, body)
             latencies.append(time.perf_counter() - t)
+            tokens += generated
+            if engine_s is not None:
+                engine.append(engine_s)
         return tokens, latencies, engine
 
     async def main():
-        limits = httpx.Limits(max_connections=clients + 2)
-        async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as http:
-            await http.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 4})
+        async with _http_session(http_client, base, clients) as session:
+            await post(session, {"model": model, "prompt": "hi", "max_tokens": 4})
             started = time.perf_counter()
-            results = await asyncio.gather(*(client(i, http) for i in range(clients)))
+            results = await asyncio.gather(*(client(i, session) for i in range(clients)))
             return results, time.perf_counter() - started
 
     server = _main_thread_cpu(server_pid) if server_pid else 0.0
@@ -204,9 +206,50 @@ def bench_gateway(base: str, clients: int, rounds: int, stream: bool = False, mo
         # HTTP both ways, parsing, queueing, tokenising, detokenising (this machine's own clients included).
         out["outside_engine_share"] = 1 - sum(engine) / sum(latencies)
         out["outside_engine_ms_median"] = statistics.median((a - b) * 1000 for a, b in zip(latencies, engine))
+    out["client_cpu_ms_per_request"] = client_cpu * 1000 / len(latencies)
     if server is not None:  # the warm-up request is inside both counts: a slight overestimate
         out["cpu_share"] = (server + client_cpu) / (elapsed * (os.cpu_count() or 1))
+        out["server_cpu_ms_per_request"] = server * 1000 / len(latencies)
     return out
+
+
+def _http_session(http_client: str, base: str, clients: int):
+    if http_client == "aiohttp":
+        import aiohttp
+
+        return aiohttp.ClientSession(base_url=base, connector=aiohttp.TCPConnector(limit=clients + 2),
+                                     timeout=aiohttp.ClientTimeout(total=300))
+    return httpx.AsyncClient(base_url=base, timeout=300, limits=httpx.Limits(max_connections=clients + 2))
+
+
+async def _post_aiohttp(session, body: dict) -> tuple[int, float | None]:
+    """POST a completion; (completion tokens, engine seconds from Server-Timing or None)."""
+    async with session.post("/v1/completions", json=body) as response:
+        response.raise_for_status()
+        if body.get("stream"):
+            return sum([_usage_tokens(line.decode()) async for line in response.content]), None
+        return (await response.json())["usage"]["completion_tokens"], _engine_seconds(response.headers)
+
+
+async def _post_httpx(http, body: dict) -> tuple[int, float | None]:
+    if body.get("stream"):
+        async with http.stream("POST", "/v1/completions", json=body) as response:
+            response.raise_for_status()
+            return sum([_usage_tokens(line) async for line in response.aiter_lines()]), None
+    response = await http.post("/v1/completions", json=body)
+    response.raise_for_status()
+    return response.json()["usage"]["completion_tokens"], _engine_seconds(response.headers)
+
+
+def _usage_tokens(line: str) -> int:
+    """Completion tokens of the SSE usage chunk (``stream_options.include_usage``); 0 for other lines."""
+    line = line.strip()
+    return json.loads(line[6:])["usage"]["completion_tokens"] if line.startswith("data: {") and '"usage":{' in line else 0
+
+
+def _engine_seconds(headers) -> float | None:
+    timing = headers.get("server-timing", "")  # engine;dur=<ms>, when the backend measures it
+    return float(timing.split("=")[1]) / 1000 if timing.startswith("engine;dur=") else None
 
 
 def _main_thread_cpu(pid: int) -> float:
@@ -286,7 +329,7 @@ def ir_gateway(work: Path, ir: Path, env: dict[str, str] | None = None) -> Gatew
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 
 
-def bench_vllm(home: Path, work: Path, rounds: int, trials: int) -> dict:
+def bench_vllm(home: Path, work: Path, rounds: int, trials: int, http_client: str = "httpx") -> dict:
     """vLLM in the same harness: the server the gateway manages, hit directly and through the gateway.
 
     vLLM serves the SmolLM2 HF weights (it picks bf16 on CPU); a variant is served under its name.
@@ -304,9 +347,11 @@ def bench_vllm(home: Path, work: Path, rounds: int, trials: int) -> dict:
         vllm_url, base = engine["url"], gateway.base
         for trial in range(trials):
             for c in (1, 8):
-                for key, run in ((f"vllm_{c}", lambda c=c: bench_gateway(vllm_url, c, rounds, model="champion")),
-                                 (f"vllm_gateway_{c}", lambda c=c: bench_gateway(base, c, rounds)),
-                                 (f"vllm_gateway_stream_{c}", lambda c=c: bench_gateway(base, c, rounds, True))):
+                for key, run in ((f"vllm_{c}", lambda c=c: bench_gateway(vllm_url, c, rounds, model="champion",
+                                                                             http_client=http_client)),
+                                 (f"vllm_gateway_{c}", lambda c=c: bench_gateway(base, c, rounds, http_client=http_client)),
+                                 (f"vllm_gateway_stream_{c}",
+                                  lambda c=c: bench_gateway(base, c, rounds, True, http_client=http_client))):
                     trials_out.setdefault(key, []).append(run())
                     print(f"trial {trial} {key}: {trials_out[key][-1]['tok_s']:.1f} tok/s", flush=True)
     finally:
@@ -448,6 +493,11 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-swap", action="store_true")
     parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument("--http-client", choices=HTTP_CLIENTS, default="httpx",
+                        help="The benchmark clients' HTTP library (default httpx, as in every earlier run; aiohttp "
+                             "uses ~5x less client CPU per request, see SERVING_RESULTS.md).")
+    parser.add_argument("--no-record", action="store_true",
+                        help="Do not append the paired trials to bench/overhead_trials.jsonl (see pool_overhead.py).")
     parser.add_argument("--only", choices=["all", "vllm"], default="all",
                         help="vllm: only vLLM, direct and through the gateway (-> <home>/bench/serving-vllm.json)")
     args = parser.parse_args()
@@ -457,7 +507,8 @@ def main() -> None:
     if args.only == "vllm":
         if not VLLM_PYTHON.is_file():
             sys.exit(f"{VLLM_PYTHON} not found: run `make vllm-env` first")
-        out = {"new_tokens": NEW_TOKENS, "rounds": args.rounds, **bench_vllm(home, work, args.rounds, args.trials)}
+        out = {"new_tokens": NEW_TOKENS, "rounds": args.rounds,
+               **bench_vllm(home, work, args.rounds, args.trials, args.http_client)}
         (home / "bench" / "serving-vllm.json").write_text(json.dumps(out, indent=2))
         print("\n".join(["| engine / path | 1 client tok/s | 8 clients tok/s | 8 vs 1 |", "|---|---:|---:|---:|",
                          *report_vllm(out)]))
@@ -470,6 +521,8 @@ def main() -> None:
     # ratio (a best-of-N favours whichever side has more rows). Engine and gateway run as deployed;
     # with --pacer the opt-in CorePacer rows show what it is worth under the current load.
     out["loadavg_start"] = os.getloadavg()
+    out["http_client"] = client = args.http_client
+    started = time.strftime("%Y-%m-%dT%H:%M")
     gateway = ir_gateway(work, ir)
     paced = ir_gateway(work, ir, env={"LMFORGE_OV_KEEP_AWAKE": "1"}) if args.pacer else None
     direct = DirectWorker(ir)
@@ -479,16 +532,19 @@ def main() -> None:
             for c in (1, 8):
                 runs = [(f"direct_step_{c}", lambda: direct.run(c, args.rounds, "step")),
                         (f"gateway_{c}", lambda: bench_gateway(gateway.base, c, args.rounds,
-                                                               server_pid=gateway.process.pid)),
+                                                               server_pid=gateway.process.pid, http_client=client)),
                         (f"direct_generate_{c}", lambda: direct.run(c, args.rounds, "generate")),
                         (f"gateway_stream_{c}", lambda: bench_gateway(gateway.base, c, args.rounds, True,
-                                                                       server_pid=gateway.process.pid))]
+                                                                       server_pid=gateway.process.pid,
+                                                                       http_client=client))]
                 if paced is not None:
                     runs += [(f"direct_step_pacer_{c}", lambda: direct.run(c, args.rounds, "step", awake=True)),
-                             (f"gateway_pacer_{c}", lambda: bench_gateway(paced.base, c, args.rounds))]
+                             (f"gateway_pacer_{c}", lambda: bench_gateway(paced.base, c, args.rounds, http_client=client))]
                 for key, run in runs:
                     trials.setdefault(key, []).append(run() | {"loadavg": os.getloadavg()[0]})
                     print(f"trial {trial} {key}: {trials[key][-1]['tok_s']:.1f} tok/s", flush=True)
+                if not args.no_record:
+                    _record_trial(started, c, trials, client)
     finally:
         gateway.stop()
         if paced is not None:
@@ -502,7 +558,7 @@ def main() -> None:
     if args.skip_vllm:
         out["vllm"] = "not run (--skip-vllm)"
     elif VLLM_PYTHON.is_file():
-        out |= bench_vllm(home, work, args.rounds, args.trials)
+        out |= bench_vllm(home, work, args.rounds, args.trials, client)
         out["vllm"] = "measured (SmolLM2 HF weights, same harness)"
     else:
         out["vllm"] = "not run: .venv-vllm absent (make vllm-env)"
@@ -515,6 +571,18 @@ def main() -> None:
     (home / "bench").mkdir(exist_ok=True)
     (home / "bench" / "serving.json").write_text(json.dumps(out, indent=2))
     print(report(out))
+
+
+def _record_trial(started: str, clients: int, trials: dict[str, list[dict]], http_client: str) -> None:
+    """The trial's gateway row with the engine rows around it, for bench/pool_overhead.py."""
+    from bench.pool_overhead import append_trial
+
+    before, after = trials[f"direct_step_{clients}"][-1]["tok_s"], trials[f"direct_generate_{clients}"][-1]["tok_s"]
+    served = trials[f"gateway_{clients}"][-1]["tok_s"]
+    append_trial({"run": f"{started} full", "design": "full", "clients": clients, "http_client": http_client,
+                  "regroup_ms": REGROUP_MS,
+                  "engine_before": round(before, 1), "gateway": round(served, 1), "engine_after": round(after, 1),
+                  "ratio": round(2 * served / (before + after), 4)})
 
 
 def _aggregate(runs: list[dict]) -> dict:

@@ -291,6 +291,59 @@ def test_openvino_engine_process_dies_mid_request_then_fallback_serves(tmp_path,
         assert ready.status_code == 503 and ready.json()["variants"]["champion"] == "down"
 
 
+@pytest.mark.parametrize("regroup_ms", [500.0, 0.0])
+def test_openvino_engine_regroups_requests_that_finished_together(ir_dir, regroup_ms):
+    """Three requests admitted together finish in one step; their successors, arriving 100 ms apart,
+    prefill in one step when the engine waits for them (regroup) and one by one when it does not. A
+    lone finished request's successor never waits."""
+    import multiprocessing
+
+    from serving.backends.openvino_engine import _Engine
+
+    parent, child = multiprocessing.Pipe()
+    fields = {"max_new_tokens": 3, "ignore_eos": True, "do_sample": False}
+    rids = iter(range(100))
+
+    def add() -> None:
+        parent.send(("add", next(rids), "Hello there", fields, None, False))
+
+    def finished_groups(n: int) -> list[set[int]]:
+        """The requests each "out" message finished, until n have."""
+        groups: list[set[int]] = []
+        while sum(map(len, groups)) < n:
+            assert parent.poll(60), "the engine stopped answering"
+            kind, items = parent.recv()
+            assert kind == "out" and all(error is None for *_, error in items)
+            groups.append({rid for rid, _, reason, _, _ in items if reason})
+        return [g for g in groups if g]
+
+    for _ in range(3):
+        add()  # queued before the engine starts: admitted in one step
+    engine = _Engine(child, str(ir_dir), "CPU", 1, 8, None, {}, regroup_ms)
+    thread = threading.Thread(target=engine.run, daemon=True)
+    thread.start()
+    try:
+        assert finished_groups(3) == [{0, 1, 2}]
+        for _ in range(3):
+            add()
+            time.sleep(0.1)
+        successors = finished_groups(3)
+        if regroup_ms:
+            assert successors == [{3, 4, 5}]
+        else:
+            assert successors == [{3}, {4}, {5}]
+        add()
+        finished_groups(1)  # may wait for a group of 3 that does not come back: at most once
+        started = time.perf_counter()
+        add()
+        assert finished_groups(1) == [{7}]
+        assert time.perf_counter() - started < 0.25, "a lone request's successor waited (500 ms if it did)"
+    finally:
+        parent.send(("close",))
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
 def _ready(base: str) -> bool:
     try:
         return httpx.get(base + "/health/ready", timeout=2).status_code == 200

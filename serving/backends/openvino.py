@@ -129,8 +129,9 @@ class OpenVINOBackend:
     kind = "openvino"
 
     def __init__(self, device: str = "CPU", cache_gb: float = 1.0, max_num_seqs: int = 32,
-                 num_threads: int | None = None, keep_awake: bool | None = None):
+                 num_threads: int | None = None, keep_awake: bool | None = None, regroup_ms: float = 10.0):
         self.device, self.cache_gb, self.max_num_seqs, self.num_threads = device, cache_gb, max_num_seqs, num_threads
+        self.regroup_ms = regroup_ms
         if keep_awake is None:  # LMFORGE_OV_KEEP_AWAKE=1 turns the CorePacer on
             keep_awake = os.environ.get("LMFORGE_OV_KEEP_AWAKE", "0").lower() in ("1", "true", "yes")
         self.keep_awake = keep_awake and device.upper().startswith("CPU")
@@ -196,7 +197,7 @@ class OpenVINOBackend:
         self._proc = context.Process(
             target=engine_main, name=f"lmforge-ov-engine-{model_dir.name}", daemon=True,
             args=(child, str(model_dir), self.device, self.cache_gb, self.max_num_seqs, self.num_threads,
-                  {name: str(path) for name, path in self._adapters.items()}))
+                  {name: str(path) for name, path in self._adapters.items()}, self.regroup_ms))
         self._proc.start()
         child.close()
         try:

@@ -1,0 +1,84 @@
+"""Gateway overhead pooled over every recorded paired trial (``bench/overhead_trials.jsonl``).
+
+One run of the serving bench leaves a 95% interval 8-16 points wide on this shared host, too wide to
+settle a 5% target. Every trial that pairs a gateway run with engine runs just before and after it is
+a valid estimate whichever session made it, so the trials are recorded (``bracket_gateway.py`` appends
+its own) and pooled here.
+
+    .venv/bin/python bench/pool_overhead.py            # tables for 1 and 8 clients
+    .venv/bin/python bench/pool_overhead.py --since 2026-12-01T15:00
+
+Each row: ``run`` (start time and design), ``design`` ("bracketed": the engine's step loop before and
+after the gateway; "full": bench_serving.py's rows, the step loop before and ``generate()`` after),
+``clients``, ``http_client`` (the benchmark clients' library: httpx until 2026-12-01 19:30, aiohttp
+since; httpx costs ~5x the CPU per request on the same 2 cores), the three tok/s and ``ratio`` =
+gateway / mean of the two engine runs, and ``regroup_ms`` (the engine's regroup wait, ``serve.regroup_ms``;
+0 before 2026-12-01 20:00). The pooled
+interval is a stratified percentile bootstrap (trials resampled within their run), so a run with a
+slow host cannot stand in for another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+TRIALS = Path(__file__).resolve().parent / "overhead_trials.jsonl"
+
+
+def read_trials(path: Path = TRIALS) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def append_trial(row: dict, path: Path = TRIALS) -> None:
+    """Append one trial (one line: an interrupted bench loses at most the trial it was running)."""
+    with path.open("a", encoding="utf-8") as out:
+        out.write(json.dumps(row) + "\n")
+
+
+def pooled(rows: list[dict], reps: int = 10_000, seed: int = 0) -> dict:
+    """Pooled median ratio, its stratified bootstrap 95% interval, and the spread of per-run medians."""
+    import numpy as np
+
+    by_run: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        by_run[row["run"]].append(row["ratio"])
+    groups = [np.asarray(v) for v in by_run.values()]
+    rng = np.random.default_rng(seed)
+    medians = np.empty(reps)
+    for i in range(reps):
+        medians[i] = np.median(np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups]))
+    run_medians = [statistics.median(v) for v in by_run.values()]
+    return {"trials": len(rows), "runs": len(groups), "median": statistics.median(r["ratio"] for r in rows),
+            "low": float(np.percentile(medians, 2.5)), "high": float(np.percentile(medians, 97.5)),
+            "run_median_low": min(run_medians), "run_median_high": max(run_medians)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--file", type=Path, default=TRIALS, help=f"trials file (default {TRIALS.name})")
+    parser.add_argument("--since", default="", help="only runs started at or after this ISO time")
+    args = parser.parse_args()
+    rows = [r for r in read_trials(args.file) if r["run"] >= args.since]
+    print("| clients | regroup wait | HTTP client | design | runs | trials | overhead (1 - gateway/engine), "
+          "pooled median | 95% interval | per-run medians |")
+    print("|---:|---:|---|---|---:|---:|---:|---:|---:|")
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row["clients"], row.get("regroup_ms", 0.0), row.get("http_client", "httpx"))].append(row)
+    for (clients, regroup, lib), mine in sorted(groups.items()):
+        for design in ("bracketed", "full", "all"):
+            subset = [r for r in mine if design in ("all", r["design"])]
+            if not subset or (design == "all" and len({r["design"] for r in mine}) < 2):
+                continue
+            p = pooled(subset)
+            print(f"| {clients} | {regroup:g} ms | {lib} | {design} | {p['runs']} | {p['trials']} | "
+                  f"{1 - p['median']:+.1%} | {1 - p['high']:+.1%} to {1 - p['low']:+.1%} | "
+                  f"{1 - p['run_median_high']:+.1%} to {1 - p['run_median_low']:+.1%} |")
+
+
+if __name__ == "__main__":
+    main()
