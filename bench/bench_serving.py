@@ -164,7 +164,7 @@ def bench_gateway(base: str, clients: int, rounds: int, stream: bool = False, mo
     With ``server_pid`` (a gateway), also the CPU time of its event-loop thread and of these clients,
     as a share of the machine's CPU time over the run: what they took from the engine's threads.
 
-    ``http_client``: httpx (every run before 2026-12-01 19:16) or aiohttp (what vLLM's own serving
+    ``http_client``: httpx (the default, and every run before 2026-12-01 19:16) or aiohttp (vLLM's own serving
     benchmark uses). The clients share the engine's 2 cores: httpx spends ~2 ms of CPU per request
     here, aiohttp ~0.4 ms, yet side by side aiohttp did not measure a smaller overhead
     (bench/SERVING_RESULTS.md).
@@ -244,7 +244,9 @@ async def _post_httpx(http, body: dict) -> tuple[int, float | None]:
 def _usage_tokens(line: str) -> int:
     """Completion tokens of the SSE usage chunk (``stream_options.include_usage``); 0 for other lines."""
     line = line.strip()
-    return json.loads(line[6:])["usage"]["completion_tokens"] if line.startswith("data: {") and '"usage":{' in line else 0
+    if line.startswith("data: {") and '"usage":{' in line:
+        return json.loads(line[6:])["usage"]["completion_tokens"]
+    return 0
 
 
 def _engine_seconds(headers) -> float | None:
@@ -349,7 +351,8 @@ def bench_vllm(home: Path, work: Path, rounds: int, trials: int, http_client: st
             for c in (1, 8):
                 for key, run in ((f"vllm_{c}", lambda c=c: bench_gateway(vllm_url, c, rounds, model="champion",
                                                                              http_client=http_client)),
-                                 (f"vllm_gateway_{c}", lambda c=c: bench_gateway(base, c, rounds, http_client=http_client)),
+                                 (f"vllm_gateway_{c}",
+                                  lambda c=c: bench_gateway(base, c, rounds, http_client=http_client)),
                                  (f"vllm_gateway_stream_{c}",
                                   lambda c=c: bench_gateway(base, c, rounds, True, http_client=http_client))):
                     trials_out.setdefault(key, []).append(run())
@@ -539,7 +542,8 @@ def main() -> None:
                                                                        http_client=client))]
                 if paced is not None:
                     runs += [(f"direct_step_pacer_{c}", lambda: direct.run(c, args.rounds, "step", awake=True)),
-                             (f"gateway_pacer_{c}", lambda: bench_gateway(paced.base, c, args.rounds, http_client=client))]
+                             (f"gateway_pacer_{c}",
+                              lambda: bench_gateway(paced.base, c, args.rounds, http_client=client))]
                 for key, run in runs:
                     trials.setdefault(key, []).append(run() | {"loadavg": os.getloadavg()[0]})
                     print(f"trial {trial} {key}: {trials[key][-1]['tok_s']:.1f} tok/s", flush=True)

@@ -79,9 +79,9 @@ def main() -> None:
     for lib in libraries:
         low, high = bench.median_interval(ratios[lib])
         median = statistics.median(ratios[lib])
-        print(f"\n{args.clients} clients, {args.trials} trials, {lib}, load average {os.getloadavg()[0]:.1f}: gateway / "
-              f"engine median {median:.3f} (overhead {1 - median:+.1%}), 95% bootstrap interval {low:.3f}-{high:.3f}, "
-              f"range {min(ratios[lib]):.3f}-{max(ratios[lib]):.3f}; outside the engine median "
+        print(f"\n{args.clients} clients, {args.trials} trials, {lib}, load average {os.getloadavg()[0]:.1f}: "
+              f"gateway / engine median {median:.3f} (overhead {1 - median:+.1%}), 95% bootstrap interval "
+              f"{low:.3f}-{high:.3f}, range {min(ratios[lib]):.3f}-{max(ratios[lib]):.3f}; outside the engine median "
               f"{statistics.median(outside[lib]):.1%} of a request")
 
 

@@ -291,9 +291,9 @@ def test_openvino_engine_process_dies_mid_request_then_fallback_serves(tmp_path,
         assert ready.status_code == 503 and ready.json()["variants"]["champion"] == "down"
 
 
-@pytest.mark.parametrize("regroup_ms", [500.0, 0.0])
+@pytest.mark.parametrize("regroup_ms", [2000.0, 0.0])
 def test_openvino_engine_regroups_requests_that_finished_together(ir_dir, regroup_ms):
-    """Three requests admitted together finish in one step; their successors, arriving 100 ms apart,
+    """Three requests admitted together finish in one step; their successors, arriving 300 ms apart,
     prefill in one step when the engine waits for them (regroup) and one by one when it does not. A
     lone finished request's successor never waits."""
     import multiprocessing
@@ -326,7 +326,7 @@ def test_openvino_engine_regroups_requests_that_finished_together(ir_dir, regrou
         assert finished_groups(3) == [{0, 1, 2}]
         for _ in range(3):
             add()
-            time.sleep(0.1)
+            time.sleep(0.3)
         successors = finished_groups(3)
         if regroup_ms:
             assert successors == [{3, 4, 5}]
@@ -337,10 +337,12 @@ def test_openvino_engine_regroups_requests_that_finished_together(ir_dir, regrou
         started = time.perf_counter()
         add()
         assert finished_groups(1) == [{7}]
-        assert time.perf_counter() - started < 0.25, "a lone request's successor waited (500 ms if it did)"
+        assert time.perf_counter() - started < 1.0, "a lone request's successor waited (2 s if it did)"
     finally:
         parent.send(("close",))
         thread.join(timeout=30)
+        parent.close()
+        child.close()
     assert not thread.is_alive()
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 
 from mlflow import MlflowClient
 
-from tasks.tracking import STAGE_TAG, create_run, flat_params, is_metric, mark_failed
+from tasks.tracking import DATA_VERSION_TAG, STAGE_TAG, create_run, flat_params, is_metric, mark_failed
 
 
 def test_flat_params_prefixes_the_section_and_keeps_structure_as_json():
@@ -21,10 +20,10 @@ def test_flat_params_prefixes_the_section_and_keeps_structure_as_json():
 def test_create_run_tags_the_stage_and_logs_every_param(tmp_path, mlflow_uri):
     # 150 params cross MLflow's 100-per-batch cap; a 7000-char value crosses its 6000-char cap.
     params = {f"p{i:03d}": str(i) for i in range(150)} | {"long": "x" * 7000}
-    run_id = create_run(mlflow_uri, "tracking-test", "sft-1", "sft", params, {"lmforge.data_version": "v9"},
+    run_id = create_run(mlflow_uri, "tracking-test", "sft-1", "sft", params, {DATA_VERSION_TAG: "v9"},
                         tmp_path / "artifacts")
     run = MlflowClient(mlflow_uri).get_run(run_id)
-    assert run.data.tags[STAGE_TAG] == "sft" and run.data.tags["lmforge.data_version"] == "v9"
+    assert run.data.tags[STAGE_TAG] == "sft" and run.data.tags[DATA_VERSION_TAG] == "v9"
     assert run.info.run_name == "sft-1" and run.info.status == "RUNNING"
     assert len(run.data.params) == 151 and run.data.params["p149"] == "149"
     assert run.data.params["long"] == "x" * 6000
@@ -46,4 +45,4 @@ def test_mark_failed_ends_the_run_and_never_raises(tmp_path, mlflow_uri, caplog)
 
 def test_is_metric_takes_finite_numbers_only():
     assert is_metric(1) and is_metric(0.5) and is_metric(-3)
-    assert not any(is_metric(v) for v in (True, math.nan, math.inf, "1", None, json.dumps(1)))
+    assert not any(is_metric(v) for v in (True, math.nan, math.inf, "1", None, [1]))

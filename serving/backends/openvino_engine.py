@@ -37,7 +37,7 @@ def read_adapter(path: str):
 
 class _Engine:
     def __init__(self, conn, model_dir: str, device: str, cache_gb: float, max_num_seqs: int,
-                 num_threads: int | None, adapters: dict[str, str], regroup_ms: float = 0.0):
+                 num_threads: int | None, adapters: dict[str, str], regroup_ms: float = 10.0):
         import openvino_genai as ov_genai
 
         self.ov = ov_genai
@@ -59,6 +59,7 @@ class _Engine:
         self.cancelled: set[int] = set()
         self.regroup_s = regroup_ms / 1000
         self.expect = 0  # arrivals worth waiting for before the next step (see regroup)
+        self.regroup_until = 0.0  # ... until then: regroup_s after the step that freed the slots
 
     # ------------------------------------------------------------------ messages
     def config(self, fields: dict[str, Any]):
@@ -147,7 +148,7 @@ class _Engine:
             if out:
                 self.conn.send(("out", out))
             if self.regroup_s and finished_now >= 2 and len(self.active) < finished_now:
-                self.expect = finished_now
+                self.expect, self.regroup_until = finished_now, time.perf_counter() + self.regroup_s
 
     def regroup(self) -> bool:
         """Wait (up to ``regroup_s``) for the successors of a group of requests that just finished.
@@ -156,9 +157,10 @@ class _Engine:
         frees more slots than it leaves running, stepping at once runs the few survivors alone while
         the group's successors arrive mid-step and wait for the next step boundary; waiting a few ms
         for them costs the survivors that long and saves each arrival most of a step. A lone
-        finished request (one client) never waits. False once told to close.
+        finished request (one client) never waits, nor does the first request after an idle spell
+        (the wait counts from the step that freed the slots). False once told to close.
         """
-        deadline = time.perf_counter() + self.regroup_s
+        deadline = self.regroup_until
         expect, self.expect = self.expect, 0
         while len(self.pending) < expect:
             remaining = deadline - time.perf_counter()
@@ -197,7 +199,7 @@ class _Engine:
 
 
 def engine_main(conn, model_dir: str, device: str, cache_gb: float, max_num_seqs: int, num_threads: int | None,
-                adapters: dict[str, str], regroup_ms: float = 0.0) -> None:
+                adapters: dict[str, str], regroup_ms: float = 10.0) -> None:
     """Entry point of the engine process."""
     import signal
 

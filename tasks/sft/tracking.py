@@ -62,8 +62,10 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[st
         run_id: an existing run to continue (resume).
         home: lmforge home, to log the curated train split as an MLflow dataset input.
     """
+    import mlflow
     from mlflow import MlflowClient
 
+    mlflow.set_tracking_uri(tracking_uri)  # as on a new run, for any fluent call after a resume
     if run_id is not None:
         MlflowClient(tracking_uri).update_run(run_id, status="RUNNING")
         return run_id
