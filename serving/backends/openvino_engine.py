@@ -35,6 +35,9 @@ def read_adapter(path: str):
     return ov_genai.Adapter(path)
 
 
+_STALE_GROUP_S = 1.0  # closed-loop successors come within ms; after this long the group is gone
+
+
 class _Engine:
     def __init__(self, conn, model_dir: str, device: str, cache_gb: float, max_num_seqs: int,
                  num_threads: int | None, adapters: dict[str, str], regroup_ms: float = 10.0):
@@ -59,7 +62,7 @@ class _Engine:
         self.cancelled: set[int] = set()
         self.regroup_s = regroup_ms / 1000
         self.expect = 0  # arrivals worth waiting for before the next step (see regroup)
-        self.regroup_until = 0.0  # ... until then: regroup_s after the step that freed the slots
+        self.freed_at = 0.0  # when the step that set ``expect`` ended
 
     # ------------------------------------------------------------------ messages
     def config(self, fields: dict[str, Any]):
@@ -148,7 +151,7 @@ class _Engine:
             if out:
                 self.conn.send(("out", out))
             if self.regroup_s and finished_now >= 2 and len(self.active) < finished_now:
-                self.expect, self.regroup_until = finished_now, time.perf_counter() + self.regroup_s
+                self.expect, self.freed_at = finished_now, time.perf_counter()
 
     def regroup(self) -> bool:
         """Wait (up to ``regroup_s``) for the successors of a group of requests that just finished.
@@ -158,10 +161,14 @@ class _Engine:
         the group's successors arrive mid-step and wait for the next step boundary; waiting a few ms
         for them costs the survivors that long and saves each arrival most of a step. A lone
         finished request (one client) never waits, nor does the first request after an idle spell
-        (the wait counts from the step that freed the slots). False once told to close.
+        (the group did not come back). The wait counts from the first successor, not from the step:
+        counted from the step it missed most of an HTTP client's burst. False once told to close.
         """
-        deadline = self.regroup_until
         expect, self.expect = self.expect, 0
+        now = time.perf_counter()
+        if now - self.freed_at > _STALE_GROUP_S:
+            return True
+        deadline = now + self.regroup_s
         while len(self.pending) < expect:
             remaining = deadline - time.perf_counter()
             if remaining <= 0 or not self.conn.poll(remaining):
