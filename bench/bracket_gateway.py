@@ -59,15 +59,11 @@ def main() -> None:
                                              http_client=lib)
                 after = direct.run(args.clients, args.rounds, "step")["tok_s"]
                 ratio = 2 * served["tok_s"] / (before + after)
+                if not args.no_record:
+                    append_trial(run, "bracketed", args.clients, lib, bench.REGROUP_MS, before, served["tok_s"], after,
+                                 served["outside_engine_ms_median"], args.record)
                 ratios[lib].append(ratio)
                 outside[lib].append(served["outside_engine_ms_median"] / (served["p50_latency_s"] * 1000))
-                if not args.no_record:
-                    append_trial({"run": run, "design": "bracketed", "clients": args.clients, "http_client": lib,
-                                  "regroup_ms": bench.REGROUP_MS,
-                                  "engine_before": round(before, 1), "gateway": round(served["tok_s"], 1),
-                                  "engine_after": round(after, 1),
-                                  "ratio": round(ratio, 4), "outside_ms": round(served["outside_engine_ms_median"], 1)},
-                                 args.record)
                 print(f"| {trial} | {lib} | {before:.1f} | {served['tok_s']:.1f} | {after:.1f} | {ratio:.3f} | "
                       f"{served['outside_engine_ms_median']:.1f}, {outside[lib][-1]:.1%} | "
                       f"{served['client_cpu_ms_per_request']:.2f} / {served['server_cpu_ms_per_request']:.2f} |",

@@ -40,7 +40,7 @@ _STALE_GROUP_S = 1.0  # closed-loop successors come within ms; after this long t
 
 class _Engine:
     def __init__(self, conn, model_dir: str, device: str, cache_gb: float, max_num_seqs: int,
-                 num_threads: int | None, adapters: dict[str, str], regroup_ms: float = 10.0):
+                 num_threads: int | None, adapters: dict[str, str], regroup_ms: float):
         import openvino_genai as ov_genai
 
         self.ov = ov_genai
@@ -206,7 +206,7 @@ class _Engine:
 
 
 def engine_main(conn, model_dir: str, device: str, cache_gb: float, max_num_seqs: int, num_threads: int | None,
-                adapters: dict[str, str], regroup_ms: float = 10.0) -> None:
+                adapters: dict[str, str], regroup_ms: float) -> None:
     """Entry point of the engine process."""
     import signal
 
