@@ -302,7 +302,8 @@ class GatewayProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        raise TimeoutError("gateway not ready")
+        self.stop()  # a gateway that never got ready would otherwise run on beside the next benches
+        raise TimeoutError(f"gateway not ready after {ready_timeout:.0f} s; see {self.log.name}")
 
     def stop(self) -> None:
         self.process.terminate()

@@ -448,10 +448,11 @@ class ServeConfig(Section):
     """Sequences one engine batches at once."""
     num_threads: int | None = Field(None, ge=1)
     """OpenVINO inference threads; None = all cores."""
-    regroup_ms: float = Field(10.0, ge=0, le=1000)
-    """How long an OpenVINO engine waits for the next requests of a group that just finished together
-    (when a step frees more slots than it leaves running) so they prefill in one step; 0 = never.
-    A lone finished request never waits (bench/SERVING_RESULTS.md)."""
+    regroup_ms: float = Field(30.0, ge=0, le=1000)
+    """How long after a step that finished requests an OpenVINO engine may wait for their successors
+    (when more finished requests are owed a successor than are still running) so they prefill in one
+    step instead of a step apart; 0 = never. A lone finished request never waits; a group that does not
+    come back costs one wait (bench/SERVING_RESULTS.md)."""
     warmup_tokens: int = Field(4, ge=1)
     """Tokens generated to warm a freshly loaded engine before it takes traffic."""
     drain_timeout_s: float = Field(30.0, ge=0)

@@ -58,6 +58,11 @@ class FeedbackStore:
         """Buffer one served request (cheap; call :meth:`flush` to persist)."""
         self._buffer.append((request_id, variant, version, user, key_id, route, status, latency_s, time.time()))
 
+    @property
+    def buffered(self) -> int:
+        """Request rows waiting for the next flush."""
+        return len(self._buffer)
+
     def flush(self) -> int:
         """Write buffered request rows; returns how many."""
         with self._lock:

@@ -129,7 +129,8 @@ class Gateway:
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(0.5)
-            await asyncio.to_thread(self.feedback.flush)
+            if self.feedback.buffered:  # an idle gateway should not wake a thread twice a second
+                await asyncio.to_thread(self.feedback.flush)
 
     def ready(self) -> tuple[bool, dict[str, str]]:
         states = {name: slot.state for name, slot in self.pool.slots.items()}

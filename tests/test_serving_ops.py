@@ -4,6 +4,8 @@ LoRA through the admin API, and a backend process that dies mid-request."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -291,59 +293,77 @@ def test_openvino_engine_process_dies_mid_request_then_fallback_serves(tmp_path,
         assert ready.status_code == 503 and ready.json()["variants"]["champion"] == "down"
 
 
-@pytest.mark.parametrize("regroup_ms", [2000.0, 0.0])
-def test_openvino_engine_regroups_requests_that_finished_together(ir_dir, regroup_ms):
-    """Three requests admitted together finish in one step; their successors, arriving 300 ms apart,
-    prefill in one step when the engine waits for them (regroup) and one by one when it does not. A
-    lone finished request's successor never waits."""
+def _finished_groups(parent, n: int) -> list[set[int]]:
+    """The requests each "out" message from an engine finished, until n have."""
+    groups: list[set[int]] = []
+    while sum(map(len, groups)) < n:
+        assert parent.poll(60), "the engine stopped answering"
+        kind, items = parent.recv()
+        assert kind == "out" and all(error is None for *_, error in items)
+        groups.append({rid for rid, _, reason, _, _ in items if reason})
+    return [g for g in groups if g]
+
+
+@contextlib.contextmanager
+def _engine_over_pipe(ir_dir, regroup_ms: float, queued: list[int]):
+    """The OpenVINO engine loop in a thread behind a real pipe, with requests of ``queued`` new tokens
+    sent before it starts (so they are admitted in one step); yields ``add(new_tokens=3)``."""
     import multiprocessing
 
     from serving.backends.openvino_engine import _Engine
 
     parent, child = multiprocessing.Pipe()
-    fields = {"max_new_tokens": 3, "ignore_eos": True, "do_sample": False}
-    rids = iter(range(100))
+    rids = itertools.count()
 
-    def add() -> None:
+    def add(new_tokens: int = 3) -> None:
+        fields = {"max_new_tokens": new_tokens, "ignore_eos": True, "do_sample": False}
         parent.send(("add", next(rids), "Hello there", fields, None, False))
 
-    def finished_groups(n: int) -> list[set[int]]:
-        """The requests each "out" message finished, until n have."""
-        groups: list[set[int]] = []
-        while sum(map(len, groups)) < n:
-            assert parent.poll(60), "the engine stopped answering"
-            kind, items = parent.recv()
-            assert kind == "out" and all(error is None for *_, error in items)
-            groups.append({rid for rid, _, reason, _, _ in items if reason})
-        return [g for g in groups if g]
-
-    for _ in range(3):
-        add()  # queued before the engine starts: admitted in one step
+    for new_tokens in queued:
+        add(new_tokens)
     engine = _Engine(child, str(ir_dir), "CPU", 1, 8, None, {}, regroup_ms)
     thread = threading.Thread(target=engine.run, daemon=True)
     thread.start()
     try:
-        assert finished_groups(3) == [{0, 1, 2}]
-        for _ in range(3):
-            add()
-            time.sleep(0.3)
-        successors = finished_groups(3)
-        if regroup_ms:
-            assert successors == [{3, 4, 5}]
-        else:
-            assert successors == [{3}, {4}, {5}]
-        add()
-        finished_groups(1)  # may wait for a group of 3 that does not come back: at most once
-        started = time.perf_counter()
-        add()
-        assert finished_groups(1) == [{7}]
-        assert time.perf_counter() - started < 1.0, "a lone request's successor waited (2 s if it did)"
+        yield add, parent
     finally:
         parent.send(("close",))
         thread.join(timeout=30)
         parent.close()
         child.close()
     assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("regroup_ms", [2000.0, 0.0])
+def test_openvino_engine_regroups_requests_that_finished_together(ir_dir, regroup_ms):
+    """Three requests admitted together finish in one step; their successors, arriving 300 ms apart,
+    prefill in one step when the engine waits for them (regroup) and one by one when it does not. A
+    lone finished request's successor never waits."""
+    with _engine_over_pipe(ir_dir, regroup_ms, [3, 3, 3]) as (add, parent):
+        assert _finished_groups(parent, 3) == [{0, 1, 2}]
+        for _ in range(3):
+            add()
+            time.sleep(0.3)
+        assert _finished_groups(parent, 3) == ([{3, 4, 5}] if regroup_ms else [{3}, {4}, {5}])
+        add()
+        _finished_groups(parent, 1)  # may wait for a group of 3 that does not come back: at most once
+        started = time.perf_counter()
+        add()
+        assert _finished_groups(parent, 1) == [{7}]
+        assert time.perf_counter() - started < 1.0, "a lone request's successor waited (2 s if it did)"
+
+
+@pytest.mark.parametrize("regroup_ms", [2000.0, 0.0])
+def test_openvino_engine_regroups_requests_that_finished_a_step_apart(ir_dir, regroup_ms):
+    """A finishes one step before B and C (2 vs 3 new tokens): all three are owed a successor, so the
+    successors, arriving 300 ms apart, prefill in one step with the wait (not A' + B', then C') and one
+    by one without it."""
+    with _engine_over_pipe(ir_dir, regroup_ms, [2, 3, 3]) as (add, parent):
+        assert _finished_groups(parent, 3) == [{0}, {1, 2}]
+        for _ in range(3):
+            add()
+            time.sleep(0.3)
+        assert _finished_groups(parent, 3) == ([{3, 4, 5}] if regroup_ms else [{3}, {4}, {5}])
 
 
 def _ready(base: str) -> bool:

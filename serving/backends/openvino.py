@@ -129,7 +129,7 @@ class OpenVINOBackend:
     kind = "openvino"
 
     def __init__(self, device: str = "CPU", cache_gb: float = 1.0, max_num_seqs: int = 32,
-                 num_threads: int | None = None, keep_awake: bool | None = None, regroup_ms: float = 10.0):
+                 num_threads: int | None = None, keep_awake: bool | None = None, regroup_ms: float = 30.0):
         self.device, self.cache_gb, self.max_num_seqs, self.num_threads = device, cache_gb, max_num_seqs, num_threads
         self.regroup_ms = regroup_ms
         if keep_awake is None:  # LMFORGE_OV_KEEP_AWAKE=1 turns the CorePacer on
