@@ -366,6 +366,18 @@ def test_openvino_engine_regroups_requests_that_finished_a_step_apart(ir_dir, re
         assert _finished_groups(parent, 3) == ([{3, 4, 5}] if regroup_ms else [{3}, {4}, {5}])
 
 
+def test_openvino_engine_holds_new_requests_out_of_a_batch_that_ends_with_the_next_step(ir_dir):
+    """A and B (1 new token) finish in the first step, C (2) is left on its last one. A' and B',
+    arriving while the engine waits for them, are held out of C's last step, so they prefill with C'
+    and the three finish together instead of A' + B' a step or more before C'."""
+    with _engine_over_pipe(ir_dir, 2000.0, [1, 1, 2]) as (add, parent):
+        assert _finished_groups(parent, 2) == [{0, 1}]
+        add(), add()
+        assert _finished_groups(parent, 1) == [{2}], "A' or B' ran in C's last step"
+        add()
+        assert _finished_groups(parent, 3) == [{3, 4, 5}]
+
+
 def _ready(base: str) -> bool:
     try:
         return httpx.get(base + "/health/ready", timeout=2).status_code == 200
