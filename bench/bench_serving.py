@@ -295,6 +295,7 @@ class GatewayProcess:
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.log.close()
                 raise RuntimeError(f"gateway exited ({self.process.returncode}); see {self.log.name}")
             try:
                 if httpx.get(self.base + "/health/ready", timeout=2).status_code == 200:
@@ -307,7 +308,11 @@ class GatewayProcess:
 
     def stop(self) -> None:
         self.process.terminate()
-        self.process.wait(timeout=60)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # a drain that hangs must not leave it running beside the next bench
+            self.process.kill()
+            self.process.wait()
         self.log.close()
 
 

@@ -11,11 +11,11 @@ its own) and pooled here.
 Each row: ``run`` (start time and design), ``design`` ("bracketed": the engine's step loop before and
 after the gateway; "full": bench_serving.py's rows, the step loop before and ``generate()`` after),
 ``clients``, ``http_client`` (the benchmark clients' library: httpx by default, aiohttp with
-``--http-client``), ``regroup_ms`` (the engine's ``serve.regroup_ms``: 0 before 2026-12-01 19:49; 10 until
-21:49, waiting for one group counted from its first successor; 30 since, waiting for every successor
-owed, counted from the finishing step), the three tok/s and ``ratio`` = gateway / mean of the two engine runs. The pooled
-interval is a stratified percentile bootstrap (trials resampled within their run), so a run with a
-slow host cannot stand in for another.
+``--http-client``), ``regroup_ms`` (the engine's ``serve.regroup_ms``: 0 before 2026-12-01 19:49;
+10 until 21:49, waiting for one group counted from its first successor; 30 since, waiting for every
+successor owed, counted from the finishing step, with the hold from 22:55), the three tok/s and
+``ratio`` = gateway / mean of the two engine runs. The pooled interval is a stratified percentile
+bootstrap (trials resampled within their run), so a run with a slow host cannot stand in for another.
 """
 
 from __future__ import annotations

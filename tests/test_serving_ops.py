@@ -321,17 +321,19 @@ def _engine_over_pipe(ir_dir, regroup_ms: float, queued: list[int]):
 
     for new_tokens in queued:
         add(new_tokens)
-    engine = _Engine(child, str(ir_dir), "CPU", 1, 8, None, {}, regroup_ms)
-    thread = threading.Thread(target=engine.run, daemon=True)
-    thread.start()
+    thread = None
     try:
+        engine = _Engine(child, str(ir_dir), "CPU", 1, 8, None, {}, regroup_ms)
+        thread = threading.Thread(target=engine.run, daemon=True)
+        thread.start()
         yield add, parent
     finally:
-        parent.send(("close",))
-        thread.join(timeout=30)
+        if thread is not None:
+            parent.send(("close",))
+            thread.join(timeout=30)
         parent.close()
         child.close()
-    assert not thread.is_alive()
+    assert thread is not None and not thread.is_alive()
 
 
 @pytest.mark.parametrize("regroup_ms", [2000.0, 0.0])
@@ -367,15 +369,45 @@ def test_openvino_engine_regroups_requests_that_finished_a_step_apart(ir_dir, re
 
 
 def test_openvino_engine_holds_new_requests_out_of_a_batch_that_ends_with_the_next_step(ir_dir):
-    """A and B (1 new token) finish in the first step, C (2) is left on its last one. A' and B',
-    arriving while the engine waits for them, are held out of C's last step, so they prefill with C'
-    and the three finish together instead of A' + B' a step or more before C'."""
-    with _engine_over_pipe(ir_dir, 2000.0, [1, 1, 2]) as (add, parent):
-        assert _finished_groups(parent, 2) == [{0, 1}]
-        add(), add()
-        assert _finished_groups(parent, 1) == [{2}], "A' or B' ran in C's last step"
+    """A, B and C (1 new token) finish in the first step, D and E (2) are left on their last one.
+    A', B' and C', arriving while the engine waits for them, are held out of that step, so they
+    prefill with D' and E' and all five finish together (without the hold: A'-C', then D' and E')."""
+    with _engine_over_pipe(ir_dir, 2000.0, [1, 1, 1, 2, 2]) as (add, parent):
+        assert _finished_groups(parent, 3) == [{0, 1, 2}]
+        for _ in range(3):
+            add()
+        assert _finished_groups(parent, 2) == [{3, 4}]
         add()
-        assert _finished_groups(parent, 3) == [{3, 4, 5}]
+        add()
+        assert _finished_groups(parent, 5) == [{5, 6, 7, 8, 9}]
+
+
+def test_openvino_engine_holds_each_request_once(ir_dir):
+    """The hold's bookkeeping on a real engine: only when every running request is on its last
+    counted step, never twice for a request, and not at all while a held request is pending (step
+    counts can run ahead of tokens, so a batch may outlive the step the hold waited for)."""
+    import multiprocessing
+
+    from serving.backends.openvino_engine import _Engine
+
+    parent, child = multiprocessing.Pipe()
+    try:
+        engine = _Engine(child, str(ir_dir), "CPU", 1, 8, None, {}, 30.0)
+        engine.active = {0: [None, False, 0.0, 2]}
+        engine.pending = [[1, "x", None, None, False]]
+        assert not engine.hold(), "the running request has two steps left"
+        engine.active[0][3] = 1
+        assert engine.hold() and not engine.hold(), "request 1 was held twice"
+        engine.pending.append([2, "y", None, None, False])
+        assert not engine.hold(), "request 2 was held while request 1, already held, waited"
+        engine.pending = [[3, "z", None, None, False]]
+        assert engine.hold()
+        engine.regroup_s = 0.0
+        engine.pending, engine.held = [[4, "w", None, None, False]], set()
+        assert not engine.hold(), "regroup_ms 0 turns the hold off"
+    finally:
+        parent.close()
+        child.close()
 
 
 def _ready(base: str) -> bool:

@@ -62,6 +62,7 @@ class _Engine:
         self.cancelled: set[int] = set()
         self.regroup_s = regroup_ms / 1000
         self.owed = 0  # requests finished within regroup_s whose successors have not arrived (see regroup)
+        self.group_finished = False  # the last step that finished requests finished two or more
         self.finished_at = 0.0  # when the last step that finished a request ended
 
     # ------------------------------------------------------------------ messages
@@ -109,7 +110,7 @@ class _Engine:
         running = ov.GenerationStatus.RUNNING
         length, unfinished = ov.GenerationFinishReason.LENGTH, ov.GenerationFinishReason.NONE
         while self.drain(block=not self.pending and not self.active):
-            if self.owed > len(self.active) and not self.regroup():
+            if self.group_finished and self.owed > len(self.active) and not self.regroup():
                 return
             if self.cancelled:
                 self.pending = [p for p in self.pending if p[0] not in self.cancelled]
@@ -162,18 +163,21 @@ class _Engine:
                     self.owed = 0  # whoever finished before has had their chance
                 self.owed += finished_now
                 self.finished_at = now
+                self.group_finished = finished_now >= 2
 
     def regroup(self) -> bool:
         """Wait (until ``regroup_s`` after the last finish) for the successors of requests that just finished.
 
-        Closed-loop clients send their next request as soon as the last one returns. When more
-        requests have finished without a successor than are still running, stepping at once prefills
-        the successors that came first while the rest arrive mid-step and wait for the next step
-        boundary; the split then repeats round after round (measured: 4 + 4 and 1 + 7 rounds at 8
-        clients, each costing a prefill step). Waiting costs the running few that long and saves each
-        late arrival most of a step. The wait is bounded by the finishing step's end, so a request after
-        an idle spell never waits; a group that does not come back is forgotten after one wait. A lone
-        request's successor never waits: it is the only one owed. False once told to close.
+        Called after a step that finished two or more requests when more requests are owed a successor
+        than are running. ``owed`` counts the requests finished while each finish came within
+        ``regroup_s`` of the one before, less every arrival since. Closed-loop clients send their next
+        request as soon as the last one returns; stepping at once prefills the successors that came
+        first while the rest arrive mid-step and wait for the next step boundary, and the split then
+        repeats round after round (measured: 4 + 4 and 1 + 7 rounds at 8 clients, each costing a
+        prefill step). Waiting costs the running few that long and saves each late arrival most of a
+        step. The wait ends ``regroup_s`` after the finishing step, so a request after an idle spell
+        never waits; a group that does not come back is forgotten after one wait. Requests that finish
+        one per step (a lone client, traffic winding down) never trigger it. False once told to close.
         """
         deadline = self.finished_at + self.regroup_s
         while self.owed:
@@ -182,7 +186,7 @@ class _Engine:
                 break
             if not self.handle(self.conn.recv()):
                 return False
-        self.owed = 0
+        self.owed, self.group_finished = 0, False
         return True
 
     def hold(self) -> bool:
@@ -192,15 +196,19 @@ class _Engine:
         successors, which then arrive while it runs: the next round splits the same way, and the one
         after (measured at 8 clients: a 1 + 7 split kept for whole runs, each round a step longer).
         Held for that step, it prefills with the successors instead (``regroup`` waits for them).
-        Each request is held at most once, so a longer prefill than counted cannot stall it.
+        ``steps_left`` counts steps, which can run ahead of tokens (a prefill split over steps, a
+        preempted request), so the hold can come early; it never holds a request twice, and once a
+        held request is pending nothing is held, so no request waits more than one step for it.
         """
         if not (self.regroup_s and self.active and self.pending):
             return False
         if any(entry[3] > 1 for entry in self.active.values()):
-            return False  # steps_left counts new tokens: a request can end sooner, never later
-        fresh = {p[0] for p in self.pending} - self.held
-        self.held |= fresh
-        return bool(fresh)
+            return False
+        pending = {p[0] for p in self.pending}
+        if pending & self.held:
+            return False
+        self.held |= pending
+        return True
 
     def admit(self) -> list[list]:
         if not self.lora:
