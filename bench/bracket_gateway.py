@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import bench_serving as bench  # noqa: E402 - after the path fix, like bench_serving's own imports
-from bench.pool_overhead import TRIALS, append_trial  # noqa: E402
+from bench.pool_overhead import TRIALS, append_trial, paired_ratio  # noqa: E402
 
 
 def main() -> None:
@@ -58,7 +58,7 @@ def main() -> None:
                 served = bench.bench_gateway(gateway.base, args.clients, args.rounds, server_pid=gateway.process.pid,
                                              http_client=lib)
                 after = direct.run(args.clients, args.rounds, "step")["tok_s"]
-                ratio = 2 * served["tok_s"] / (before + after)
+                ratio = paired_ratio(before, served["tok_s"], after)
                 if not args.no_record:
                     append_trial(run, "bracketed", args.clients, lib, bench.REGROUP_MS, before, served["tok_s"], after,
                                  served["outside_engine_ms_median"], args.record)

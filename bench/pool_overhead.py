@@ -33,11 +33,16 @@ def read_trials(path: Path = TRIALS) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def paired_ratio(before: float, gateway: float, after: float) -> float:
+    """The gateway's tok/s over the mean of the engine runs just before and after it."""
+    return 2 * gateway / (before + after)
+
+
 def append_trial(run: str, design: str, clients: int, http_client: str, regroup_ms: float, before: float,
                  gateway: float, after: float, outside_ms: float | None = None, path: Path = TRIALS) -> None:
     """Append one trial (one line: an interrupted bench loses at most the trial it was running); its
-    ratio is the gateway's tok/s over the mean of the engine runs before and after it."""
-    ratio = 2 * gateway / (before + after)
+    ratio is :func:`paired_ratio`."""
+    ratio = paired_ratio(before, gateway, after)
     row = {"run": run, "design": design, "clients": clients, "http_client": http_client, "regroup_ms": regroup_ms,
            "engine_before": round(before, 1), "gateway": round(gateway, 1), "engine_after": round(after, 1),
            "ratio": round(ratio, 4)}

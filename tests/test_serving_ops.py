@@ -388,15 +388,15 @@ def test_openvino_engine_holds_each_request_once(ir_dir):
     counts can run ahead of tokens, so a batch may outlive the step the hold waited for)."""
     import multiprocessing
 
-    from serving.backends.openvino_engine import _Engine
+    from serving.backends.openvino_engine import _Engine, _Running
 
     parent, child = multiprocessing.Pipe()
     try:
         engine = _Engine(child, str(ir_dir), "CPU", 1, 8, None, {}, 30.0)
-        engine.active = {0: [None, False, 0.0, 2]}
+        engine.active = {0: _Running(None, False, 0.0, 2)}
         engine.pending = [[1, "x", None, None, False]]
         assert not engine.hold(), "the running request has two steps left"
-        engine.active[0][3] = 1
+        engine.active[0].steps_left = 1
         assert engine.hold() and not engine.hold(), "request 1 was held twice"
         engine.pending.append([2, "y", None, None, False])
         assert not engine.hold(), "request 2 was held while request 1, already held, waited"

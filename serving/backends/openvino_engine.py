@@ -28,6 +28,7 @@ engine switches with a 1-token ``generate``.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -35,6 +36,16 @@ def read_adapter(path: str):
     import openvino_genai as ov_genai
 
     return ov_genai.Adapter(path)
+
+
+@dataclass(slots=True)
+class _Running:
+    """A request in the pipeline."""
+
+    handle: Any
+    stream: bool
+    added_at: float
+    steps_left: int  # counted down per step from max_new_tokens: steps can run ahead of tokens (see hold)
 
 
 class _Engine:
@@ -57,7 +68,7 @@ class _Engine:
         self.pipe = ov_genai.ContinuousBatchingPipeline(model_dir, scheduler, device, properties)
         self.active_adapter: Any = ()  # unknown until the first switch
         self.pending: list[list] = []  # [rid, prompt, config, adapter, stream]
-        self.active: dict[int, list] = {}  # rid -> [handle, stream, added_at, steps_left]
+        self.active: dict[int, _Running] = {}
         self.held: set[int] = set()  # pending requests already held back once (see hold)
         self.cancelled: set[int] = set()
         self.regroup_s = regroup_ms / 1000
@@ -115,7 +126,7 @@ class _Engine:
             if self.cancelled:
                 self.pending = [p for p in self.pending if p[0] not in self.cancelled]
                 for rid in self.cancelled & self.active.keys():
-                    self.active.pop(rid)[0].cancel()
+                    self.active.pop(rid).handle.cancel()
                 self.held -= self.cancelled
                 self.cancelled.clear()
             new = [] if self.hold() else self.admit()
@@ -124,15 +135,15 @@ class _Engine:
             for rid, prompt, config, _, stream in new:
                 self.held.discard(rid)
                 handle = self.pipe.add_request(rid, prompt, config)
-                self.active[rid] = [handle, stream, time.perf_counter(), config.max_new_tokens]
+                self.active[rid] = _Running(handle, stream, time.perf_counter(), config.max_new_tokens)
             if not self.active:
                 continue
             self.pipe.step()
             out = []
             finished_now = 0
-            for rid, entry in list(self.active.items()):
-                handle, stream, added_at, _ = entry
-                entry[3] -= 1
+            for rid, running in list(self.active.items()):
+                handle, stream, added_at = running.handle, running.stream, running.added_at
+                running.steps_left -= 1
                 status = handle.get_status()
                 if status == running and not stream:
                     continue  # nobody reads partial output: take it all at the end, as generate() does
@@ -202,7 +213,7 @@ class _Engine:
         """
         if not (self.regroup_s and self.active and self.pending):
             return False
-        if any(entry[3] > 1 for entry in self.active.values()):
+        if any(running.steps_left > 1 for running in self.active.values()):
             return False
         pending = {p[0] for p in self.pending}
         if pending & self.held:
