@@ -141,31 +141,38 @@ def test_alias_flip_swaps_without_restart_or_failed_requests(tmp_path, mlflow_ur
         assert first.headers["x-lmforge-version"] == v1
         old_engine = app.state.gateway.pool.slots["champion"].ref
 
-        results: list[tuple[int, str | None]] = []
+        # (status, version, sent, done): responses land in completion order, and a request sent to the old
+        # engine just before the swap may finish after one sent to the new engine, so order is judged by times.
+        results: list[tuple[int, str | None, float, float]] = []
         stop = threading.Event()
 
         def load() -> None:
             with httpx.Client(timeout=30) as http:
                 while not stop.is_set():
+                    sent = time.monotonic()
                     r = http.post(base + "/v1/chat/completions", headers={"Authorization": f"Bearer {admin_key}"},
                                   json={"model": "lmforge-assistant", "messages": HELLO, "max_tokens": 16})
-                    results.append((r.status_code, r.headers.get("x-lmforge-version")))
+                    results.append((r.status_code, r.headers.get("x-lmforge-version"), sent, time.monotonic()))
 
         workers = [threading.Thread(target=load) for _ in range(3)]
         for w in workers:
             w.start()
         wait_for(lambda: len(results) >= 3)
         MlflowClient(mlflow_uri, mlflow_uri).set_registered_model_alias("lmforge-assistant", "champion", v2)
-        wait_for(lambda: any(v == v2 for _, v in results[-3:]), timeout=60)
+        wait_for(lambda: any(r[1] == v2 for r in results[-3:]), timeout=60)
         time.sleep(0.3)
         stop.set()
         for w in workers:
             w.join()
 
-        assert [s for s, _ in results if s != 200] == [], "no failed request during the swap"
-        versions = [v for _, v in results]
+        assert [r[0] for r in results if r[0] != 200] == [], "no failed request during the swap"
+        versions = [r[1] for r in results]
         assert v1 in versions and v2 in versions
-        assert versions.index(v2) > versions.index(v1) and v1 not in versions[versions.index(v2):]
+        assert versions.index(v2) > versions.index(v1)
+        # Once any client has seen v2, no request sent afterwards is served by v1 (the swap is one-way and atomic).
+        first_v2_done = min(done for _, v, _, done in results if v == v2)
+        sent_after = [v for _, v, sent, _ in results if sent > first_v2_done]
+        assert sent_after and set(sent_after) == {v2}, sent_after
         info = httpx.get(base + "/admin/variants", headers={"Authorization": f"Bearer {admin_key}"}).json()
         swap = info["variants"][0]["swaps"][-1]
         assert swap["version"] == v2 and swap["reason"].startswith("alias @champion")
