@@ -389,6 +389,25 @@ def test_openvino_engine_holds_new_requests_out_of_a_batch_that_ends_with_the_ne
         assert _finished_groups(parent, 5) == [{5, 6, 7, 8, 9}]
 
 
+def test_openvino_engine_sends_non_streaming_output_once_and_streaming_output_per_step(ir_dir):
+    """A non-streaming request's ids cross the pipe once, when it finishes (nobody reads partial output,
+    and every message wakes the gateway beside a running step); a streaming one's arrive step by step."""
+    with _engine_over_pipe(ir_dir, 0.0, [4, 4]) as (add, parent):
+        assert parent.poll(60)
+        kind, items = parent.recv()
+        assert kind == "out" and [(rid, len(ids), reason) for rid, ids, reason, _, _ in items] == [
+            (0, 4, "length"), (1, 4, "length")], items
+        parent.send(("add", 2, "Hello there", {"max_new_tokens": 4, "ignore_eos": True, "do_sample": False},
+                     None, True))
+        streamed: list[list[int]] = []
+        reason = None
+        while reason is None:
+            assert parent.poll(60), "the engine stopped answering"
+            kind, [(rid, ids, reason, _, _)] = parent.recv()
+            streamed.append(ids)
+        assert reason == "length" and len(streamed) >= 2 and sum(map(len, streamed)) == 4, streamed
+
+
 def test_openvino_engine_holds_each_request_once(ir_dir):
     """The hold's bookkeeping on a real engine: only when every running request is on its last
     counted step, never twice for a request, and not at all while a held request is pending (step

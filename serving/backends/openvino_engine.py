@@ -118,7 +118,7 @@ class _Engine:
         ov = self.ov
         finished = {ov.GenerationStatus.FINISHED, ov.GenerationStatus.STOP}
         failed = {ov.GenerationStatus.IGNORED, ov.GenerationStatus.CANCEL}
-        running = ov.GenerationStatus.RUNNING
+        generating = ov.GenerationStatus.RUNNING
         length, unfinished = ov.GenerationFinishReason.LENGTH, ov.GenerationFinishReason.NONE
         while self.drain(block=not self.pending and not self.active):
             if self.group_finished and self.owed > len(self.active) and not self.regroup():
@@ -141,11 +141,11 @@ class _Engine:
             self.pipe.step()
             out = []
             finished_now = 0
-            for rid, running in list(self.active.items()):
-                handle, stream, added_at = running.handle, running.stream, running.added_at
-                running.steps_left -= 1
+            for rid, request in list(self.active.items()):
+                handle, stream, added_at = request.handle, request.stream, request.added_at
+                request.steps_left -= 1
                 status = handle.get_status()
-                if status == running and not stream:
+                if status == generating and not stream:
                     continue  # nobody reads partial output: take it all at the end, as generate() does
                 ids: list[int] = []
                 reason = None
