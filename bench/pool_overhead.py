@@ -9,13 +9,17 @@ its own) and pooled here.
     .venv/bin/python bench/pool_overhead.py --since 2026-12-01T15:00
 
 Each row: ``run`` (start time and design), ``design`` ("bracketed": the engine's step loop before and
-after the gateway; "full": bench_serving.py's rows, the step loop before and ``generate()`` after),
+after the gateway, the gateway started first; "alternating": ``bracket_gateway.py`` since 2026-12-02, the
+engine and gateway runs alternating within ``block``s of fresh processes, ``started_first`` saying which
+process each block started first; "full": bench_serving.py's rows, the step loop before and
+``generate()`` after),
 ``clients``, ``http_client`` (the benchmark clients' library: httpx by default, aiohttp with
 ``--http-client``), ``regroup_ms`` (the engine's ``serve.regroup_ms``: 0 before 2026-12-01 19:49;
 10 until 21:49, waiting for one group counted from its first successor; 30 since, waiting for every
 successor owed, counted from the finishing step, with the hold from 22:55), the three tok/s and
 ``ratio`` = gateway / mean of the two engine runs. The pooled interval is a stratified percentile
-bootstrap (trials resampled within their run), so a run with a slow host cannot stand in for another.
+bootstrap (trials resampled within their run, or block), so a run with a slow host cannot stand in for
+another.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ def paired_ratio(before: float, gateway: float, after: float) -> float:
 
 
 def append_trial(run: str, design: str, clients: int, http_client: str, regroup_ms: float, before: float,
-                 gateway: float, after: float, outside_ms: float | None = None, path: Path = TRIALS) -> None:
+                 gateway: float, after: float, outside_ms: float | None = None, path: Path = TRIALS,
+                 block: int | None = None, started_first: str | None = None) -> None:
     """Append one trial (one line: an interrupted bench loses at most the trial it was running); its
     ratio is :func:`paired_ratio`."""
     ratio = paired_ratio(before, gateway, after)
@@ -48,6 +53,8 @@ def append_trial(run: str, design: str, clients: int, http_client: str, regroup_
            "ratio": round(ratio, 4)}
     if outside_ms is not None:
         row["outside_ms"] = round(outside_ms, 1)
+    if block is not None:
+        row["block"], row["started_first"] = block, started_first
     with path.open("a", encoding="utf-8") as out:
         out.write(json.dumps(row) + "\n")
 
@@ -56,16 +63,17 @@ def pooled(rows: list[dict], reps: int = 10_000, seed: int = 0) -> dict:
     """Pooled median ratio, its stratified bootstrap 95% interval, and the spread of per-run medians."""
     import numpy as np
 
-    by_run: dict[str, list[float]] = defaultdict(list)
-    for row in rows:
-        by_run[row["run"]].append(row["ratio"])
+    by_run: dict[tuple, list[float]] = defaultdict(list)
+    for row in rows:  # a block of fresh processes is a stratum of its own (see bracket_gateway.py)
+        by_run[row["run"], row.get("block")].append(row["ratio"])
     groups = [np.asarray(v) for v in by_run.values()]
     rng = np.random.default_rng(seed)
     medians = np.empty(reps)
     for i in range(reps):
         medians[i] = np.median(np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups]))
     run_medians = [statistics.median(v) for v in by_run.values()]
-    return {"trials": len(rows), "runs": len(groups), "median": statistics.median(r["ratio"] for r in rows),
+    return {"trials": len(rows), "runs": len({row["run"] for row in rows}),
+            "median": statistics.median(r["ratio"] for r in rows),
             "low": float(np.percentile(medians, 2.5)), "high": float(np.percentile(medians, 97.5)),
             "run_median_low": min(run_medians), "run_median_high": max(run_medians)}
 
@@ -83,9 +91,17 @@ def main() -> None:
     for row in rows:
         groups[(row["clients"], row.get("regroup_ms", 0.0), row.get("http_client", "httpx"))].append(row)
     for (clients, regroup, lib), mine in sorted(groups.items()):
-        for design in ("bracketed", "full", "all"):
-            subset = [r for r in mine if design in ("all", r["design"])]
-            if not subset or (design == "all" and len({r["design"] for r in mine}) < 2):
+        subsets = {design: [r for r in mine if r["design"] == design] for design in ("bracketed", "full")}
+        alternating = [r for r in mine if r["design"] == "alternating"]
+        if alternating:  # balanced by start order only when both orders have been run
+            subsets["alternating"] = alternating
+            for first in ("gateway", "engine"):
+                subsets[f"alternating, {first} started first"] = [r for r in alternating
+                                                                  if r.get("started_first") == first]
+        if len({r["design"] for r in mine}) > 1:
+            subsets["all"] = mine
+        for design, subset in subsets.items():
+            if not subset:
                 continue
             p = pooled(subset)
             print(f"| {clients} | {regroup:g} ms | {lib} | {design} | {p['runs']} | {p['trials']} | "
