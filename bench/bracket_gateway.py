@@ -52,8 +52,8 @@ def main() -> None:
                         help=f"append each trial here for pool_overhead.py (default bench/{TRIALS.name})")
     parser.add_argument("--no-record", action="store_true", help="do not record the trials")
     args = parser.parse_args()
-    if args.trials < 1 or not 1 <= args.blocks <= args.trials:
-        parser.error("--trials must be at least 1 and --blocks between 1 and --trials")
+    if args.trials < 2 or not 1 <= args.blocks <= args.trials:
+        parser.error("--trials must be at least 2 (for an interval) and --blocks between 1 and --trials")
     run = time.strftime("%Y-%m-%dT%H:%M") + " alternating"
     libraries = list(bench.HTTP_CLIENTS) if args.http_client == "both" else [args.http_client]
 
@@ -71,10 +71,13 @@ def main() -> None:
         first = "gateway" if block % 2 == 0 else "engine"
         gateway = direct = None
         try:
+            # One at a time, so that whichever started is stopped below if the other fails to start.
             if first == "gateway":
-                gateway, direct = bench.ir_gateway(work, ir), bench.DirectWorker(ir)
+                gateway = bench.ir_gateway(work, ir)
+                direct = bench.DirectWorker(ir)
             else:
-                direct, gateway = bench.DirectWorker(ir), bench.ir_gateway(work, ir)
+                direct = bench.DirectWorker(ir)
+                gateway = bench.ir_gateway(work, ir)
             before = direct.run(args.clients, args.rounds, "step")["tok_s"]
             for _ in range(args.trials * (block + 1) // args.blocks - args.trials * block // args.blocks):
                 for lib in libraries if trial % 2 == 0 else libraries[::-1]:

@@ -60,7 +60,8 @@ def append_trial(run: str, design: str, clients: int, http_client: str, regroup_
 
 
 def pooled(rows: list[dict], reps: int = 10_000, seed: int = 0) -> dict:
-    """Pooled median ratio, its stratified bootstrap 95% interval, and the spread of per-run medians."""
+    """Pooled median ratio, its stratified bootstrap 95% interval, and the spread of the medians per run
+    (per block of fresh processes for ``bracket_gateway.py``'s blocked runs)."""
     import numpy as np
 
     by_run: dict[tuple, list[float]] = defaultdict(list)
@@ -85,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = [r for r in read_trials(args.file) if r["run"] >= args.since]
     print("| clients | regroup wait | HTTP client | design | runs | trials | overhead (1 - gateway/engine), "
-          "pooled median | 95% interval | per-run medians |")
+          "pooled median | 95% interval | medians per run or block |")
     print("|---:|---:|---|---|---:|---:|---:|---:|---:|")
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
