@@ -93,14 +93,14 @@ def main() -> None:
         groups[(row["clients"], row.get("regroup_ms", 0.0), row.get("http_client", "httpx"))].append(row)
     for (clients, regroup, lib), mine in sorted(groups.items()):
         subsets = {design: [r for r in mine if r["design"] == design] for design in ("bracketed", "full")}
+        if subsets["bracketed"] and subsets["full"]:  # both started the gateway first: biased alike
+            subsets["bracketed + full"] = subsets["bracketed"] + subsets["full"]
         alternating = [r for r in mine if r["design"] == "alternating"]
-        if alternating:  # balanced by start order only when both orders have been run
+        if alternating:  # balanced by start order when the blocks of both orders are counted alike
             subsets["alternating"] = alternating
             for first in ("gateway", "engine"):
                 subsets[f"alternating, {first} started first"] = [r for r in alternating
                                                                   if r.get("started_first") == first]
-        if len({r["design"] for r in mine}) > 1:
-            subsets["all"] = mine
         for design, subset in subsets.items():
             if not subset:
                 continue
