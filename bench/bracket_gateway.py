@@ -67,7 +67,8 @@ def main() -> None:
           "| outside engine (median ms, share) | client / gateway CPU per request (ms) |")
     print("|---:|---|---|---:|---:|---:|---:|---:|---:|")
     trial = 0
-    for block in range(args.blocks):
+    block_trials = [args.trials // args.blocks + (block < args.trials % args.blocks) for block in range(args.blocks)]
+    for block, trials_here in enumerate(block_trials):
         first = "gateway" if block % 2 == 0 else "engine"
         gateway = direct = None
         try:
@@ -79,7 +80,7 @@ def main() -> None:
                 direct = bench.DirectWorker(ir)
                 gateway = bench.ir_gateway(work, ir)
             before = direct.run(args.clients, args.rounds, "step")["tok_s"]
-            for _ in range(args.trials * (block + 1) // args.blocks - args.trials * block // args.blocks):
+            for _ in range(trials_here):
                 for lib in libraries if trial % 2 == 0 else libraries[::-1]:
                     served = bench.bench_gateway(gateway.base, args.clients, args.rounds,
                                                  server_pid=gateway.process.pid, http_client=lib)

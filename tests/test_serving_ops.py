@@ -314,7 +314,7 @@ def _finished_groups(parent, n: int) -> list[set[int]]:
 @contextlib.contextmanager
 def _engine_over_pipe(ir_dir, regroup_ms: float, queued: list[int]):
     """The OpenVINO engine loop in a thread behind a real pipe, with requests of ``queued`` new tokens
-    sent before it starts (so they are admitted in one step); yields ``add(new_tokens=3)``."""
+    sent before it starts (so they are admitted in one step); yields ``add(new_tokens=3, stream=False)``."""
     import multiprocessing
 
     from serving.backends.openvino_engine import _Engine
@@ -322,9 +322,9 @@ def _engine_over_pipe(ir_dir, regroup_ms: float, queued: list[int]):
     parent, child = multiprocessing.Pipe()
     rids = itertools.count()
 
-    def add(new_tokens: int = 3) -> None:
+    def add(new_tokens: int = 3, stream: bool = False) -> None:
         fields = {"max_new_tokens": new_tokens, "ignore_eos": True, "do_sample": False}
-        parent.send(("add", next(rids), "Hello there", fields, None, False))
+        parent.send(("add", next(rids), "Hello there", fields, None, stream))
 
     for new_tokens in queued:
         add(new_tokens)
@@ -397,8 +397,7 @@ def test_openvino_engine_sends_non_streaming_output_once_and_streaming_output_pe
         kind, items = parent.recv()
         assert kind == "out" and [(rid, len(ids), reason) for rid, ids, reason, _, _ in items] == [
             (0, 4, "length"), (1, 4, "length")], items
-        parent.send(("add", 2, "Hello there", {"max_new_tokens": 4, "ignore_eos": True, "do_sample": False},
-                     None, True))
+        add(4, stream=True)
         streamed: list[list[int]] = []
         reason = None
         while reason is None:
