@@ -1,7 +1,7 @@
 """Serving benchmark: gateway vs engine throughput, hot-swap time, LoRA switch, A/B split.
 
     .venv/bin/python bench/bench_serving.py [--home .lmforge] [--rounds 6] [--trials 5] [--skip-hf] [--skip-swap]
-                                            [--pacer] [--only vllm]
+                                            [--pacer] [--bursts 30] [--only vllm|ab]
 
 Same harness everywhere: 8 distinct raw prompts, 64 new tokens per request (greedy), C concurrent
 clients each sending ``rounds`` requests back to back; tokens/s = generated tokens / wall time.
@@ -21,6 +21,9 @@ Every row runs ``trials`` times, interleaved with the others; the tables show me
   load/warm-up time, the atomic switch, and the extra latency clients saw during the swap.
 * LoRA: switching the engine's adapter (random rank-8 LoRA on SmolLM2) through /admin.
 * A/B: 10,000 simulated users at 90/10.
+* A/B bursts (``--only ab`` runs just these): the spread (min / P10 / median / P90 / max) of bursts of 8
+  concurrent 64-token completions through the default champion/challenger split on a real registry,
+  both aliases on one version and on two (bench/ab_bursts.py).
 
 Results are printed as a table and written to ``<home>/bench/serving.json``.
 """
@@ -44,7 +47,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from configs.schema import ServeConfig  # noqa: E402 - after the path fix
+from bench import ab_bursts  # noqa: E402 - after the path fix
+from configs.schema import ServeConfig  # noqa: E402
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -480,6 +484,15 @@ def bench_lora(ir: Path, base_dir: Path, work: Path) -> dict:
             "admin_ms_median": statistics.median(s["admin_ms"] for s in switches)}
 
 
+def run_ab(home: Path, ir: Path, work: Path, count: int) -> dict:
+    """A/B bursts on ``home``'s registry (bench/ab_bursts.py); gateways run the pipeline preset's variants."""
+    from configs.schema import load
+
+    tracking = load("pipeline", [f"home={home}"]).tracking_uri()
+    return ab_bursts.run(home, ir, work, count, prompts=PROMPTS, gateway_factory=lambda w, overrides: GatewayProcess(
+        w, [f"registry.tracking_uri={tracking}", *overrides], _port()))
+
+
 def bench_ab(users: int = 10_000) -> dict:
     from serving.router import ABRouter
 
@@ -507,8 +520,10 @@ def main() -> None:
                              "uses ~5x less client CPU per request, see SERVING_RESULTS.md).")
     parser.add_argument("--no-record", action="store_true",
                         help="Do not append the paired trials to bench/overhead_trials.jsonl (see pool_overhead.py).")
-    parser.add_argument("--only", choices=["all", "vllm"], default="all",
-                        help="vllm: only vLLM, direct and through the gateway (-> <home>/bench/serving-vllm.json)")
+    parser.add_argument("--bursts", type=int, default=30, help="A/B bursts per scenario (bench/ab_bursts.py).")
+    parser.add_argument("--only", choices=["all", "vllm", "ab"], default="all",
+                        help="vllm: only vLLM, direct and through the gateway (-> <home>/bench/serving-vllm.json); "
+                             "ab: only the A/B bursts (-> <home>/bench/serving-ab.json)")
     args = parser.parse_args()
     home = args.home.resolve()
     work = home / "bench" / f"serving-{int(time.time())}"
@@ -523,6 +538,12 @@ def main() -> None:
                          *report_vllm(out)]))
         return
     ir = prepare(home)
+    if args.only == "ab":
+        out = {"ir": str(ir), "loadavg_start": os.getloadavg(), **run_ab(home, ir, work, args.bursts),
+               "loadavg_end": os.getloadavg()}
+        (home / "bench" / "serving-ab.json").write_text(json.dumps(out, indent=2))
+        print("\n".join(ab_bursts.report(out)))
+        return
     out: dict = {"ir": str(ir), "new_tokens": NEW_TOKENS, "rounds": args.rounds}
 
     # The machine is shared: interleave engine and gateway runs trial by trial, so a burst of
@@ -578,6 +599,7 @@ def main() -> None:
         out["lora"] = bench_lora(ir, home / "models" / "smollm2-135m", work)
         print(f"lora: {out['lora']}", flush=True)
     out["ab"] = bench_ab()
+    out["ab_bursts"] = run_ab(home, ir, work, args.bursts)
     (home / "bench").mkdir(exist_ok=True)
     (home / "bench" / "serving.json").write_text(json.dumps(out, indent=2))
     print(report(out))
@@ -682,6 +704,8 @@ def report(out: dict) -> str:
     ab = out["ab"]
     rows.append(f"A/B 90/10 over {ab['users']} users: challenger {ab['challenger_share']:.2%}, sticky={ab['sticky']}")
     rows.append(f"vLLM: {out['vllm']}")
+    if "ab_bursts" in out:
+        rows += ["", *ab_bursts.report(out["ab_bursts"])]
     return "\n".join(rows)
 
 

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -33,6 +32,8 @@ class RequestContext:
 
     request_id: str
     route: str
+    client: str = "anonymous"
+    """Who is calling, for A/B assignment without a user: ``key:<key id>``, or ``addr:<host>`` with auth off."""
     user: str | None = None
     key: ApiKey | None = None
     override: str | None = None
@@ -178,8 +179,9 @@ class Gateway:
         available = self.pool.available()
         fallback = self.cfg.fallback_variant
         # A down variant's users go to the fallback when there is one, else are spread over the rest.
-        # Anonymous requests get a one-off id, so both lookups below agree for this request.
-        user = ctx.user or secrets.token_hex(8)
+        # Without a user the caller (API key, else client address) is the unit of assignment: one
+        # client's concurrent requests land on one variant instead of a weighted coin flip each.
+        user = ctx.user or ctx.client
         name = self.router.assign(user)
         if name not in available and fallback in available:
             return fallback

@@ -275,9 +275,13 @@ def test_backend_dies_mid_request_then_fallback_serves(tmp_path, ir_dir):
 def test_openvino_engine_process_dies_mid_request_then_fallback_serves(tmp_path, ir_dir):
     """The OpenVINO engine runs in its own process: killing it fails the request in flight with a
     clear error, the next one is served by the fallback variant, and the gateway stays up."""
+    import shutil
+
+    # A copy: variants on one model directory would share the engine (and die with it).
+    fallback_ir = shutil.copytree(ir_dir, tmp_path / "fallback-ir")
     cfg = ServeConfig(backend="openvino", auth=False, watch=False, cache_gb=1, fallback_variant="local",
                       variants=[{"name": "champion", "model_uri": str(ir_dir), "weight": 1.0},
-                                {"name": "local", "model_uri": str(ir_dir), "weight": 0.0}])
+                                {"name": "local", "model_uri": str(fallback_ir), "weight": 0.0}])
     app = build_app(cfg, tmp_path / "home")
     with running_gateway(app) as base:
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)

@@ -58,7 +58,8 @@ def context(request: Request, route: str, user: str | None = None, admin: bool =
     if gw.draining:
         raise APIError(503, "the gateway is shutting down", code="draining", headers={"Retry-After": "1"})
     key = gw.authenticate(request.headers.get("authorization"), admin=admin)
-    ctx = RequestContext(request_id=new_id(prefix), route=route, key=key,
+    client = f"key:{key.key_id}" if key else f"addr:{request.client.host if request.client else 'unknown'}"
+    ctx = RequestContext(request_id=new_id(prefix), route=route, key=key, client=client,
                          user=user or request.headers.get(USER_HEADER), override=request.headers.get(OVERRIDE_HEADER))
     request.state.ctx = ctx
     return ctx

@@ -1,0 +1,102 @@
+"""Variants on a real MLflow registry: engine sharing between aliases, stable A/B assignment without
+a user, a missing challenger alias, and promotions the gates did not pass."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+from mlflow import MlflowClient
+
+from configs.schema import ServeConfig
+from serving.app import build_app
+from serving.auth import KeyStore
+from serving.router import ABRouter
+from tests.serving_helpers import register_versions, running_gateway, wait_for
+
+HELLO = [{"role": "user", "content": "Say hello."}]
+MODEL = "lmforge-assistant"
+CHAMPION_URI, CHALLENGER_URI = f"models:/{MODEL}@champion", f"models:/{MODEL}@challenger"
+
+
+def _ab_config(**overrides) -> ServeConfig:
+    return ServeConfig(backend="openvino", cache_gb=1, poll_interval_s=0.2,
+                       variants=[{"name": "champion", "model_uri": CHAMPION_URI, "weight": 0.5},
+                                 {"name": "challenger", "model_uri": CHALLENGER_URI, "weight": 0.5}], **overrides)
+
+
+def _engines(app) -> dict[str, object]:
+    return {name: slot.ref for name, slot in app.state.gateway.pool.slots.items()}
+
+
+def test_aliases_on_one_version_share_one_engine(tmp_path, mlflow_uri, tiny_ir_dir):
+    """champion and challenger on v1: one engine process serves both. The challenger moving to v2 gets
+    its own engine; moving back re-binds it to the champion's and releases v2's."""
+    v1, v2 = register_versions(mlflow_uri, tiny_ir_dir, tmp_path / "artifacts")
+    registry = MlflowClient(mlflow_uri, mlflow_uri)
+    registry.set_registered_model_alias(MODEL, "champion", v1)
+    registry.set_registered_model_alias(MODEL, "challenger", v1)
+    app = build_app(_ab_config(auth=False), tmp_path / "home", tracking_uri=mlflow_uri)
+    with running_gateway(app) as base:
+        engines = _engines(app)
+        assert engines["champion"] is engines["challenger"], "two engines for one registry version"
+        variants = httpx.get(base + "/admin/variants").json()["variants"]
+        assert len({v["engine"]["engine_pid"] for v in variants}) == 1
+        assert variants[0]["engine"]["variants"] == ["challenger", "champion"]
+        # Both variants answer, from the one engine (pinned: auth is off).
+        for name in ("champion", "challenger"):
+            r = httpx.post(base + "/v1/chat/completions", json={"model": name, "messages": HELLO, "max_tokens": 2})
+            assert r.status_code == 200 and r.headers["x-lmforge-variant"] == name
+
+        shared = engines["champion"]
+        registry.set_registered_model_alias(MODEL, "challenger", v2)
+        wait_for(lambda: app.state.gateway.pool.slots["challenger"].ref.version == v2, timeout=60)
+        engines = _engines(app)
+        assert engines["champion"] is shared and engines["challenger"] is not shared
+        own = engines["challenger"]
+        assert own.backend.info()["engine_pid"] != shared.backend.info()["engine_pid"]
+
+        registry.set_registered_model_alias(MODEL, "challenger", v1)
+        wait_for(lambda: app.state.gateway.pool.slots["challenger"].ref is shared, timeout=60)
+        wait_for(lambda: own.backend.released, timeout=30)  # nobody uses v2's engine: its process is gone
+        assert not shared.backend.released and shared.variants == {"champion", "challenger"}
+        swap = httpx.get(base + "/admin/variants").json()["variants"][1]["swaps"][-1]
+        assert swap["shared"] and swap["load_s"] == 0 and swap["engine_variants"] == ["challenger", "champion"]
+
+
+def test_requests_without_a_user_stay_on_their_callers_variant(tmp_path, mlflow_uri, tiny_ir_dir):
+    """At 50/50, requests without a user are assigned by API key: each key's requests all land on the
+    variant its key id hashes to (a per-request coin flip would split them)."""
+    (v1,) = register_versions(mlflow_uri, tiny_ir_dir, tmp_path / "artifacts", count=1)
+    registry = MlflowClient(mlflow_uri, mlflow_uri)
+    for alias in ("champion", "challenger"):
+        registry.set_registered_model_alias(MODEL, alias, v1)
+    home = tmp_path / "home"
+    store = KeyStore(home / "serving" / "keys.sqlite")
+    keys = [store.add(f"client-{i}", rate_per_minute=10**6, burst=10**6) for i in range(4)]
+    app = build_app(_ab_config(auth=True), home, tracking_uri=mlflow_uri)
+    router = ABRouter([("champion", 0.5), ("challenger", 0.5)])
+    with running_gateway(app) as base:
+        for secret, record in keys:
+            client = openai.OpenAI(base_url=base + "/v1", api_key=secret, max_retries=0)
+            seen = [client.completions.with_raw_response.create(model=MODEL, prompt="Hi", max_tokens=1)
+                    .headers["x-lmforge-variant"] for _ in range(12)]
+            assert seen == [router.assign(f"key:{record.key_id}")] * 12, seen
+        # A user still decides for itself.
+        client = openai.OpenAI(base_url=base + "/v1", api_key=keys[0][0], max_retries=0)
+        for user in ("ann", "bob", "cyd", "dan"):
+            got = client.completions.with_raw_response.create(model=MODEL, prompt="Hi", max_tokens=1, user=user)
+            assert got.headers["x-lmforge-variant"] == router.assign(user)
+
+
+def test_without_auth_the_client_address_decides(tmp_path, mlflow_uri, tiny_ir_dir):
+    (v1,) = register_versions(mlflow_uri, tiny_ir_dir, tmp_path / "artifacts", count=1)
+    registry = MlflowClient(mlflow_uri, mlflow_uri)
+    for alias in ("champion", "challenger"):
+        registry.set_registered_model_alias(MODEL, alias, v1)
+    app = build_app(_ab_config(auth=False), tmp_path / "home", tracking_uri=mlflow_uri)
+    expected = ABRouter([("champion", 0.5), ("challenger", 0.5)]).assign("addr:127.0.0.1")
+    with running_gateway(app) as base:
+        with httpx.Client(base_url=base, timeout=60) as http:
+            seen = {http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1})
+                    .headers["x-lmforge-variant"] for _ in range(12)}
+    assert seen == {expected}
