@@ -25,7 +25,7 @@ from configs.schema import ServeConfig, VariantConfig
 from serving.backends import make_backend
 from serving.backends.base import Backend, BackendError, BackendInputError, SamplingParams
 from serving.metrics import Metrics
-from serving.registry import IR_MARKER, parse_model_uri, resolve_model_dir
+from serving.registry import IR_MARKER, AliasNotFound, parse_model_uri, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class VariantSlot:
         self.name, self.uri, self.adapter, self.weight = cfg.name, cfg.model_uri, cfg.adapter, cfg.weight
         self.backend_kind, self.url = ("vllm" if cfg.url else cfg.backend), cfg.url
         self.ref: EngineRef | None = None
-        self.state = "loading"  # loading | ready | down | failed
+        self.state = "loading"  # loading | ready | down | failed | absent (its registry alias does not exist)
         self.error: str | None = None
         self.lock = asyncio.Lock()
         self.history: list[dict[str, Any]] = []
@@ -160,6 +160,15 @@ class VariantPool:
                 key = EngineKey(kind, slot.url, str(model_dir), adapter,
                                 tuple(str(p) for p in self.extra_adapters.get(name, [])))
                 engine, built = await self._engine_for(key, name, model_dir, version)
+            except AliasNotFound as err:  # not a fault: nobody has set this alias (yet); the watcher follows it
+                if slot.ref is None:
+                    if slot.state != "absent":
+                        log.info("variant %s: %s; serving without it until the alias is set", name, err)
+                    slot.state, slot.error = "absent", f"{err}; serving without this variant"
+                else:
+                    slot.error = f"{err}; still serving version {slot.ref.version}"
+                    log.warning("variant %s: %s; still serving version %s", name, err, slot.ref.version)
+                raise
             except Exception as err:  # noqa: BLE001 - keep serving the old engine; report why
                 slot.error = f"{type(err).__name__}: {err}"
                 if slot.ref is None:

@@ -100,3 +100,31 @@ def test_without_auth_the_client_address_decides(tmp_path, mlflow_uri, tiny_ir_d
             seen = {http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1})
                     .headers["x-lmforge-variant"] for _ in range(12)}
     assert seen == {expected}
+
+
+def test_ready_with_the_champion_alone_when_the_challenger_alias_does_not_exist(tmp_path, mlflow_uri, tiny_ir_dir):
+    """A first registration sets only champion: the gateway is ready, says the challenger is absent and
+    why, sends everyone to the champion, and picks the challenger up once its alias is set."""
+    (v1,) = register_versions(mlflow_uri, tiny_ir_dir, tmp_path / "artifacts", count=1)
+    registry = MlflowClient(mlflow_uri, mlflow_uri)
+    registry.set_registered_model_alias(MODEL, "champion", v1)
+    app = build_app(_ab_config(auth=False), tmp_path / "home", tracking_uri=mlflow_uri)
+    with running_gateway(app, require_ready=False) as base:
+        wait_for(lambda: app.state.gateway.pool.slots["champion"].ready, timeout=60)
+        ready = httpx.get(base + "/health/ready")
+        assert ready.status_code == 200, ready.text
+        body = ready.json()
+        assert body["variants"] == {"champion": "ready", "challenger": "absent"}
+        assert "models:/lmforge-assistant@challenger does not exist" in body["details"]["challenger"]
+        assert "champion" not in body["details"]
+        users = ("ann", "bob", "cyd", "dan", "eve", "fay")
+        assert "challenger" in {ABRouter([("champion", 0.5), ("challenger", 0.5)]).assign(u) for u in users}
+        for user in users:
+            r = httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1,
+                                                           "user": user})
+            assert r.status_code == 200 and r.headers["x-lmforge-variant"] == "champion"
+
+        registry.set_registered_model_alias(MODEL, "challenger", v1)
+        wait_for(lambda: app.state.gateway.pool.slots["challenger"].ready, timeout=60)
+        body = httpx.get(base + "/health/ready").json()
+        assert body["variants"] == {"champion": "ready", "challenger": "ready"} and body["details"] == {}
