@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import ab_bursts  # noqa: E402 - after the path fix
-from configs.schema import ServeConfig  # noqa: E402
+from configs.schema import GATE_STATUS_TAG, ServeConfig  # noqa: E402
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -401,6 +401,8 @@ def bench_swap(ir: Path, work: Path, clients: int = 4) -> dict:
         client.log_artifacts(run.info.run_id, str(ir), "ir")
         versions.append(str(client.create_model_version("lmforge-assistant", f"{run.info.artifact_uri}/ir",
                                                         run.info.run_id).version))
+        # The gateway serves only versions that passed their gates (or are force-promoted).
+        client.set_model_version_tag("lmforge-assistant", versions[-1], GATE_STATUS_TAG, "passed")
     client.set_registered_model_alias("lmforge-assistant", "champion", versions[0])
     gateway = GatewayProcess(work, [_variant("champion", "models:/lmforge-assistant@champion"),
                                     f"registry.tracking_uri={tracking}", "serve.poll_interval_s=0.2"], _port())

@@ -362,6 +362,13 @@ class PromotionGates(Section):
     """Slowest accepted median latency per request, in ms."""
 
 
+GATE_STATUS_TAG = "gate_status"
+"""Model-version tag the promotion gates set to ``passed`` or ``failed`` (tasks/registry.py)."""
+FORCE_PROMOTE_TAG = "lmforge.force_promote"
+"""Model-version tag ``true`` = promoted past its gates on purpose (``lmforge promote --force``); the
+gateway serves a registry version only when its gates passed or it carries this tag."""
+
+
 class RegistryConfig(Section):
     tracking_uri: str | None = None
     """MLflow tracking URI; None = sqlite:///<home>/mlflow.db with artifacts under <home>/mlartifacts."""

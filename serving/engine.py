@@ -25,7 +25,8 @@ from configs.schema import ServeConfig, VariantConfig
 from serving.backends import make_backend
 from serving.backends.base import Backend, BackendError, BackendInputError, SamplingParams
 from serving.metrics import Metrics
-from serving.registry import IR_MARKER, AliasNotFound, parse_model_uri, resolve_model_dir
+from serving.promotion import PromotionRefused, check_promotable
+from serving.registry import IR_MARKER, AliasNotFound, current_version, parse_model_uri, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,11 @@ class VariantSlot:
         self.name, self.uri, self.adapter, self.weight = cfg.name, cfg.model_uri, cfg.adapter, cfg.weight
         self.backend_kind, self.url = ("vllm" if cfg.url else cfg.backend), cfg.url
         self.ref: EngineRef | None = None
-        self.state = "loading"  # loading | ready | down | failed | absent (its registry alias does not exist)
+        # loading | ready | down | failed | absent (its registry alias does not exist) | refused (its registry
+        # version may not serve, see serving.promotion; a variant already serving stays ready on its old version)
+        self.state = "loading"
         self.error: str | None = None
+        self.refused_version: str | None = None
         self.lock = asyncio.Lock()
         self.history: list[dict[str, Any]] = []
 
@@ -154,8 +158,7 @@ class VariantPool:
             kind = slot.backend_kind or self.kind
             marker = IR_MARKER if kind == "openvino" else "config.json"
             try:
-                model_dir, version = await asyncio.to_thread(
-                    resolve_model_dir, uri, self.tracking_uri, self.cache_dir, marker)
+                model_dir, version = await self._resolve(uri, marker)
                 resolved = time.perf_counter()
                 key = EngineKey(kind, slot.url, str(model_dir), adapter,
                                 tuple(str(p) for p in self.extra_adapters.get(name, [])))
@@ -169,6 +172,9 @@ class VariantPool:
                     slot.error = f"{err}; still serving version {slot.ref.version}"
                     log.warning("variant %s: %s; still serving version %s", name, err, slot.ref.version)
                 raise
+            except PromotionRefused as err:
+                self._refuse(slot, err)
+                raise
             except Exception as err:  # noqa: BLE001 - keep serving the old engine; report why
                 slot.error = f"{type(err).__name__}: {err}"
                 if slot.ref is None:
@@ -181,6 +187,7 @@ class VariantPool:
             engine.variants.add(name)
             slot.state, slot.error, slot.uri, slot.adapter = "ready", None, uri, adapter
             swap_ms = (time.perf_counter() - swap_start) * 1000
+            self.clear_refusal(name)
             timings = {"variant": name, "reason": reason, "uri": uri, "version": version, "adapter": adapter,
                        "resolve_s": round(resolved - started, 3),
                        "load_s": round(engine.load_s if built else 0.0, 3),
@@ -195,6 +202,43 @@ class VariantPool:
             log.info("variant %s now serves %s (version %s) in %.2fs%s", name, uri, version, timings["total_s"],
                      f", sharing the engine of {', '.join(sorted(engine.variants - {name}))}" if not built else "")
             return timings
+
+    async def _resolve(self, uri: str, marker: str) -> tuple[Path, str | None]:
+        """Model directory and registry version for ``uri``; a registry version must be allowed to serve.
+
+        An alias is resolved once and the version it named is the one checked and loaded, so an
+        alias moving meanwhile cannot slip an unchecked version in.
+        """
+        ref = parse_model_uri(uri)
+        if ref is not None:
+            version = await asyncio.to_thread(current_version, ref, self.tracking_uri)
+            await asyncio.to_thread(check_promotable, ref.name, version, self.tracking_uri)
+            uri = f"models:/{ref.name}/{version}"
+        return await asyncio.to_thread(resolve_model_dir, uri, self.tracking_uri, self.cache_dir, marker)
+
+    def _refuse(self, slot: VariantSlot, err: PromotionRefused) -> None:
+        """Keep serving what the variant serves (nothing: state refused) and say why, once per version."""
+        if slot.ref is None:
+            slot.state, slot.error = "refused", str(err)
+        else:
+            slot.error = f"{err}; still serving version {slot.ref.version}"
+        if slot.refused_version != err.version:
+            log.warning("variant %s: %s%s", slot.name, err,
+                        f"; still serving version {slot.ref.version}" if slot.ref else "")
+            self.metrics.promotions_refused.labels(slot.name).inc()
+        slot.refused_version = err.version
+        self.metrics.refused_version.labels(slot.name).set(float(err.version) if err.version.isdigit() else -1)
+
+    def clear_refusal(self, name: str) -> None:
+        """The variant's alias names an allowed version again (or it loaded one): forget the refusal."""
+        slot = self.slots[name]
+        if slot.refused_version is None:
+            return
+        log.info("variant %s: no longer refusing version %s", name, slot.refused_version)
+        slot.refused_version = None
+        if slot.ready:
+            slot.error = None
+        self.metrics.refused_version.labels(name).set(0)
 
     async def _engine_for(self, key: EngineKey, name: str, model_dir: Path,
                           version: str | None) -> tuple[EngineRef, bool]:

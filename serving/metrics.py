@@ -41,6 +41,11 @@ class Metrics:
         self.variant_version = Gauge("lmforge_variant_version", "Registry version served (0 = local dir).",
                                      ["variant"], registry=r)
         self.feedback = Counter("lmforge_feedback", "Feedback received.", ["variant"], registry=r)
+        self.refused_version = Gauge("lmforge_refused_version",
+                                     "Registry version the variant's alias names but may not serve (gates not "
+                                     "passed, no force tag); 0 = none.", ["variant"], registry=r)
+        self.promotions_refused = Counter("lmforge_promotions_refused", "Registry versions refused by the gate check.",
+                                          ["variant"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -21,6 +21,7 @@ from serving.engine import VariantPool, VariantUnavailable
 from serving.errors import APIError
 from serving.feedback import FeedbackStore
 from serving.metrics import Metrics
+from serving.promotion import PromotionRefused
 from serving.registry import AliasNotFound
 from serving.router import ABRouter
 
@@ -111,7 +112,7 @@ class Gateway:
 
         results = await asyncio.gather(*(self.pool.load(name) for name in self.pool.slots), return_exceptions=True)
         for name, result in zip(self.pool.slots, results):
-            if isinstance(result, BaseException) and not isinstance(result, AliasNotFound):
+            if isinstance(result, BaseException) and not isinstance(result, (AliasNotFound, PromotionRefused)):
                 log.error("variant %s did not load: %s", name, result)
         self.watcher = RegistryWatcher(self.pool, self.tracking_uri, self.cfg.poll_interval_s)
         if self.cfg.watch:
@@ -137,14 +138,15 @@ class Gateway:
     def ready(self) -> tuple[bool, dict[str, str], dict[str, str]]:
         """(ready, state per variant, why per variant that does not serve or has a problem).
 
-        Ready: not draining, some variant serves and every other one is either serving or absent
-        (its registry alias does not exist: a champion without a challenger is a whole deployment).
+        Ready: not draining, some variant serves and every other one is either serving, absent (its
+        registry alias does not exist: a champion without a challenger is a whole deployment) or
+        refused (its alias names a version that may not serve: a decision, not a fault).
         """
         slots = self.pool.slots.values()
         states = {slot.name: slot.state for slot in slots}
         details = {slot.name: slot.error for slot in slots if slot.error}
         ok = (not self.draining and any(slot.ready for slot in slots)
-              and all(slot.ready or slot.state == "absent" for slot in slots))
+              and all(slot.ready or slot.state in ("absent", "refused") for slot in slots))
         return ok, states, details
 
     # ------------------------------------------------------------------ auth

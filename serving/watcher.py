@@ -10,6 +10,7 @@ failed to load or went down are retried on every poll.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import Any
 
@@ -26,7 +27,7 @@ class RegistryWatcher:
         self.pool, self.tracking_uri, self.interval_s = pool, tracking_uri, interval_s
         self._loads: dict[str, asyncio.Task] = {}
         self._missing: set[str] = set()  # variants whose alias was gone at the last poll
-        self.events: list[dict[str, Any]] = []
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)  # recent loads
 
     async def run(self) -> None:
         while True:
@@ -57,12 +58,15 @@ class RegistryWatcher:
             self._missing.discard(name)
             serving = slot.ref.version if slot.ref is not None else None
             if version == serving and slot.ready:
+                self.pool.clear_refusal(name)  # e.g. a refused promotion was undone
                 continue
             if serving:
                 reason = f"alias @{ref.alias}: v{serving} -> v{version}"
             else:
                 reason = f"alias @{ref.alias} set: v{version}" if slot.state == "absent" else f"retry: v{version}"
-            log.info("variant %s: %s, loading in the background", name, reason)
+            # A refused version is re-checked every poll (a reviewer may force it), said only once.
+            (log.debug if slot.refused_version == version else log.info)(
+                "variant %s: %s, loading in the background", name, reason)
             self._loads[name] = asyncio.create_task(self._load(name, reason), name=f"load-{name}")
             started.append(name)
         return started

@@ -25,7 +25,7 @@ from serving.errors import APIError
 from serving.metrics import Metrics
 from serving.router import ABRouter
 from serving.service import Admission
-from tests.serving_helpers import free_port, running_gateway, tiny_lora, wait_for
+from tests.serving_helpers import free_port, register_versions, running_gateway, tiny_lora, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 HELLO = [{"role": "user", "content": "Say hello."}]
@@ -108,19 +108,9 @@ def test_admission_sheds_low_priority_first_and_never_hangs():
 def _register(tracking_uri: str, ir_dir: Path, artifacts: Path) -> tuple[str, str]:
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri, tracking_uri)
-    experiment = client.create_experiment("serving-test", artifact_location=str(artifacts))
-    client.create_registered_model("lmforge-assistant")
-    versions = []
-    for _ in range(2):
-        run = client.create_run(experiment)
-        client.log_artifacts(run.info.run_id, str(ir_dir), "ir")
-        client.set_terminated(run.info.run_id)
-        mv = client.create_model_version("lmforge-assistant", source=f"{run.info.artifact_uri}/ir",
-                                         run_id=run.info.run_id)
-        versions.append(str(mv.version))
-    client.set_registered_model_alias("lmforge-assistant", "champion", versions[0])
-    return versions[0], versions[1]
+    v1, v2 = register_versions(tracking_uri, ir_dir, artifacts)
+    MlflowClient(tracking_uri, tracking_uri).set_registered_model_alias("lmforge-assistant", "champion", v1)
+    return v1, v2
 
 
 def test_alias_flip_swaps_without_restart_or_failed_requests(tmp_path, mlflow_uri, ir_dir):

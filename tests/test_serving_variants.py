@@ -128,3 +128,77 @@ def test_ready_with_the_champion_alone_when_the_challenger_alias_does_not_exist(
         wait_for(lambda: app.state.gateway.pool.slots["challenger"].ready, timeout=60)
         body = httpx.get(base + "/health/ready").json()
         assert body["variants"] == {"champion": "ready", "challenger": "ready"} and body["details"] == {}
+
+
+def _metric(base: str, line_prefix: str) -> float | None:
+    for line in httpx.get(base + "/metrics").text.splitlines():
+        if line.startswith(line_prefix + " "):
+            return float(line.split()[-1])
+    return None
+
+
+def test_gateway_refuses_versions_the_gates_did_not_pass_until_forced(tmp_path, mlflow_uri, tiny_ir_dir):
+    """A reviewer points champion at a gate-failed version, then at a never-gated one (as in the MLflow
+    UI): the gateway keeps serving v1 and says why (health details, metric); once `lmforge promote
+    --force` tags the version, the gateway serves it."""
+    from configs.schema import FORCE_PROMOTE_TAG, RegistryConfig
+    from tasks.registry import promote
+    from tasks.tracking import use_mlflow
+
+    artifacts = tmp_path / "artifacts"
+    (v1,) = register_versions(mlflow_uri, tiny_ir_dir, artifacts, count=1)
+    (failed,) = register_versions(mlflow_uri, tiny_ir_dir, artifacts, count=1, gate_status="failed")
+    (ungated,) = register_versions(mlflow_uri, tiny_ir_dir, artifacts, count=1, gate_status=None)
+    registry = MlflowClient(mlflow_uri, mlflow_uri)
+    registry.set_model_version_tag(MODEL, failed, "gate_reasons", '["format_compliance 0.400 < 0.9"]')
+    registry.set_registered_model_alias(MODEL, "champion", v1)
+    cfg = ServeConfig(backend="openvino", cache_gb=1, poll_interval_s=0.2, auth=False,
+                      variants=[{"name": "champion", "model_uri": CHAMPION_URI}])
+    app = build_app(cfg, tmp_path / "home", tracking_uri=mlflow_uri)
+    refused = 'lmforge_refused_version{variant="champion"}'
+
+    def served_version(base: str) -> str:
+        r = httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1})
+        assert r.status_code == 200, r.text
+        return r.headers["x-lmforge-version"]
+
+    with running_gateway(app) as base:
+        assert served_version(base) == v1
+        for version, why in ((failed, "gate_status=failed (format_compliance 0.400 < 0.9)"),
+                             (ungated, "never gated")):
+            registry.set_registered_model_alias(MODEL, "champion", version)
+            wait_for(lambda: _metric(base, refused) == float(version), timeout=30)
+            assert served_version(base) == v1
+            ready = httpx.get(base + "/health/ready")
+            assert ready.status_code == 200 and ready.json()["variants"] == {"champion": "ready"}
+            detail = ready.json()["details"]["champion"]
+            assert f"refused models:/{MODEL}/{version}" in detail and why in detail, detail
+            assert f"still serving version {v1}" in detail and f"lmforge promote {version} --force" in detail
+        assert _metric(base, 'lmforge_promotions_refused_total{variant="champion"}') == 2.0
+
+        use_mlflow(mlflow_uri, "serving-test")
+        promote(RegistryConfig(model_name=MODEL), ungated, force=True)
+        assert registry.get_model_version(MODEL, ungated).tags[FORCE_PROMOTE_TAG] == "true"
+        wait_for(lambda: app.state.gateway.pool.slots["champion"].ref.version == ungated, timeout=60)
+        assert served_version(base) == ungated and _metric(base, refused) == 0.0
+        assert httpx.get(base + "/health/ready").json()["details"] == {}
+        assert FORCE_PROMOTE_TAG not in registry.get_model_version(MODEL, v1).tags, "v1 passed: never force-tagged"
+
+
+def test_a_refused_version_at_startup_is_not_served(tmp_path, mlflow_uri, tiny_ir_dir):
+    """Nothing to keep serving: the variant is 'refused' and not in rotation; the challenger serves."""
+    artifacts = tmp_path / "artifacts"
+    (good,) = register_versions(mlflow_uri, tiny_ir_dir, artifacts, count=1)
+    (bad,) = register_versions(mlflow_uri, tiny_ir_dir, artifacts, count=1, gate_status="failed")
+    registry = MlflowClient(mlflow_uri, mlflow_uri)
+    registry.set_registered_model_alias(MODEL, "champion", bad)
+    registry.set_registered_model_alias(MODEL, "challenger", good)
+    app = build_app(_ab_config(auth=False), tmp_path / "home", tracking_uri=mlflow_uri)
+    with running_gateway(app) as base:
+        body = httpx.get(base + "/health/ready").json()
+        assert body["variants"] == {"champion": "refused", "challenger": "ready"}
+        assert f"refused models:/{MODEL}/{bad}" in body["details"]["champion"]
+        for user in ("ann", "bob", "cyd", "dan"):
+            r = httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1,
+                                                           "user": user})
+            assert r.headers["x-lmforge-variant"] == "challenger" and r.headers["x-lmforge-version"] == good
