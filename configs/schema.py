@@ -441,6 +441,9 @@ class ServeConfig(Section):
     """Default per-key bucket size (requests allowed back to back)."""
     auth: bool = True
     """Require an API key (Authorization: Bearer); keys are managed with `lmforge keys`."""
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    """Largest request body accepted: a larger Content-Length is refused with 413 before the body is read,
+    a streamed (chunked) body as soon as it passes the limit."""
     default_max_tokens: int = Field(256, ge=1)
     """Completion length when a request gives no max_tokens."""
     max_tokens_limit: int = Field(4096, ge=1)

@@ -231,11 +231,12 @@ class Gateway:
                 try:
                     prompt = build(ref.backend)
                     prompt_tokens = self._check_length(ref.backend, prompt, params)
+                    counted = dataclasses.replace(params, prompt_tokens=prompt_tokens)
                     ctx.variant, ctx.version = name, ref.version
                     if attempt:
                         self.metrics.fallbacks.labels(variant, name).inc()
                     first = True
-                    async for index, chunk in _fan_out(ref.backend, prompt, params, n, self.cfg.request_timeout_s):
+                    async for index, chunk in _fan_out(ref.backend, prompt, counted, n, self.cfg.request_timeout_s):
                         if first and (chunk.text or chunk.finish_reason):
                             self.metrics.ttft.labels(name).observe(time.perf_counter() - ctx.started)
                             first = False

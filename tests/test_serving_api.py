@@ -22,6 +22,7 @@ from tests.serving_helpers import running_gateway
 
 MODEL = "lmforge-assistant"
 HELLO = [{"role": "user", "content": "Say hello."}]
+BODY_LIMIT = 64 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def gateway(tmp_path_factory, ir_dir):
         "low": store.add("low", priority="low")[0],
     }
     cfg = ServeConfig(
-        backend="openvino", watch=False, auth=True, cache_gb=1, max_tokens_limit=1024,
+        backend="openvino", watch=False, auth=True, cache_gb=1, max_tokens_limit=1024, max_body_bytes=BODY_LIMIT,
         variants=[{"name": "champion", "model_uri": str(ir_dir), "weight": 0.9},
                   {"name": "challenger", "model_uri": str(ir_dir), "weight": 0.1}],
     )
@@ -206,6 +207,80 @@ def test_bad_input_is_a_clear_4xx(gateway, name, path, body, status, needle):
     error = response.json()["error"]
     assert needle.lower() in error["message"].lower(), error
     assert set(error) == {"message", "type", "param", "code"}
+
+
+def _raw(gateway, path: str, headers: dict[str, str], parts: list[bytes], wait: float = 5.0) -> bytes:
+    """POST over a bare socket: the head, then ``parts`` as they are; the start of the answer (b"" if none
+    came within ``wait`` seconds: the server is still waiting for the body)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(gateway["base"])
+    head = {"Host": url.netloc, "Authorization": f"Bearer {gateway['keys']['user']}",
+            "Content-Type": "application/json", **headers}
+    with socket.create_connection((url.hostname, url.port), timeout=wait) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\n".encode() + "".join(f"{k}: {v}\r\n" for k, v in head.items()).encode()
+                     + b"\r\n")
+        for part in parts:
+            sock.sendall(part)
+        try:
+            return sock.recv(65536)
+        except TimeoutError:
+            return b""
+
+
+def _chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+@pytest.mark.parametrize("path", [CHAT, "/rpc"])
+def test_body_over_the_limit_by_content_length_is_refused_unread(gateway, path):
+    """A Content-Length over serve.max_body_bytes gets 413 at once, without the body ever being sent."""
+    declared = _raw(gateway, path, {"Content-Length": str(10 * 1024 * 1024)}, [b'{"model": '])
+    assert declared.startswith(b"HTTP/1.1 413"), declared[:200]
+    assert b"limit is 65536" in declared and b"connection: close" in declared.lower()
+
+
+@pytest.mark.parametrize("path", [CHAT, "/rpc"])
+def test_chunked_body_is_refused_as_soon_as_it_passes_the_limit(gateway, path):
+    """A chunked upload gets 413 once it passes the limit, before its end; under the limit it is served."""
+    over = [_chunk(b'{"text": "' + b"x" * 8190)] + [_chunk(b"y" * 8192)] * 9  # 80 KiB, no final chunk
+    streamed = _raw(gateway, path, {"Transfer-Encoding": "chunked"}, over)
+    assert streamed.startswith(b"HTTP/1.1 413"), streamed[:200]
+    assert b"over the limit of 65536" in streamed
+
+    small = json.dumps({"model": MODEL, "messages": HELLO, "max_tokens": 1} if path == CHAT else
+                       {"jsonrpc": "2.0", "method": "classify_sentiment", "params": {"text": "Fine."}, "id": 1}).encode()
+    ok = _raw(gateway, path, {"Transfer-Encoding": "chunked"}, [_chunk(small[:10]), _chunk(small[10:]), b"0\r\n\r\n"],
+              wait=30)
+    assert ok.startswith(b"HTTP/1.1 200"), ok[:300]
+
+
+def _holds(obj, needle: str, depth: int = 4, seen: set[int] | None = None) -> bool:
+    """Whether ``obj`` keeps a string containing ``needle`` (in attributes and containers, ``depth`` deep)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, str):
+        return needle in obj
+    if depth < 0 or id(obj) in seen or isinstance(obj, (int, float, bytes, type)):
+        return False
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        items = [*obj.keys(), *obj.values()]
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        items = list(obj)
+    else:
+        items = list(getattr(obj, "__dict__", {}).values())
+    return any(_holds(item, needle, depth - 1, seen) for item in items)
+
+
+def test_rejected_prompts_are_not_kept(gateway):
+    """A prompt refused for its length leaves nothing behind in the engines (the token-count cache kept
+    every prompt it counted, up to 256 of them of any size)."""
+    marker = "unkept-marker-4711"
+    response = _post(gateway, CHAT, {"model": MODEL, "messages": [{"role": "user", "content": f"{marker} " * 2500}]})
+    assert response.status_code == 400 and "context" in response.json()["error"]["message"]
+    engines = {id(s.ref): s.ref.backend for s in gateway["app"].state.gateway.pool.slots.values() if s.ref}
+    assert engines and not any(_holds(backend, marker) for backend in engines.values())
 
 
 def test_gateway_survives_bad_input(client, gateway):

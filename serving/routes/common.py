@@ -14,18 +14,35 @@ from serving.router import OVERRIDE_HEADER, USER_HEADER
 from serving.service import Gateway, RequestContext
 
 M = TypeVar("M", bound=BaseModel)
-MAX_BODY = 4 * 1024 * 1024
 
 
 def gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
+async def read_body(request: Request) -> bytes:
+    """The request body, refused with 413 before it is buffered: by its Content-Length, or, streamed
+    (chunked), as soon as it passes ``serve.max_body_bytes``."""
+    limit = gateway(request).cfg.max_body_bytes
+    # The connection still carries the unread rest of the body: close it after the 413.
+    close = {"Connection": "close"}
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body is {int(declared)} bytes; the limit is {limit}", code="body_too_large",
+                       headers=close)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body is over the limit of {limit} bytes", code="body_too_large",
+                           headers=close)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def read_json(request: Request) -> Any:
     """The request body as JSON; invalid UTF-8, malformed JSON or an oversized body are 4xx errors."""
-    raw = await request.body()
-    if len(raw) > MAX_BODY:
-        raise APIError(413, f"request body is {len(raw)} bytes; the limit is {MAX_BODY}")
+    raw = await read_body(request)
     if not raw.strip():
         raise APIError(400, "request body is empty; expected a JSON object")
     try:

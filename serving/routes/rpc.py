@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from configs.data_schema import DEFAULT_TEMPLATES
 from serving.errors import APIError
 from serving.protocol import new_id
-from serving.routes.common import context, gateway
+from serving.routes.common import context, gateway, read_body
 from serving.service import Gateway, RequestContext
 from tasks.parsing import parse_completion
 
@@ -50,7 +50,7 @@ def task_messages(task: str, text: str, templates: dict[str, Any] | None = None)
 @router.post("/rpc")
 async def rpc(request: Request) -> Response:
     base = context(request, "rpc", prefix="rpc")
-    raw = await request.body()
+    raw = await read_body(request)
     try:
         payload = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
