@@ -292,8 +292,10 @@ class GatewayProcess:
                  env: dict[str, str] | None = None):
         self.base = f"http://127.0.0.1:{port}"
         env = {**os.environ, "LMFORGE_HOME": str(home), "HF_HUB_OFFLINE": "1", **(env or {})}
+        # Without auth the gateway rate-limits per client address: the bench is one address sending flat out.
         cmd = [sys.executable, "-m", "flows.cli", "serve", "-c", "pipeline", f"serve.port={port}",
-               "serve.auth=false", *overrides]
+               "serve.auth=false", "serve.rate_limit_per_minute=100000000", "serve.rate_limit_burst=1000000",
+               *overrides]
         self.log = open(home / f"gateway-{port}.log", "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + ready_timeout

@@ -1,4 +1,4 @@
-"""API keys (hashed at rest, SQLite) and per-key token-bucket rate limits.
+"""API keys (hashed at rest, SQLite) and per-caller token-bucket rate limits counted in generations.
 
 Keys look like ``lmf_<key_id>_<secret>``: the id finds the row, the secret is checked against its
 SHA-256. A plain SHA-256 (not PBKDF2/bcrypt) is deliberate: the secret is 32 random bytes, so
@@ -124,7 +124,7 @@ def _digest(secret: str) -> str:
 
 
 class TokenBucket:
-    """``capacity`` requests at once, refilled at ``rate`` per second."""
+    """``capacity`` tokens at once, refilled at ``rate`` per second; a request costs one token per generation."""
 
     __slots__ = ("capacity", "rate", "tokens", "stamp")
 
@@ -132,28 +132,49 @@ class TokenBucket:
         self.capacity, self.rate = float(capacity), float(rate)
         self.tokens, self.stamp = float(capacity), time.monotonic()
 
-    def take(self, now: float | None = None) -> float:
-        """0.0 when a token was taken; else the seconds until one is available."""
-        now = time.monotonic() if now is None else now
+    def refill(self, now: float) -> None:
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+
+    def take(self, cost: int = 1, now: float | None = None) -> float:
+        """0.0 when ``cost`` tokens were taken; else the seconds until the request would be allowed.
+
+        A request costing more than the whole bucket is allowed on a full bucket and leaves it in
+        debt, so a batch larger than the burst still runs and the long-run rate still holds.
+        """
+        self.refill(time.monotonic() if now is None else now)
+        needed = min(float(cost), self.capacity)
+        if self.tokens >= needed:
+            self.tokens -= cost
             return 0.0
-        return (1.0 - self.tokens) / self.rate
+        return (needed - self.tokens) / self.rate
 
 
 class RateLimiter:
-    """One token bucket per key id (in memory, per gateway replica)."""
+    """One token bucket per caller (an API key id, or a client address when auth is off), in memory per
+    gateway replica. A request costs the generations it asks for (a 64-call JSON-RPC batch: 64)."""
+
+    MAX_IDLE_BUCKETS = 10_000
 
     def __init__(self, per_minute: int, burst: int):
         self.per_minute, self.burst = per_minute, burst
         self._buckets: dict[str, TokenBucket] = {}
 
-    def check(self, key_id: str, per_minute: int | None = None, burst: int | None = None) -> int:
-        """0 when allowed, else the Retry-After seconds (>= 1)."""
-        bucket = self._buckets.get(key_id)
+    def check(self, caller: str, cost: int = 1, per_minute: int | None = None, burst: int | None = None) -> int:
+        """0 when ``caller`` may spend ``cost``, else the Retry-After seconds (>= 1)."""
+        bucket = self._buckets.get(caller)
         if bucket is None:
-            bucket = self._buckets[key_id] = TokenBucket(burst or self.burst, (per_minute or self.per_minute) / 60.0)
-        wait = bucket.take()
+            if len(self._buckets) >= self.MAX_IDLE_BUCKETS:
+                self._forget_full()
+            bucket = self._buckets[caller] = TokenBucket(burst or self.burst, (per_minute or self.per_minute) / 60.0)
+        wait = bucket.take(cost)
         return 0 if wait == 0.0 else max(1, math.ceil(wait))
+
+    def _forget_full(self) -> None:
+        """Drop buckets that have refilled: a new bucket is full too, so nothing changes for their callers
+        (without auth every client address gets a bucket; this keeps them from piling up)."""
+        now = time.monotonic()
+        for caller, bucket in list(self._buckets.items()):
+            bucket.refill(now)
+            if bucket.tokens >= bucket.capacity:
+                del self._buckets[caller]

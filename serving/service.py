@@ -151,7 +151,7 @@ class Gateway:
 
     # ------------------------------------------------------------------ auth
     def authenticate(self, authorization: str | None, admin: bool = False) -> ApiKey | None:
-        """The caller's key (None when auth is off); raises 401/403/429 APIErrors."""
+        """The caller's key (None when auth is off); raises 401/403 APIErrors."""
         if not self.cfg.auth:
             return None
         scheme, _, token = (authorization or "").partition(" ")
@@ -163,12 +163,18 @@ class Gateway:
             raise APIError(401, str(err), code="invalid_api_key") from None
         if admin and not key.admin:
             raise APIError(403, "this key may not use the admin API", code="not_admin")
-        retry = self.limiter.check(key.key_id, key.rate_per_minute, key.burst)
+        return key
+
+    def limit(self, ctx: RequestContext, cost: int = 1) -> None:
+        """Charge ``cost`` generations to the caller's bucket (its key, or its address with auth off); 429 if empty."""
+        key = ctx.key
+        retry = self.limiter.check(ctx.client, cost, key.rate_per_minute if key else None, key.burst if key else None)
         if retry:
             self.metrics.shed.labels("rate_limited").inc()
-            raise APIError(429, f"rate limit exceeded for key {key.name!r}; retry in {retry}s",
+            who = f"key {key.name!r}" if key else f"client {ctx.client.removeprefix('addr:')}"
+            raise APIError(429, f"rate limit exceeded for {who} (this request costs {cost} generation"
+                           f"{'s' if cost != 1 else ''}); retry in {retry}s",
                            code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
-        return key
 
     # ------------------------------------------------------------------ routing
     def public_models(self) -> list[str]:

@@ -39,6 +39,9 @@ def gateway(tmp_path_factory, ir_dir):
         "limited": store.add("limited", rate_per_minute=1, burst=2)[0],
         "doomed": store.add("doomed")[0],
         "low": store.add("low", priority="low")[0],
+        # 66 generations, then about one a minute: what the generation counting test spends.
+        "batch": store.add("batch", rate_per_minute=1, burst=66)[0],
+        "n": store.add("n", rate_per_minute=1, burst=7)[0],
     }
     cfg = ServeConfig(
         backend="openvino", watch=False, auth=True, cache_gb=1, max_tokens_limit=1024, max_body_bytes=BODY_LIMIT,
@@ -168,6 +171,37 @@ def test_rate_limit_429_with_retry_after(gateway):
         client.models.list()
     assert int(info.value.response.headers["retry-after"]) >= 1
     assert info.value.body["code"] == "rate_limit_exceeded"
+
+
+def test_rate_limits_count_generations(gateway):
+    """A 64-call JSON-RPC batch costs 64 of the key's 66; two more generations, then 429. n samples and
+    prompt lists cost one each."""
+    batch = [{"jsonrpc": "2.0", "method": "generate", "params": {"text": f"hi {i}", "max_tokens": 1}, "id": i}
+             for i in range(64)]
+    assert len(_post(gateway, "/rpc", batch, key="batch").json()) == 64
+    for _ in range(2):
+        assert _post(gateway, "/rpc", batch[0], key="batch").status_code == 200
+    refused = _post(gateway, "/rpc", batch[0], key="batch")
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "costs 1 generation" in refused.json()["error"]["message"]
+
+    client = openai.OpenAI(base_url=gateway["base"] + "/v1", api_key=gateway["keys"]["n"], max_retries=0)
+    client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1, n=3)  # 3 of 7
+    client.completions.create(model=MODEL, prompt=["a", "b", "c"], max_tokens=1)  # 6 of 7
+    with pytest.raises(openai.RateLimitError, match="costs 2 generations"):
+        client.completions.create(model=MODEL, prompt="a", max_tokens=1, n=2)
+    client.completions.create(model=MODEL, prompt="a", max_tokens=1)  # the 7th
+
+
+def test_rate_limits_apply_per_client_address_without_auth(tmp_path, ir_dir):
+    cfg = ServeConfig(backend="openvino", watch=False, auth=False, cache_gb=1, rate_limit_per_minute=1,
+                      rate_limit_burst=3, variants=[{"name": "champion", "model_uri": str(ir_dir)}])
+    with running_gateway(build_app(cfg, tmp_path / "home")) as base:
+        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
+        codes = [httpx.post(base + "/v1/completions", json=body, timeout=60).status_code for _ in range(4)]
+        assert codes == [200, 200, 200, 429]
+        refused = httpx.post(base + "/v1/completions", json=body, timeout=60)
+        assert "client 127.0.0.1" in refused.json()["error"]["message"] and int(refused.headers["retry-after"]) >= 1
 
 
 # --------------------------------------------------------------------------- bad input

@@ -104,6 +104,16 @@ def test_admission_sheds_low_priority_first_and_never_hangs():
     assert order[:3] == ["first", "queued-low", "queued-high"]
 
 
+def test_token_bucket_lets_a_batch_larger_than_the_burst_through_once_and_then_owes_it():
+    from serving.auth import TokenBucket
+
+    bucket = TokenBucket(capacity=60, rate=1.0)
+    assert bucket.take(64, now=bucket.stamp) == 0.0, "a full bucket admits a batch larger than itself"
+    assert bucket.take(1, now=bucket.stamp) == pytest.approx(5.0), "4 owed + 1 needed at 1 token/s"
+    assert bucket.take(1, now=bucket.stamp + 5.0) == 0.0
+    assert bucket.take(60, now=bucket.stamp + 30.0) == pytest.approx(30.0), "half full: 30 s to go"
+
+
 # --------------------------------------------------------------------------- hot swap
 def _register(tracking_uri: str, ir_dir: Path, artifacts: Path) -> tuple[str, str]:
     from mlflow import MlflowClient

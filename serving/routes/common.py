@@ -69,8 +69,10 @@ def parse(model: type[M], payload: Any) -> M:
 
 
 def context(request: Request, route: str, user: str | None = None, admin: bool = False,
-            prefix: str = "chatcmpl") -> RequestContext:
-    """Authenticate and build the request context (user from the body, else the X-User-Id header)."""
+            prefix: str = "chatcmpl", cost: int = 1) -> RequestContext:
+    """Authenticate, charge ``cost`` to the caller's rate limit and build the request context (user from
+    the body, else the X-User-Id header). Routes that generate pass ``cost=0`` and call
+    ``Gateway.limit`` once the body says how many generations they will run."""
     gw = gateway(request)
     if gw.draining:
         raise APIError(503, "the gateway is shutting down", code="draining", headers={"Retry-After": "1"})
@@ -79,4 +81,6 @@ def context(request: Request, route: str, user: str | None = None, admin: bool =
     ctx = RequestContext(request_id=new_id(prefix), route=route, key=key, client=client,
                          user=user or request.headers.get(USER_HEADER), override=request.headers.get(OVERRIDE_HEADER))
     request.state.ctx = ctx
+    if cost:
+        gw.limit(ctx, cost)
     return ctx

@@ -33,16 +33,18 @@ async def list_models(request: Request) -> JSONResponse:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
-    ctx = context(request, "chat")
+    ctx = context(request, "chat", cost=0)
     body = parse(ChatCompletionRequest, await read_json(request))
+    gateway(request).limit(ctx, body.n)
     messages = body.chat()
     return await _serve(request, ctx, body, lambda backend: backend.render_chat(messages), chat=True)
 
 
 @router.post("/v1/completions")
 async def completions(request: Request) -> Response:
-    ctx = context(request, "completions", prefix="cmpl")
+    ctx = context(request, "completions", prefix="cmpl", cost=0)
     body = parse(CompletionRequest, await read_json(request))
+    gateway(request).limit(ctx, len(body.prompt) * body.n)
     if len(body.prompt) > 1:
         if body.stream:
             raise APIError(400, "streaming supports a single prompt", param="prompt")

@@ -49,7 +49,7 @@ def task_messages(task: str, text: str, templates: dict[str, Any] | None = None)
 
 @router.post("/rpc")
 async def rpc(request: Request) -> Response:
-    base = context(request, "rpc", prefix="rpc")
+    base = context(request, "rpc", prefix="rpc", cost=0)
     raw = await read_body(request)
     try:
         payload = json.loads(raw.decode("utf-8"))
@@ -61,9 +61,11 @@ async def rpc(request: Request) -> Response:
             return JSONResponse(_error(None, INVALID_REQUEST, "empty batch"))
         if len(payload) > MAX_BATCH:
             return JSONResponse(_error(None, INVALID_REQUEST, f"batch of {len(payload)} calls; at most {MAX_BATCH}"))
+        gw.limit(base, len(payload))  # every call is a generation: a 64-call batch costs 64
         results = await asyncio.gather(*(_call(gw, base, item) for item in payload))
         answers = [r for r in results if r is not None]
         return JSONResponse(answers) if answers else Response(status_code=204)
+    gw.limit(base, 1)
     answer = await _call(gw, base, payload)
     return JSONResponse(answer) if answer is not None else Response(status_code=204)
 
