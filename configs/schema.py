@@ -441,6 +441,9 @@ class ServeConfig(Section):
     """Default per-key bucket size (requests allowed back to back)."""
     auth: bool = True
     """Require an API key (Authorization: Bearer); keys are managed with `lmforge keys`."""
+    stream_write_timeout_s: float = Field(30.0, gt=0)
+    """How long a streamed response may wait for a client that stopped reading (its socket buffers full)
+    before the gateway ends the stream and frees the request's engine and admission slots."""
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     """Largest request body accepted: a larger Content-Length is refused with 413 before the body is read,
     a streamed (chunked) body as soon as it passes the limit."""

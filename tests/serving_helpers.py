@@ -80,14 +80,27 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_gateway(app, ready_timeout: float = 60.0, require_ready: bool = True) -> Iterator[str]:
-    """Serve ``app`` with uvicorn in a thread on a free port; yields the base URL."""
+def running_gateway(app, ready_timeout: float = 60.0, require_ready: bool = True,
+                    send_buffer: int | None = None) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a thread on a free port; yields the base URL.
+
+    ``send_buffer``: SO_SNDBUF of the listening socket (accepted connections inherit it), so a client
+    that stops reading blocks the server's writes after little data.
+    """
     import uvicorn
 
-    port = free_port()
+    sockets = []
+    if send_buffer:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        sock.bind(("127.0.0.1", 0))
+        sockets.append(sock)
+        port = sock.getsockname()[1]
+    else:
+        port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": sockets or None}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + ready_timeout

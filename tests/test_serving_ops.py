@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -112,6 +113,47 @@ def test_token_bucket_lets_a_batch_larger_than_the_burst_through_once_and_then_o
     assert bucket.take(1, now=bucket.stamp) == pytest.approx(5.0), "4 owed + 1 needed at 1 token/s"
     assert bucket.take(1, now=bucket.stamp + 5.0) == 0.0
     assert bucket.take(60, now=bucket.stamp + 30.0) == pytest.approx(30.0), "half full: 30 s to go"
+
+
+def test_a_client_that_stops_reading_a_stream_frees_its_slot(tmp_path, ir_dir):
+    """One admission slot. A real client asks for 8 long streams, reads the first bytes and stops
+    reading (connection open). Its stream fills the socket buffers, the gateway's write waits
+    ``stream_write_timeout_s`` and then ends the stream: the next request gets the slot (it would have
+    waited out its 8 s queue timeout for a 503) and the stalled connection is closed."""
+    import socket
+    from urllib.parse import urlsplit
+
+    cfg = ServeConfig(backend="openvino", auth=False, watch=False, cache_gb=1, max_concurrency=1,
+                      request_timeout_s=8, stream_write_timeout_s=1.0, max_tokens_limit=1500,
+                      variants=[{"name": "champion", "model_uri": str(ir_dir)}])
+    with running_gateway(build_app(cfg, tmp_path / "home"), send_buffer=4096) as base:
+        url = urlsplit(base)
+        body = json.dumps({"model": "lmforge-assistant", "messages": HELLO, "max_tokens": 1500, "n": 8,
+                           "stream": True, "ignore_eos": True}).encode()
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect((url.hostname, url.port))
+        try:
+            stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert stalled.recv(512).startswith(b"HTTP/1.1 200")  # streaming; from now on it reads nothing
+            started = time.perf_counter()
+            after = httpx.post(base + "/v1/chat/completions", timeout=30,
+                               json={"model": "lmforge-assistant", "messages": HELLO, "max_tokens": 2})
+            waited = time.perf_counter() - started
+            assert after.status_code == 200, after.text
+            assert waited < 7, f"the next request waited {waited:.1f}s for the slot"
+            metrics = httpx.get(base + "/metrics").text
+            assert 'lmforge_errors_total{kind="client_stalled",variant="champion"} 1.0' in metrics
+            assert 'lmforge_requests_total{route="chat",status="499",variant="champion"} 1.0' in metrics
+            # The stream was cut short: draining what was buffered ends in EOF, not in [DONE].
+            stalled.settimeout(10)
+            tail = b""
+            while chunk := stalled.recv(65536):
+                tail += chunk
+            assert tail and b"[DONE]" not in tail
+        finally:
+            stalled.close()
 
 
 # --------------------------------------------------------------------------- hot swap
