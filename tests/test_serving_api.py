@@ -42,6 +42,7 @@ def gateway(tmp_path_factory, ir_dir):
         # 66 generations, then about one a minute: what the generation counting test spends.
         "batch": store.add("batch", rate_per_minute=1, burst=66)[0],
         "n": store.add("n", rate_per_minute=1, burst=7)[0],
+        "once": store.add("once", rate_per_minute=1, burst=1)[0],
     }
     cfg = ServeConfig(
         backend="openvino", watch=False, auth=True, cache_gb=1, max_tokens_limit=1024, max_body_bytes=BODY_LIMIT,
@@ -146,6 +147,34 @@ def test_models_health_metrics(gateway, client):
     assert 'lmforge_requests_total{route="chat",status="200",variant="champion"}' in metrics
     assert 'lmforge_ttft_seconds_count{variant="champion"}' in metrics
     assert 'lmforge_tokens_total{kind="completion",variant="champion"}' in metrics
+
+
+def _responses(gateway) -> dict[tuple[str, str], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = text_string_to_metric_families(httpx.get(gateway["base"] + "/metrics").text)
+    return {(s.labels["route"], s.labels["status"]): s.value for f in families
+            if f.name == "lmforge_http_responses" for s in f.samples if s.name.endswith("_total")}
+
+
+def test_metrics_count_refused_requests_by_route_and_status(gateway):
+    before = _responses(gateway)
+    _post(gateway, CHAT, {"model": MODEL, "messages": []})  # 400
+    _post(gateway, CHAT, b"{oops")  # 400
+    httpx.post(gateway["base"] + CHAT, json={"model": MODEL, "messages": HELLO})  # 401: no key
+    _post(gateway, CHAT, {"model": "gpt-99", "messages": HELLO})  # 404: unknown model
+    _post(gateway, "/v1/engines", {})  # 404: no such route
+    _post(gateway, "/rpc", b"x" * (BODY_LIMIT + 1))  # 413
+    _post(gateway, "/v1/feedback", {"request_id": "chatcmpl-nope", "score": 1})  # 404
+    once = openai.OpenAI(base_url=gateway["base"] + "/v1", api_key=gateway["keys"]["once"], max_retries=0)
+    once.models.list()  # 200
+    with pytest.raises(openai.RateLimitError):
+        once.models.list()  # 429
+    after = _responses(gateway)
+    grown = {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k, 0.0)}
+    expected = {(CHAT, "400"): 2, (CHAT, "401"): 1, (CHAT, "404"): 1, ("unmatched", "404"): 1, ("/rpc", "413"): 1,
+                ("/v1/feedback", "404"): 1, ("/v1/models", "429"): 1}
+    assert {k: v for k, v in grown.items() if k != ("/v1/models", "200") and k[0] != "/metrics"} == expected
 
 
 # --------------------------------------------------------------------------- auth and limits
