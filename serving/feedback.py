@@ -1,7 +1,8 @@
 """Durable request log and feedback (SQLite, WAL), and the per-variant A/B report.
 
-Every served response is logged (id, variant, model version, user) so ``POST /v1/feedback`` can
-attach a score to it later and the report can group outcomes by variant. Request rows are
+Every served response is logged (id, variant, model version, user, key, how the variant was chosen)
+so ``POST /v1/feedback`` can attach one score to it later, from the key that made it, and the report
+can group outcomes by variant. Request rows are
 buffered and written in batches from a worker thread, so the hot path never waits on disk;
 feedback for a still-buffered request flushes first.
 
@@ -25,7 +26,7 @@ from typing import Any
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS requests (
         request_id TEXT PRIMARY KEY, variant TEXT NOT NULL, version TEXT, user TEXT, key_id TEXT,
-        route TEXT, status INTEGER, latency_s REAL, created_at REAL NOT NULL)""",
+        route TEXT, status INTEGER, latency_s REAL, created_at REAL NOT NULL, chosen_by TEXT)""",
     """CREATE TABLE IF NOT EXISTS feedback (
         id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL, score REAL NOT NULL,
         comment TEXT, created_at REAL NOT NULL)""",
@@ -33,8 +34,22 @@ _SCHEMA = (
 )
 
 
+_REQUEST_COLUMNS = "request_id, variant, version, user, key_id, route, status, latency_s, created_at, chosen_by"
+CHOSEN_BY = ("hash", "pin", "route", "fallback")
+"""How a request's variant was chosen: the A/B hash of its user or caller, a pin (X-Lmforge-Variant or
+a model naming a variant), a task route (serve.task_routes), or the fallback for a variant that was down."""
+
+
 class UnknownRequestError(KeyError):
     """Feedback names a request id this gateway never served."""
+
+
+class ForeignRequestError(PermissionError):
+    """Feedback for a request made with another API key."""
+
+
+class DuplicateFeedbackError(ValueError):
+    """The request already has its feedback."""
 
 
 class FeedbackStore:
@@ -52,11 +67,16 @@ class FeedbackStore:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         for statement in _SCHEMA:
             self._conn.execute(statement)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(requests)")}
+        if "chosen_by" not in columns:  # a log written before the column existed
+            self._conn.execute("ALTER TABLE requests ADD COLUMN chosen_by TEXT")
 
     def log_request(self, request_id: str, variant: str, version: str | None, user: str | None,
-                    key_id: str | None, route: str, status: int, latency_s: float) -> None:
-        """Buffer one served request (cheap; call :meth:`flush` to persist)."""
-        self._buffer.append((request_id, variant, version, user, key_id, route, status, latency_s, time.time()))
+                    key_id: str | None, route: str, status: int, latency_s: float,
+                    chosen_by: str | None = None) -> None:
+        """Buffer one served request (cheap; call :meth:`flush` to persist). ``chosen_by``: see CHOSEN_BY."""
+        self._buffer.append((request_id, variant, version, user, key_id, route, status, latency_s, time.time(),
+                             chosen_by))
 
     @property
     def buffered(self) -> int:
@@ -68,18 +88,39 @@ class FeedbackStore:
         with self._lock:
             rows = [self._buffer.popleft() for _ in range(len(self._buffer))]
             if rows:
-                self._conn.executemany("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                self._conn.executemany(f"INSERT OR REPLACE INTO requests ({_REQUEST_COLUMNS}) "
+                                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         return len(rows)
 
-    def add_feedback(self, request_id: str, score: float, comment: str | None = None) -> str:
-        """Store a score for a served request; returns the request's variant."""
+    def add_feedback(self, request_id: str, score: float, comment: str | None = None,
+                     key_id: str | None = None) -> str:
+        """Store the score for a served request, once, from the key that made it; returns its variant.
+
+        Raises:
+            UnknownRequestError: no such request. ForeignRequestError: it was made with another key
+            (a request made without a key, auth off, takes feedback from anyone).
+            DuplicateFeedbackError: it has its feedback already.
+        """
         self.flush()
         with self._lock:
-            row = self._conn.execute("SELECT variant FROM requests WHERE request_id = ?", (request_id,)).fetchone()
-            if row is None:
-                raise UnknownRequestError(request_id)
-            self._conn.execute("INSERT INTO feedback (request_id, score, comment, created_at) VALUES (?, ?, ?, ?)",
-                               (request_id, float(score), comment, time.time()))
+            # One write transaction (BEGIN IMMEDIATE): another gateway process on this file cannot slip
+            # a second score in between the check and the insert.
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._conn.execute("SELECT variant, key_id FROM requests WHERE request_id = ?",
+                                         (request_id,)).fetchone()
+                if row is None:
+                    raise UnknownRequestError(request_id)
+                if row[1] is not None and row[1] != key_id:
+                    raise ForeignRequestError(request_id)
+                if self._conn.execute("SELECT 1 FROM feedback WHERE request_id = ?", (request_id,)).fetchone():
+                    raise DuplicateFeedbackError(request_id)
+                self._conn.execute("INSERT INTO feedback (request_id, score, comment, created_at) VALUES (?, ?, ?, ?)",
+                                   (request_id, float(score), comment, time.time()))
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
         return row[0]
 
     def close(self) -> None:

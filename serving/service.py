@@ -39,6 +39,8 @@ class RequestContext:
     user: str | None = None
     key: ApiKey | None = None
     override: str | None = None
+    chosen_by: str | None = None
+    """How the variant was chosen: hash, pin, route or fallback (serving.feedback.CHOSEN_BY)."""
     variant: str | None = None
     version: str | None = None
     started: float = dataclasses.field(default_factory=time.perf_counter)
@@ -181,18 +183,27 @@ class Gateway:
         return [self.cfg.served_model, *self.pool.slots]
 
     def choose_variant(self, model: str, ctx: RequestContext, pinned: str | None = None) -> str:
-        """Variant for a request: override header > model naming a variant > task pin > sticky A/B."""
+        """Variant for a request: override header > model naming a variant > task pin > sticky A/B.
+
+        Choosing a variant (the header, or a variant's name as the model) is an admin-key privilege: it
+        would let a client pick its side of an experiment. ``ctx.chosen_by`` records how it was chosen.
+        """
         if ctx.override:
             if ctx.override not in self.pool.slots:
                 raise APIError(400, f"unknown variant {ctx.override!r} in X-Lmforge-Variant; "
                                f"variants: {', '.join(self.pool.slots)}", param="X-Lmforge-Variant")
+            self._check_pin(ctx, "X-Lmforge-Variant")
+            ctx.chosen_by = "pin"
             return ctx.override
         if model in self.pool.slots:
+            self._check_pin(ctx, "model")
+            ctx.chosen_by = "pin"
             return model
         if model != self.cfg.served_model:
             raise APIError(404, f"the model {model!r} does not exist; available: {', '.join(self.public_models())}",
                            param="model", code="model_not_found")
         if pinned:
+            ctx.chosen_by = "route"
             return pinned
         available = self.pool.available()
         fallback = self.cfg.fallback_variant
@@ -201,9 +212,19 @@ class Gateway:
         # client's concurrent requests land on one variant instead of a weighted coin flip each.
         user = ctx.user or ctx.client
         name = self.router.assign(user)
+        ctx.chosen_by = "hash"
         if name not in available and fallback in available:
+            ctx.chosen_by = "fallback"
             return fallback
-        return self.router.assign(user, available or None)
+        chosen = self.router.assign(user, available or None)
+        if chosen != name:
+            ctx.chosen_by = "fallback"
+        return chosen
+
+    def _check_pin(self, ctx: RequestContext, param: str) -> None:
+        if self.cfg.auth and not (ctx.key is not None and ctx.key.admin):
+            raise APIError(403, f"choosing a variant ({param}) needs an admin key; send model "
+                           f"{self.cfg.served_model!r} to be assigned one", param=param, code="pin_not_allowed")
 
     # ------------------------------------------------------------------ generation
     def sampling(self, max_tokens: int | None, temperature: float, top_p: float, stop: list[str],
@@ -241,6 +262,7 @@ class Gateway:
                     ctx.variant, ctx.version = name, ref.version
                     if attempt:
                         self.metrics.fallbacks.labels(variant, name).inc()
+                        ctx.chosen_by = "fallback"
                     first = True
                     async for index, chunk in _fan_out(ref.backend, prompt, counted, n, self.cfg.request_timeout_s):
                         if first and (chunk.text or chunk.finish_reason):
@@ -288,7 +310,7 @@ class Gateway:
         if ctx.variant is not None:
             self.feedback.log_request(ctx.request_id, ctx.variant, ctx.version, ctx.user,
                                       ctx.key.key_id if ctx.key else None, ctx.route, status,
-                                      time.perf_counter() - ctx.started)
+                                      time.perf_counter() - ctx.started, ctx.chosen_by)
 
 
 def _as_api_error(err: Exception | None) -> APIError:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -36,6 +37,7 @@ def gateway(tmp_path_factory, ir_dir):
     store = KeyStore(home / "serving" / "keys.sqlite")
     keys = {
         "user": store.add("user")[0],
+        "ops": store.add("ops", admin=True)[0],  # pins variants: an admin privilege
         "limited": store.add("limited", rate_per_minute=1, burst=2)[0],
         "doomed": store.add("doomed")[0],
         "low": store.add("low", priority="low")[0],
@@ -48,6 +50,7 @@ def gateway(tmp_path_factory, ir_dir):
         backend="openvino", watch=False, auth=True, cache_gb=1, max_tokens_limit=1024, max_body_bytes=BODY_LIMIT,
         variants=[{"name": "champion", "model_uri": str(ir_dir), "weight": 0.9},
                   {"name": "challenger", "model_uri": str(ir_dir), "weight": 0.1}],
+        task_routes={"summarization": {"variant": "challenger"}},
     )
     app = build_app(cfg, home)
     with running_gateway(app) as base:
@@ -56,7 +59,8 @@ def gateway(tmp_path_factory, ir_dir):
 
 @pytest.fixture(scope="module")
 def client(gateway):
-    return openai.OpenAI(base_url=gateway["base"] + "/v1", api_key=gateway["keys"]["user"], max_retries=0)
+    """An admin key's client: the tests below pin variants ("champion") to compare outputs."""
+    return openai.OpenAI(base_url=gateway["base"] + "/v1", api_key=gateway["keys"]["ops"], max_retries=0)
 
 
 def _post(gateway, path, content, key="user", headers=None):
@@ -361,22 +365,66 @@ def test_sticky_assignment_override_and_feedback(gateway, client):
     via_header = _post(gateway, CHAT, {"model": MODEL, "messages": HELLO, "max_tokens": 1}, headers=header)
     assert via_header.headers["x-lmforge-variant"] in seen
     other = ({"champion", "challenger"} - seen).pop()
-    forced = _post(gateway, CHAT, {"model": MODEL, "messages": HELLO, "max_tokens": 1},
+    forced = _post(gateway, CHAT, {"model": MODEL, "messages": HELLO, "max_tokens": 1}, key="ops",
                    headers={**header, "X-Lmforge-Variant": other})
     assert forced.status_code == 200 and forced.headers["x-lmforge-variant"] == other
 
-    ok = _post(gateway, "/v1/feedback", {"request_id": forced.json()["id"], "score": 1})
+    ok = _post(gateway, "/v1/feedback", {"request_id": forced.json()["id"], "score": 1}, key="ops")
     assert ok.status_code == 200 and ok.json()["variant"] == other
     bad = _post(gateway, "/v1/feedback", {"request_id": via_header.json()["id"], "score": 0})
     assert bad.json()["variant"] in seen
     missing = _post(gateway, "/v1/feedback", {"request_id": "chatcmpl-nope", "score": 1})
     assert missing.status_code == 404
-    out_of_range = _post(gateway, "/v1/feedback", {"request_id": forced.json()["id"], "score": 5})
+    out_of_range = _post(gateway, "/v1/feedback", {"request_id": forced.json()["id"], "score": 5}, key="ops")
     assert out_of_range.status_code == 400
     report = ab_report(gateway["home"] / "serving" / "feedback.sqlite")
     rows = {r["variant"]: r for r in report["variants"]}
     assert rows[other]["successes"] >= 1 and rows[other]["feedback"] >= 1
     assert sum(r["requests"] for r in rows.values()) >= 6
+
+
+def _logged(gateway, request_id: str) -> dict:
+    import sqlite3
+
+    gateway["app"].state.gateway.feedback.flush()
+    with contextlib.closing(sqlite3.connect(gateway["home"] / "serving" / "feedback.sqlite")) as db:
+        db.row_factory = sqlite3.Row
+        return dict(db.execute("SELECT * FROM requests WHERE request_id = ?", (request_id,)).fetchone())
+
+
+def test_feedback_once_per_request_from_the_key_that_made_it(gateway):
+    served = _post(gateway, CHAT, {"model": MODEL, "messages": HELLO, "max_tokens": 1})
+    rid = served.json()["id"]
+    other = _post(gateway, "/v1/feedback", {"request_id": rid, "score": 1}, key="low")
+    assert other.status_code == 403 and other.json()["error"]["code"] == "not_your_request"
+    assert _post(gateway, "/v1/feedback", {"request_id": rid, "score": 1}).status_code == 200
+    again = _post(gateway, "/v1/feedback", {"request_id": rid, "score": 0})
+    assert again.status_code == 409 and "already has feedback" in again.json()["error"]["message"]
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(gateway["home"] / "serving" / "feedback.sqlite")) as db:
+        assert db.execute("SELECT score FROM feedback WHERE request_id = ?", (rid,)).fetchall() == [(1.0,)]
+
+
+def test_pinning_a_variant_needs_an_admin_key_and_the_log_says_how_a_variant_was_chosen(gateway):
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 1}
+    by_header = _post(gateway, CHAT, body, headers={"X-Lmforge-Variant": "challenger"})
+    by_model = _post(gateway, CHAT, {**body, "model": "challenger"})
+    by_rpc = _post(gateway, "/rpc", {"jsonrpc": "2.0", "method": "generate", "id": 1,
+                                     "params": {"text": "hi", "max_tokens": 1, "model": "challenger"}})
+    for refused, param in ((by_header, "X-Lmforge-Variant"), (by_model, "model")):
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["error"]["code"] == "pin_not_allowed" and refused.json()["error"]["param"] == param
+    assert by_rpc.json()["error"]["data"] == {"status": 403, "code": "pin_not_allowed"}
+
+    hashed = _post(gateway, CHAT, {**body, "user": "someone"})
+    pinned = _post(gateway, CHAT, body, key="ops", headers={"X-Lmforge-Variant": "challenger"})
+    routed = _post(gateway, "/rpc", {"jsonrpc": "2.0", "method": "summarize", "id": 2,
+                                     "params": {"text": "A: hi\nB: hello", "max_tokens": 1}}).json()["result"]
+    assert pinned.headers["x-lmforge-variant"] == "challenger" and routed["variant"] == "challenger"
+    assert _logged(gateway, hashed.json()["id"])["chosen_by"] == "hash"
+    assert _logged(gateway, pinned.json()["id"])["chosen_by"] == "pin"
+    assert _logged(gateway, routed["request_id"])["chosen_by"] == "route"
 
 
 # --------------------------------------------------------------------------- JSON-RPC
@@ -397,7 +445,7 @@ def test_rpc_batch_tasks_and_errors(gateway):
     sentiment, ner, summary = answers[1]["result"], answers["b"]["result"], answers[3]["result"]
     assert sentiment["task"] == "sentiment" and sentiment["variant"] in ("champion", "challenger")
     # Same template, same greedy decode through the OpenAI route, same parser as evaluation.
-    client = openai.OpenAI(base_url=gateway["base"] + "/v1", api_key=gateway["keys"]["user"], max_retries=0)
+    client = openai.OpenAI(base_url=gateway["base"] + "/v1", api_key=gateway["keys"]["ops"], max_retries=0)
     for task, text, result in (("sentiment", "A wonderful film.", sentiment),
                                ("ner", "Angela Merkel visited Paris.", ner)):
         chat = client.chat.completions.create(model=result["variant"], messages=task_messages(task, text),

@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -344,6 +345,11 @@ def test_openvino_engine_process_dies_mid_request_then_fallback_serves(tmp_path,
         assert httpx.get(base + "/health/live").status_code == 200
         ready = httpx.get(base + "/health/ready")
         assert ready.status_code == 503 and ready.json()["variants"]["champion"] == "down"
+        app.state.gateway.feedback.flush()  # the request log says the fallback chose the variant
+        with contextlib.closing(sqlite3.connect(tmp_path / "home" / "serving" / "feedback.sqlite")) as db:
+            chosen = db.execute("SELECT chosen_by FROM requests WHERE request_id = ?",
+                                (after.headers["x-request-id"],)).fetchone()
+        assert chosen == ("fallback",)
 
 
 def _finished_groups(parent, n: int) -> list[set[int]]:

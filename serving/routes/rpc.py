@@ -103,7 +103,8 @@ async def _dispatch(gw: Gateway, base: RequestContext, method: str, params: Any)
         raise RPCError(INVALID_PARAMS, f"params.max_tokens must be a positive integer, got {max_tokens!r}")
     user = params.get("user")
     ctx = dataclasses.replace(base, request_id=new_id("rpc"), route=f"rpc.{method}",
-                              user=user if isinstance(user, str) else base.user, variant=None, version=None)
+                              user=user if isinstance(user, str) else base.user, variant=None, version=None,
+                              chosen_by=None)
     route = gw.cfg.task_routes.get(task)
     variant = gw.choose_variant(params.get("model", gw.cfg.served_model), ctx, pinned=route.variant if route else None)
     sampling = gw.sampling(max_tokens, 0.0, 1.0, [], None, adapter=_adapter_name(route.adapter) if route else None,
