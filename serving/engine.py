@@ -290,7 +290,11 @@ class VariantPool:
 
     async def set_adapter(self, name: str, adapter: str) -> dict[str, Any]:
         """Switch a variant's default LoRA adapter: in place when the engine supports it and serves no
-        other variant, else on an engine of its own."""
+        other variant, else on an engine of its own.
+
+        In place, ``swap_ms`` is only the change of default; the engine switches its weights when the
+        next request for the adapter arrives and reports that time as ``adapter_switch_ms`` in its info.
+        """
         slot = self.slots[name]
         ref = slot.ref
         lora = ref is not None and getattr(ref.backend, "lora_enabled", False)

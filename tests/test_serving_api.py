@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import time
 
@@ -17,7 +18,7 @@ from configs.schema import ServeConfig
 from serving.app import build_app
 from serving.auth import KeyStore
 from serving.feedback import ab_report
-from serving.routes.rpc import DEFAULT_MAX_TOKENS, task_messages
+from serving.routes.rpc import DEFAULT_MAX_TOKENS
 from tasks.parsing import parse_completion
 from tests.serving_helpers import running_gateway
 
@@ -32,7 +33,7 @@ def ir_dir(tiny_ir_dir):
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory, ir_dir):
+def gateway(tmp_path_factory, ir_dir, tiny_model_dir):
     home = tmp_path_factory.mktemp("serve-home")
     store = KeyStore(home / "serving" / "keys.sqlite")
     keys = {
@@ -53,8 +54,11 @@ def gateway(tmp_path_factory, ir_dir):
         task_routes={"summarization": {"variant": "challenger"}},
     )
     app = build_app(cfg, home)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))  # what training renders prompts with
     with running_gateway(app) as base:
-        yield {"base": base, "keys": keys, "store": store, "home": home, "app": app}
+        yield {"base": base, "keys": keys, "store": store, "home": home, "app": app, "tokenizer": tokenizer}
 
 
 @pytest.fixture(scope="module")
@@ -316,8 +320,8 @@ def test_chunked_body_is_refused_as_soon_as_it_passes_the_limit(gateway, path):
     assert streamed.startswith(b"HTTP/1.1 413"), streamed[:200]
     assert b"over the limit of 65536" in streamed
 
-    small = json.dumps({"model": MODEL, "messages": HELLO, "max_tokens": 1} if path == CHAT else
-                       {"jsonrpc": "2.0", "method": "classify_sentiment", "params": {"text": "Fine."}, "id": 1}).encode()
+    rpc_call = {"jsonrpc": "2.0", "method": "classify_sentiment", "params": {"text": "Fine."}, "id": 1}
+    small = json.dumps({"model": MODEL, "messages": HELLO, "max_tokens": 1} if path == CHAT else rpc_call).encode()
     ok = _raw(gateway, path, {"Transfer-Encoding": "chunked"}, [_chunk(small[:10]), _chunk(small[10:]), b"0\r\n\r\n"],
               wait=30)
     assert ok.startswith(b"HTTP/1.1 200"), ok[:300]
@@ -444,13 +448,17 @@ def test_rpc_batch_tasks_and_errors(gateway):
     assert set(answers) == {1, "b", 3, 5, 6, 7}, "the notification gets no answer"
     sentiment, ner, summary = answers[1]["result"], answers["b"]["result"], answers[3]["result"]
     assert sentiment["task"] == "sentiment" and sentiment["variant"] in ("champion", "challenger")
-    # Same template, same greedy decode through the OpenAI route, same parser as evaluation.
+    # The prompt training renders (tasks.data.templates.render, the HF tokenizer's chat template, the
+    # paraphrase the RPC methods use), sent raw through /v1/completions: same tokens, same greedy output.
     client = openai.OpenAI(base_url=gateway["base"] + "/v1", api_key=gateway["keys"]["ops"], max_retries=0)
-    for task, text, result in (("sentiment", "A wonderful film.", sentiment),
-                               ("ner", "Angela Merkel visited Paris.", ner)):
-        chat = client.chat.completions.create(model=result["variant"], messages=task_messages(task, text),
-                                              temperature=0, max_tokens=DEFAULT_MAX_TOKENS[task])
-        assert result["text"] == chat.choices[0].message.content
+    for task, text, result, max_tokens in (
+            ("sentiment", "A wonderful film.", sentiment, DEFAULT_MAX_TOKENS["sentiment"]),
+            ("ner", "Angela Merkel visited Paris.", ner, DEFAULT_MAX_TOKENS["ner"]),
+            ("summarization", "A: hi\nB: hello", summary, 5)):
+        prompt = _training_prompt(gateway["tokenizer"], task, text)
+        done = client.completions.create(model=result["variant"], prompt=prompt, temperature=0, max_tokens=max_tokens)
+        assert result["text"] == done.choices[0].text
+        assert result["usage"]["prompt_tokens"] == done.usage.prompt_tokens
         assert [result["label"], result["format_ok"]] == list(parse_completion(task, result["text"]))
     assert isinstance(ner["label"], list)
     assert summary["finish_reason"] in ("stop", "length") and isinstance(summary["label"], str)
@@ -461,9 +469,27 @@ def test_rpc_batch_tasks_and_errors(gateway):
     assert _post(gateway, "/rpc", []).json()["error"]["code"] == -32600
 
 
-def test_rpc_uses_the_training_templates():
-    messages = task_messages("ner", "Obama met Merkel.")
-    template = DEFAULT_TEMPLATES["ner"]
-    assert messages[0] == {"role": "system", "content": template.system}
-    assert messages[1]["content"] == template.instructions[0].replace("{input}", "Obama met Merkel.")
-    assert json.dumps(messages)  # plain JSON-serialisable chat messages
+def _training_prompt(tokenizer, task: str, text: str) -> str:
+    """The prompt training renders for ``text`` with the paraphrase the RPC methods use (the first)."""
+    from tasks.data.templates import render
+
+    for i in itertools.count():  # render picks the paraphrase from the record id: find an id that gets the first
+        rendered = render(f"rpc-{i}", task, text, "", DEFAULT_TEMPLATES[task], tokenizer)
+        if rendered["template"] == 0:
+            return rendered["prompt"]
+
+
+def test_rpc_prompts_are_the_prompts_training_renders(gateway):
+    """The JSON-RPC methods' prompts, as the engine's tokenizer renders them, equal what training's
+    renderer makes of the same text (for every task), compared on the prompt token count the engine
+    reports and the greedy completion."""
+    client = openai.OpenAI(base_url=gateway["base"] + "/v1", api_key=gateway["keys"]["ops"], max_retries=0)
+    for method, task in (("classify_sentiment", "sentiment"), ("extract_entities", "ner"),
+                         ("summarize", "summarization"), ("generate", "generation")):
+        text = "Obama met Merkel in Berlin on a rainy day; both said the talks were useful."
+        call = {"jsonrpc": "2.0", "method": method, "params": {"text": text, "max_tokens": 24, "model": "champion"},
+                "id": 1}
+        result = _post(gateway, "/rpc", call, key="ops").json()["result"]
+        done = client.completions.create(model="champion", prompt=_training_prompt(gateway["tokenizer"], task, text),
+                                         temperature=0, max_tokens=24)
+        assert (result["usage"]["prompt_tokens"], result["text"]) == (done.usage.prompt_tokens, done.choices[0].text)

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from configs.data_schema import DEFAULT_TEMPLATES
+from serving import protocol
 from serving.errors import APIError
 from serving.protocol import new_id
 from serving.routes.common import context, gateway, read_body
@@ -110,19 +111,20 @@ async def _dispatch(gw: Gateway, base: RequestContext, method: str, params: Any)
     sampling = gw.sampling(max_tokens, 0.0, 1.0, [], None, adapter=_adapter_name(route.adapter) if route else None,
                            stream=False)
     messages = task_messages(task, text, gw.templates)
-    output, finish = "", "stop"
+    output, finish, usage = "", "stop", {}
     try:
         async with contextlib.aclosing(gw.run(ctx, variant, lambda b: b.render_chat(messages), sampling)) as stream:
             async for _, chunk in stream:
                 output += chunk.text
-                finish = chunk.finish_reason or finish
+                if chunk.finish_reason:
+                    finish, usage = chunk.finish_reason, protocol.usage(chunk.prompt_tokens, chunk.completion_tokens)
     except APIError as err:
         gw.log_request(ctx, err.status)
         raise
     gw.log_request(ctx, 200)
     label, format_ok = parse_completion(task, output)
     return {"task": task, "label": label, "format_ok": format_ok, "text": output, "finish_reason": finish,
-            "variant": ctx.variant, "version": ctx.version, "request_id": ctx.request_id}
+            "usage": usage, "variant": ctx.variant, "version": ctx.version, "request_id": ctx.request_id}
 
 
 def _adapter_name(adapter: str | None) -> str | None:
