@@ -80,7 +80,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_gateway(app, ready_timeout: float = 60.0, require_ready: bool = True,
+def running_gateway(app, ready_timeout: float = 180.0, require_ready: bool = True,
                     send_buffer: int | None = None) -> Iterator[str]:
     """Serve ``app`` with uvicorn in a thread on a free port; yields the base URL.
 

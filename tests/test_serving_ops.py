@@ -185,9 +185,10 @@ def test_alias_flip_swaps_without_restart_or_failed_requests(tmp_path, mlflow_ur
         assert first.headers["x-lmforge-version"] == v1
         old_engine = app.state.gateway.pool.slots["champion"].ref
 
-        # (status, version, sent, done): responses land in completion order, and a request sent to the old
-        # engine just before the swap may finish after one sent to the new engine, so order is judged by times.
-        results: list[tuple[int, str | None, float, float]] = []
+        # (status, version, sent, done, engine seconds): responses land in completion order, and a request sent
+        # to the old engine just before the swap may finish after one sent to the new engine, so order is
+        # judged by times.
+        results: list[tuple[int, str | None, float, float, float]] = []
         stop = threading.Event()
 
         def load() -> None:
@@ -196,7 +197,9 @@ def test_alias_flip_swaps_without_restart_or_failed_requests(tmp_path, mlflow_ur
                     sent = time.monotonic()
                     r = http.post(base + "/v1/chat/completions", headers={"Authorization": f"Bearer {admin_key}"},
                                   json={"model": "lmforge-assistant", "messages": HELLO, "max_tokens": 16})
-                    results.append((r.status_code, r.headers.get("x-lmforge-version"), sent, time.monotonic()))
+                    engine_s = float(r.headers.get("server-timing", "engine;dur=0").split("=")[1]) / 1000
+                    results.append((r.status_code, r.headers.get("x-lmforge-version"), sent, time.monotonic(),
+                                    engine_s))
 
         workers = [threading.Thread(target=load) for _ in range(3)]
         for w in workers:
@@ -215,20 +218,23 @@ def test_alias_flip_swaps_without_restart_or_failed_requests(tmp_path, mlflow_ur
         assert v1 in versions and v2 in versions
         assert versions.index(v2) > versions.index(v1)
         # Once any client has seen v2, no request sent afterwards is served by v1 (the swap is one-way and atomic).
-        first_v2_done = min(done for _, v, _, done in results if v == v2)
-        sent_after = [v for _, v, sent, _ in results if sent > first_v2_done]
+        first_v2_done = min(done for _, v, _, done, _ in results if v == v2)
+        sent_after = [v for _, v, sent, _, _ in results if sent > first_v2_done]
         assert sent_after and set(sent_after) == {v2}, sent_after
         info = httpx.get(base + "/admin/variants", headers={"Authorization": f"Bearer {admin_key}"}).json()
         swap = info["variants"][0]["swaps"][-1]
         assert swap["version"] == v2 and swap["reason"].startswith("alias @champion")
         assert swap["warmup_s"] > 0, "the new engine was warmed up before it took traffic"
-        # What the swap costs the requests it happens under: those in flight at the switch take about as
-        # long as requests before the flip (a switch that held up the event loop would hold them all up).
+        # What the swap costs the requests it happens under: the time the requests in flight at the switch
+        # spent outside the engine (latency minus the engine's Server-Timing: the gateway and the network,
+        # where a switch that held up the event loop would show) is about what other requests spent there.
+        # Engine time is left out: the new engine's background load competes with it for the cores.
         switched = time.monotonic() - (time.time() - swap["at"])  # the gateway runs in this process
-        before = [done - sent for _, _, sent, done in results if done < flipped]
-        across = [done - sent for _, _, sent, done in results if sent <= switched <= done]
-        assert across, "no request was in flight at the switch"
-        assert max(across) - statistics.median(before) < 1.0, (max(across), statistics.median(before))
+        outside = {(sent, done): done - sent - engine_s for *_, sent, done, engine_s in results if engine_s}
+        across = [t for (sent, done), t in outside.items() if sent <= switched <= done]
+        others = [t for (sent, done), t in outside.items() if not sent <= switched <= done]
+        assert across and others, "no request was in flight at the switch"
+        assert max(across) - statistics.median(others) < 0.5, (max(across), statistics.median(others))
         wait_for(lambda: old_engine.backend.released, timeout=30)  # released after draining: engine process gone
         assert old_engine.inflight == 0
         metrics = httpx.get(base + "/metrics").text
@@ -275,7 +281,8 @@ def test_admin_loads_lora_adapters_at_runtime(tmp_path, ir_dir, tiny_model_dir):
         engine = httpx.get(base + "/admin/variants", headers={"Authorization": f"Bearer {admin_key}"}).json()
         engine = engine["variants"][0]["engine"]
         assert engine["active_adapter"] == lora_a.stem
-        assert 0 < engine["adapter_switch_ms"] < first_request_ms, (engine["adapter_switch_ms"], first_request_ms)
+        assert 0 < engine["adapter_switch_ms"] < min(first_request_ms, 2000), (engine["adapter_switch_ms"],
+                                                                              first_request_ms)
         missing = admin({"adapter": str(tmp_path / "nope.safetensors")})
         assert missing.status_code == 400 and "not found" in missing.json()["error"]["message"]
         assert admin({}).status_code == 400
