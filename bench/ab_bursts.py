@@ -97,12 +97,15 @@ def bursts(base: str, count: int, clients: int = 8, users: bool = False, prompts
     times = sorted(t for t, _, _ in runs)
     deciles = statistics.quantiles(times, n=10, method="inclusive")
     split = [t for t, served, _ in runs if len(set(served)) > 1]
+    whole = [t for t, served, _ in runs if len(set(served)) == 1]
     return {"bursts": len(runs), "clients": clients, "new_tokens": new_tokens, "users": users,
             "min_s": times[0], "p10_s": deciles[0], "median_s": statistics.median(times), "p90_s": deciles[-1],
             "max_s": times[-1], "mean_tok_s": sum(n for *_, n in runs) / sum(times),
             "bursts_touching_challenger": sum(1 for _, served, _ in runs if "challenger" in served),
             "split_bursts": len(split), "split_median_s": statistics.median(split) if split else None,
-            "times_s": [round(t, 3) for t, _, _ in runs]}
+            "whole_median_s": statistics.median(whole) if whole else None,
+            "times_s": [round(t, 3) for t, _, _ in runs],
+            "on_challenger": [served.count("challenger") for _, served, _ in runs]}
 
 
 def run(home: Path, ir: Path, work: Path, count: int, gateway_factory, prompts: list[str],
@@ -128,13 +131,14 @@ def run(home: Path, ir: Path, work: Path, count: int, gateway_factory, prompts: 
 
 
 def report(out: dict) -> list[str]:
-    rows = ["| A/B scenario (8 concurrent x 64 tokens) | engines | min | P10 | median | P90 | max | bursts on "
-            "challenger | tok/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| A/B scenario (burst = 8 concurrent x 64 tokens; seconds) | engines | min | P10 | median | P90 | max "
+            "| split bursts | median whole / split | tok/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in SCENARIOS:
         if name not in out:
             continue
         r = out[name]
+        medians = " / ".join("-" if m is None else f"{m:.2f}" for m in (r["whole_median_s"], r["split_median_s"]))
         rows.append(f"| {name} | {r['engine_processes']} | {r['min_s']:.2f} | {r['p10_s']:.2f} | {r['median_s']:.2f} "
-                    f"| {r['p90_s']:.2f} | {r['max_s']:.2f} | {r['bursts_touching_challenger']}/{r['bursts']} "
+                    f"| {r['p90_s']:.2f} | {r['max_s']:.2f} | {r['split_bursts']}/{r['bursts']} | {medians} "
                     f"| {r['mean_tok_s']:.0f} |")
     return rows
