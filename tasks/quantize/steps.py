@@ -1,7 +1,8 @@
 """The quantize stage as plain steps (tests call these) plus thin Prefect task wrappers (the flow wires those).
 
 Layout: ``<home>/exports/<export_id>/<variant>/`` where ``export_id`` hashes everything that decides
-the artefacts (base weights, adapter, the artefact-relevant quantize settings, calibration texts).
+the artefacts (base weights, adapter, the artefact-relevant quantize settings, calibration texts and
+the hash of the quantize stage's source files, so a code change never reuses an old export).
 Re-running with the same inputs reuses every complete variant and rebuilds only missing ones, so an
 interrupted run resumes where it stopped.
 """
@@ -22,6 +23,7 @@ from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from configs.schema import EvaluateConfig, QuantizeConfig
+from tasks.code_hash import stage_code_hash
 from tasks.files import atomic_write_text, read_pointer, sha256_dir, write_pointer
 from tasks.quantize.validate import AdapterError, AdapterInfo, validate_adapter
 from tasks.quantize.variants import (
@@ -85,6 +87,7 @@ def plan_export(home: Path, base_dir: Path, adapter_dir: Path, cfg: QuantizeConf
     digest.update(info.sha256.encode())
     digest.update(json.dumps({k: getattr(cfg, k) for k in _ARTEFACT_FIELDS}, sort_keys=True).encode())
     digest.update(json.dumps(calibration_texts(samples, cfg)).encode())
+    digest.update(stage_code_hash("quantize").encode())
     inputs = digest.hexdigest()
     root = Path(home) / "exports" / inputs[:12]
     sweep_stale(root)
