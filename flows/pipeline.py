@@ -7,6 +7,7 @@ that compute it) did not change and resumes at the one that failed. The final ma
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from tasks.code_hash import REPO_ROOT as CODE_ROOT
 from tasks.code_hash import STAGE_ENTRY_MODULES, stage_code_hash
 from tasks.holdout import evaluate_holdout_task
 from tasks.models import import_base_model
-from tasks.registry import gate_version, register_task
+from tasks.registry import holds_registration, register_task, version_aliases
 from tasks.stage_cache import cached_stage, stage_key
 from tasks.tracking import use_mlflow
 
@@ -73,9 +74,14 @@ def pipeline_flow(cfg: LmforgeConfig) -> dict[str, Any]:
     merged = Path(exported["root"]) / "merged_hf"
     if merged.is_dir():
         artifacts["merged_hf"] = merged
+    key = register_key(inputs["register"])
     registered, reused["register"] = cached_stage(
         cfg.home, "register", inputs["register"],
-        lambda: _register_and_gate(cfg, artifacts, evaluated["metrics"], lineage, exported))
+        lambda: _register_and_gate(cfg, artifacts, evaluated["metrics"], lineage, exported, key),
+        # A stored registration counts only while this registry still has that version.
+        still_valid=lambda stored: holds_registration(cfg.registry.model_name, stored["version"], key))
+    if reused["register"]:  # aliases move after registration (promote, rollback, the MLflow UI)
+        registered = {**registered, "aliases": version_aliases(cfg.registry.model_name, registered["version"])}
 
     report = _report(cfg, data, sft, aligned, exported, evaluated, registered, reused)
     create_markdown_artifact(markdown=report, key="lmforge-pipeline", description="lmforge pipeline run")
@@ -104,17 +110,26 @@ def stage_inputs(cfg: LmforgeConfig, base_sha256: str, data_version: str,
                 "code": code["quantize"]}
     evaluate = {"quantize": stage_key("quantize", quantize), "evaluate": cfg.evaluate.model_dump(mode="json"),
                 "code": code["evaluate"]}
-    register = {"evaluate": stage_key("evaluate", evaluate), "code": code["register"]}
+    # The registry this run writes to is part of what "registered" means; the gates only decide the aliases.
+    version = {"evaluate": stage_key("evaluate", evaluate), "tracking_uri": cfg.tracking_uri(),
+               "registry": cfg.registry.model_dump(mode="json", exclude={"gates", "tracking_uri"}),
+               "code": code["register"]}
+    register = {"version": version, "gates": cfg.registry.gates.model_dump(mode="json")}
     return {"finetune": finetune, "align": align, "quantize": quantize, "evaluate": evaluate, "register": register}
 
 
+def register_key(register_inputs: dict[str, Any]) -> str:
+    """Identity of a registration (the version tag that makes re-registering idempotent): everything
+    in the register stage's inputs except the gates, so re-gating reuses the version."""
+    return stage_key("register-version", register_inputs["version"])
+
+
 def _register_and_gate(cfg: LmforgeConfig, artifacts: dict[str, Path], metrics: dict[str, float],
-                       lineage: dict[str, str], exported: dict[str, Any]) -> dict[str, Any]:
+                       lineage: dict[str, str], exported: dict[str, Any], key: str) -> dict[str, Any]:
     row = next((r for r in exported.get("rows", []) if r.get("variant") == exported["selected"]), {})
-    version = register_task(cfg.registry, artifacts, metrics, lineage, run_name=f"register-{lineage['data_version'][:8]}")
-    gated = gate_version(cfg.registry, version.version, size_mb=row.get("size_mb"), latency_ms=row.get("latency_ms"))
-    return {"name": version.name, "version": version.version, "run_id": version.run_id,
-            "model_uri": version.model_uri, "aliases": gated.aliases, "gate_reasons": gated.gate_reasons}
+    registered = register_task(cfg.registry, artifacts, metrics, lineage, key, size_mb=row.get("size_mb"),
+                               latency_ms=row.get("latency_ms"), run_name=f"register-{lineage['data_version'][:8]}")
+    return dataclasses.asdict(registered)
 
 
 def _report(cfg, data, sft, aligned, exported, evaluated, registered, reused) -> str:

@@ -4,13 +4,17 @@ Aliases are what serves: the gateway watches ``champion`` and ``challenger``. A 
 the promotion gates gets ``challenger`` (and ``champion`` when there is none yet); a failing one
 is tagged with its reasons and gets no alias. Promotion keeps the replaced champion as
 ``previous-champion`` so ``lmforge rollback`` is one command.
+
+Registration is idempotent: a version is created with its register key as a tag (in the same
+request that creates it), and registering the same key again returns that version instead of
+adding a duplicate, so a run that failed after registering can simply be re-run.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,8 @@ CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 # Task-quality metrics (fractions in 0..1, higher is better) compared against the champion.
 TASK_METRICS = ("sentiment_accuracy", "sentiment_macro_f1", "ner_f1", "summarization_rougeL")
 METRIC_TAG = "metric."
+REGISTER_KEY_TAG = "lmforge.register_key"  # what was registered, where: set when the version is created
+REGISTER_RUN_TAG = "lmforge.register_run_id"  # the MLflow run that logged the version's model
 
 
 class RegistryError(Exception):
@@ -48,8 +54,10 @@ def register_version(
     metrics: dict[str, float],
     lineage: dict[str, str],
     run_name: str = "register",
+    register_key: str | None = None,
 ) -> RegisteredVersion:
-    """Log a pyfunc model holding ``artifacts`` and register it as a new version.
+    """Log a pyfunc model holding ``artifacts`` and register it as a new version, or, when a version
+    carrying ``register_key`` already exists, return that one (nothing is logged again).
 
     Args:
         registry_cfg: the ``registry`` config section (MLflow must already point at the store).
@@ -59,6 +67,7 @@ def register_version(
         lineage: data version, config hash, code commit, base model + sha256, quantisation format,
             parent run ids of each stage; becomes run params and version tags.
         run_name: MLflow run name.
+        register_key: identity of this registration (e.g. the pipeline's register stage key).
     """
     import mlflow
 
@@ -69,6 +78,14 @@ def register_version(
     for key, path in artifacts.items():
         if not Path(path).is_dir() or not any(Path(path).iterdir()):
             raise RegistryError(f"artifact {key!r} at {path} is missing or empty")
+    client = mlflow.MlflowClient()
+    name = registry_cfg.model_name
+    existing = version_with_key(name, register_key) if register_key else None
+    if existing is not None:
+        log.info("%s version %s already holds this registration (key %s); not registering it again",
+                 name, existing.version, register_key)
+        return RegisteredVersion(name, str(existing.version), existing.tags.get(REGISTER_RUN_TAG, existing.run_id or ""),
+                                 f"models:/{name}/{existing.version}")
     tags = {k: str(v) for k, v in lineage.items()}
     with mlflow.start_run(run_name=run_name, nested=mlflow.active_run() is not None) as run:
         mlflow.log_params(tags)
@@ -77,28 +94,62 @@ def register_version(
             name="model",
             python_model=LmforgeChatModel(),
             artifacts={key: str(path) for key, path in artifacts.items()},
-            registered_model_name=registry_cfg.model_name,
             # Pinned explicitly: inferring requirements would load the model in a subprocess.
             pip_requirements=["mlflow==3.17.2", "openvino-genai==2026.4.1.0", "openvino-tokenizers==2026.4.1.0"],
             tags=tags,
             # A signature with params, or MLflow drops `params={"max_new_tokens": ...}` at predict time.
             signature=mlflow.models.infer_signature(["user message"], ["completion"], params={"max_new_tokens": 64}),
         )
-    version = str(info.registered_model_version)
-    client = mlflow.MlflowClient()
-    for key, value in {**tags, **{METRIC_TAG + k: f"{v:.6g}" for k, v in metrics.items()}}.items():
-        client.set_model_version_tag(registry_cfg.model_name, version, key, value)
-    client.update_model_version(registry_cfg.model_name, version, description=_describe(metrics, tags))
-    log.info("registered %s version %s (run %s)", registry_cfg.model_name, version, run.info.run_id)
-    return RegisteredVersion(registry_cfg.model_name, version, run.info.run_id,
-                             f"models:/{registry_cfg.model_name}/{version}")
+    # Every tag, the register key included, goes into the request that creates the version: there is
+    # no moment at which a version exists that a re-run would not recognise.
+    version_tags = {**tags, **{METRIC_TAG + k: f"{v:.6g}" for k, v in metrics.items()},
+                    REGISTER_RUN_TAG: run.info.run_id, **({REGISTER_KEY_TAG: register_key} if register_key else {})}
+    created = mlflow.register_model(info.model_uri, name, tags=version_tags)
+    version = str(created.version)
+    client.update_model_version(name, version, description=_describe(metrics, tags))
+    log.info("registered %s version %s (run %s)", name, version, run.info.run_id)
+    return RegisteredVersion(name, version, run.info.run_id, f"models:/{name}/{version}")
+
+
+def version_with_key(name: str, register_key: str) -> Any | None:
+    """The version of ``name`` created with ``register_key``, or None."""
+    import mlflow
+
+    try:
+        found = mlflow.MlflowClient().search_model_versions(
+            f"name='{name}' and tags.`{REGISTER_KEY_TAG}`='{register_key}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def holds_registration(name: str, version: str, register_key: str) -> bool:
+    """Whether the registry MLflow points at has ``version`` of ``name``, created with ``register_key``
+    (a stored result from another registry, or from a version deleted since, fails this)."""
+    import mlflow
+
+    try:
+        details = mlflow.MlflowClient().get_model_version(name, str(version))
+    except mlflow.exceptions.MlflowException:
+        return False
+    return details.tags.get(REGISTER_KEY_TAG) == register_key
+
+
+def register_and_gate(registry_cfg: RegistryConfig, artifacts: dict[str, Path], metrics: dict[str, float],
+                      lineage: dict[str, str], register_key: str, size_mb: float | None = None,
+                      latency_ms: float | None = None, run_name: str = "register") -> RegisteredVersion:
+    """Register (or find the version already registered under ``register_key``) and apply the gates."""
+    version = register_version(registry_cfg, artifacts, metrics, lineage, run_name, register_key)
+    gated = gate_version(registry_cfg, version.version, size_mb, latency_ms)
+    return replace(version, aliases=gated.aliases, gate_reasons=gated.gate_reasons)
 
 
 @task(name="register-model")
 def register_task(registry_cfg: RegistryConfig, artifacts: dict[str, Path], metrics: dict[str, float],
-                  lineage: dict[str, str], run_name: str = "register") -> RegisteredVersion:
-    """Prefect wrapper of :func:`register_version`."""
-    return register_version(registry_cfg, artifacts, metrics, lineage, run_name)
+                  lineage: dict[str, str], register_key: str, size_mb: float | None = None,
+                  latency_ms: float | None = None, run_name: str = "register") -> RegisteredVersion:
+    """Prefect wrapper of :func:`register_and_gate`."""
+    return register_and_gate(registry_cfg, artifacts, metrics, lineage, register_key, size_mb, latency_ms, run_name)
 
 
 def check_gates(
@@ -215,6 +266,11 @@ def aliases(name: str) -> dict[str, str]:
         return {alias: str(v) for alias, v in mlflow.MlflowClient().get_registered_model(name).aliases.items()}
     except mlflow.exceptions.MlflowException:
         return {}
+
+
+def version_aliases(name: str, version: str) -> list[str]:
+    """The aliases pointing at ``version`` now, sorted."""
+    return sorted(alias for alias, v in aliases(name).items() if v == str(version))
 
 
 def version_metrics(name: str, version: str) -> dict[str, float]:

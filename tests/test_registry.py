@@ -107,3 +107,39 @@ def test_registered_model_loads_as_pyfunc_and_generates(registry, tiny_ir_dir):
     assert len(outputs) == 2 and all(isinstance(o, str) for o in outputs)
     # Greedy decoding: the same input gives the same output.
     assert model.predict(["hello there"], params={"max_new_tokens": 4}) == outputs[:1]
+
+
+def test_a_failure_after_logging_does_not_duplicate_the_version_on_rerun(registry, tiny_ir_dir, monkeypatch):
+    """The run dies after the model is logged and the version created (here: setting its description);
+    re-running the same registration finds that version by its register key instead of adding one."""
+    from tasks.registry import register_and_gate
+
+    real_update = mlflow.MlflowClient.update_model_version
+
+    def registry_goes_away(self, *args, **kwargs):
+        raise ConnectionError("tracking server unreachable")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "update_model_version", registry_goes_away)
+    with pytest.raises(ConnectionError):
+        register_and_gate(registry, {"openvino": tiny_ir_dir}, GOOD, LINEAGE, register_key="stage-key-1")
+    monkeypatch.setattr(mlflow.MlflowClient, "update_model_version", real_update)
+
+    again = register_and_gate(registry, {"openvino": tiny_ir_dir}, GOOD, LINEAGE, register_key="stage-key-1")
+    versions = mlflow.MlflowClient().search_model_versions(f"name='{registry.model_name}'")
+    assert [str(v.version) for v in versions] == [again.version] == ["1"]
+    assert set(again.aliases) == {CHAMPION, CHALLENGER} and again.gate_reasons == []
+    assert mlflow.MlflowClient().get_run(again.run_id).data.params["data_version"] == "d123"
+    # The same key once more: still one version; a different key is a new registration.
+    assert register_and_gate(registry, {"openvino": tiny_ir_dir}, GOOD, LINEAGE, register_key="stage-key-1").version == "1"
+    assert register_version(registry, {"openvino": tiny_ir_dir}, GOOD, LINEAGE, register_key="stage-key-2").version == "2"
+
+
+def test_holds_registration_checks_the_registry_mlflow_points_at(registry, tiny_ir_dir, tmp_path):
+    from tasks.registry import holds_registration
+
+    v1 = register_version(registry, {"openvino": tiny_ir_dir}, GOOD, LINEAGE, register_key="k1")
+    assert holds_registration(registry.model_name, v1.version, "k1")
+    assert not holds_registration(registry.model_name, v1.version, "another-key")
+    assert not holds_registration(registry.model_name, "99", "k1")
+    use_mlflow(f"sqlite:///{tmp_path / 'other.db'}", "test", tmp_path / "other-artifacts")
+    assert not holds_registration(registry.model_name, v1.version, "k1"), "another registry has no such version"
