@@ -327,6 +327,9 @@ class QuantizeConfig(Section):
     """Tokens generated per request when measuring tokens/s."""
     bench_concurrency: list[int] = [1, 8]
     """Concurrent requests at which tokens/s is measured (ContinuousBatchingPipeline)."""
+    bench_latency_requests: int = Field(20, ge=1)
+    """Single requests (concurrency 1, bench_max_new_tokens each) timed one after another for the P50/P95
+    latency in the report; the P95 is what registry.gates.max_latency_ms compares."""
     bench_cache_gb: float = Field(1.0, gt=0)
     """KV-cache size given to ContinuousBatchingPipeline when benchmarking and evaluating."""
     evaluate_variants: bool = True
@@ -355,11 +358,15 @@ class PromotionGates(Section):
     max_metric_drop: float = Field(2.0, ge=0)
     """No task metric may fall more than this many points below the current champion."""
     min_format_compliance: float = Field(0.9, ge=0, le=1)
-    """Share of outputs that must follow the instruction format."""
+    """Share of outputs that must follow the output format, required of each structured task evaluated
+    (format_compliance_sentiment and format_compliance_ner on the test split), not of the average."""
     max_size_mb: float | None = None
-    """Largest artifact accepted, in MB."""
+    """Largest accepted IR of the selected variant (openvino_model.xml + .bin, as measured by quantize), in MB
+    (10^6 bytes); None = no size gate. Set but not measured = the gate fails."""
     max_latency_ms: float | None = None
-    """Slowest accepted median latency per request, in ms."""
+    """Slowest accepted P95 latency of one request at concurrency 1 (quantize.bench_latency_requests requests of
+    quantize.bench_max_new_tokens tokens, measured by the quantize probe), in ms; None = no latency gate.
+    Set but not measured = the gate fails."""
 
 
 class RegistryConfig(Section):

@@ -20,7 +20,7 @@ from tasks.code_hash import REPO_ROOT as CODE_ROOT
 from tasks.code_hash import STAGE_ENTRY_MODULES, stage_code_hash
 from tasks.holdout import evaluate_holdout_task
 from tasks.models import import_base_model
-from tasks.registry import holds_registration, register_task, version_aliases
+from tasks.registry import gate_inputs, holds_registration, register_task, version_aliases
 from tasks.stage_cache import cached_stage, stage_key
 from tasks.tracking import use_mlflow
 
@@ -127,9 +127,11 @@ def register_key(register_inputs: dict[str, Any]) -> str:
 def _register_and_gate(cfg: LmforgeConfig, artifacts: dict[str, Path], metrics: dict[str, float],
                        lineage: dict[str, str], exported: dict[str, Any], key: str) -> dict[str, Any]:
     row = next((r for r in exported.get("rows", []) if r.get("variant") == exported["selected"]), {})
-    registered = register_task(cfg.registry, artifacts, metrics, lineage, key, size_mb=row.get("size_mb"),
-                               latency_ms=row.get("latency_ms"), run_name=f"register-{lineage['data_version'][:8]}")
-    return dataclasses.asdict(registered)
+    measured = gate_inputs(row)
+    registered = register_task(cfg.registry, artifacts, metrics, {**lineage, "gate_measurements": json.dumps(measured)},
+                               key, size_mb=measured["size_mb"], latency_ms=measured["latency_ms"],
+                               run_name=f"register-{lineage['data_version'][:8]}")
+    return {**dataclasses.asdict(registered), "gate_inputs": measured}
 
 
 def _report(cfg, data, sft, aligned, exported, evaluated, registered, reused) -> str:

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 # Task-quality metrics (fractions in 0..1, higher is better) compared against the champion.
 TASK_METRICS = ("sentiment_accuracy", "sentiment_macro_f1", "ner_f1", "summarization_rougeL")
+# Tasks whose answers must parse (a label, an entity list): each one's format compliance is gated.
+STRUCTURED_TASKS = ("sentiment", "ner")
 METRIC_TAG = "metric."
 REGISTER_KEY_TAG = "lmforge.register_key"  # what was registered, where: set when the version is created
 REGISTER_RUN_TAG = "lmforge.register_run_id"  # the MLflow run that logged the version's model
@@ -159,30 +161,69 @@ def check_gates(
     size_mb: float | None = None,
     latency_ms: float | None = None,
 ) -> list[str]:
-    """Reasons a candidate fails the promotion gates (empty list = passes).
+    """Reasons a candidate fails the promotion gates (empty list = passes). Fails closed: a metric one
+    side of the champion comparison lacks, a structured task's format compliance that was not
+    measured, and a configured size/latency gate without a measurement are reasons, never skipped.
 
     Metric drops are compared in points (1 point = 0.01 of a 0..1 metric).
     """
     reasons = []
     if champion_metrics:
         for name in TASK_METRICS:
-            if name in metrics and name in champion_metrics:
-                drop = 100 * (champion_metrics[name] - metrics[name])
-                if drop > gates.max_metric_drop:
-                    reasons.append(
-                        f"{name} {metrics[name]:.4f} is {drop:.1f} points below champion "
-                        f"{champion_metrics[name]:.4f} (allowed {gates.max_metric_drop})"
-                    )
-    compliance = metrics.get("format_compliance")
-    if compliance is None:
-        reasons.append("format_compliance was not measured")
-    elif compliance < gates.min_format_compliance:
-        reasons.append(f"format_compliance {compliance:.3f} < {gates.min_format_compliance}")
-    if gates.max_size_mb is not None and size_mb is not None and size_mb > gates.max_size_mb:
-        reasons.append(f"size {size_mb:.1f} MB > {gates.max_size_mb} MB")
-    if gates.max_latency_ms is not None and latency_ms is not None and latency_ms > gates.max_latency_ms:
-        reasons.append(f"latency {latency_ms:.0f} ms > {gates.max_latency_ms} ms")
+            ours, theirs = metrics.get(name), champion_metrics.get(name)
+            if ours is None and theirs is None:
+                continue  # neither side evaluated this task: nothing to compare
+            if ours is None or theirs is None:
+                missing, other = ("this version", "the champion") if ours is None else ("the champion", "this version")
+                reasons.append(f"{name} is missing on {missing} ({other} has {ours if theirs is None else theirs:.4f}): "
+                               "cannot compare against the champion")
+                continue
+            drop = 100 * (theirs - ours)
+            if drop > gates.max_metric_drop:
+                reasons.append(f"{name} {ours:.4f} is {drop:.1f} points below champion {theirs:.4f} "
+                               f"(allowed {gates.max_metric_drop})")
+    reasons += _compliance_reasons(metrics, gates.min_format_compliance)
+    if gates.max_size_mb is not None:
+        if size_mb is None:
+            reasons.append(f"max_size_mb is {gates.max_size_mb} but the size was not measured")
+        elif size_mb > gates.max_size_mb:
+            reasons.append(f"size {size_mb:.1f} MB (measured IR) > {gates.max_size_mb} MB")
+    if gates.max_latency_ms is not None:
+        if latency_ms is None:
+            reasons.append(f"max_latency_ms is {gates.max_latency_ms} but the latency was not measured")
+        elif latency_ms > gates.max_latency_ms:
+            reasons.append(f"P95 latency {latency_ms:.0f} ms (measured) > {gates.max_latency_ms} ms")
     return reasons
+
+
+def _compliance_reasons(metrics: dict[str, float], minimum: float) -> list[str]:
+    """Each structured task's own format compliance: an average over all tasks would let free-text
+    tasks (always well-formed) hide a sentiment or NER format that does not parse."""
+    reasons, measured = [], 0
+    for task_name in STRUCTURED_TASKS:
+        name = f"format_compliance_{task_name}"
+        value = metrics.get(name)
+        if value is None:
+            if metrics.get(f"n_{task_name}") == 0:
+                continue  # the evaluation set has no examples of this task
+            reasons.append(f"{name} was not measured")
+        elif value < minimum:
+            reasons.append(f"{name} {value:.3f} < {minimum}")
+        measured += value is not None
+    if not measured and not reasons:
+        reasons.append(f"no structured task ({', '.join(STRUCTURED_TASKS)}) was evaluated: format compliance "
+                       "was not measured")
+    return reasons
+
+
+def gate_inputs(row: dict[str, Any]) -> dict[str, Any]:
+    """What the size and latency gates compare, from the selected variant's quantize report row: the
+    measured IR size (``ir_bytes``) and the probe's P95 single-request latency; None when not measured."""
+    ir_bytes = row.get("ir_bytes")
+    return {"size_mb": ir_bytes / 1e6 if isinstance(ir_bytes, (int, float)) else None,
+            "latency_ms": row.get("latency_p95_ms"),
+            "measured": {"variant": row.get("variant"), "size": "ir_bytes: openvino_model.xml + .bin",
+                         "latency": row.get("latency_measured")}}
 
 
 def gate_version(registry_cfg: RegistryConfig, version: str, size_mb: float | None = None,
@@ -199,6 +240,7 @@ def gate_version(registry_cfg: RegistryConfig, version: str, size_mb: float | No
     reasons = check_gates(candidate, champion_metrics, registry_cfg.gates, size_mb, latency_ms)
     client.set_model_version_tag(name, version, "gate_status", "failed" if reasons else "passed")
     client.set_model_version_tag(name, version, "gate_reasons", json.dumps(reasons))
+    client.set_model_version_tag(name, version, "gate_inputs", json.dumps({"size_mb": size_mb, "latency_ms": latency_ms}))
     result = RegisteredVersion(name, version, "", f"models:/{name}/{version}", gate_reasons=reasons)
     if reasons:
         log.warning("version %s failed the promotion gates: %s", version, "; ".join(reasons))

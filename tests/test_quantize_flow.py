@@ -178,6 +178,9 @@ def test_report_selection_and_artifacts(export):
     rows = {r["variant"]: r for r in summary["rows"]}
     for name in ("fp32_ir", "int8", "int4", "qat_int4"):
         assert rows[name]["peak_rss_mb"] > 0 and rows[name]["tok_s_1"] > 0 and rows[name]["tok_s_8"] > 0
+        # Single-request latency (the registry's latency gate input), and what was measured.
+        assert 0 < rows[name]["latency_p50_ms"] <= rows[name]["latency_p95_ms"]
+        assert rows[name]["latency_measured"].startswith(f"{export['cfg'].quantize.bench_latency_requests} single requests")
         assert rows[name]["metrics"]["n_sentiment"] == 4
     # Random tiny weights score the same everywhere, so every IR is eligible and the smallest wins.
     smallest = min(("fp32_ir", "int8", "int4", "qat_int4", "base_ir"), key=lambda n: rows[n]["ir_bytes"])
