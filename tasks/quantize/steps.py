@@ -190,21 +190,26 @@ def curated_inputs(home: Path, version: str | None) -> tuple[list[tuple[str, str
 
 
 def resolve_adapter(home: Path, adapter: Path | None) -> Path:
-    """The adapter to export: the given path, else the newest SFT run's ``adapter/`` (``runs/sft/LATEST``)."""
+    """The adapter to export: the given path, else the newest aligned adapter (``runs/align/LATEST``,
+    which names finished runs only), else the newest SFT run's ``adapter/`` (``runs/sft/LATEST``)."""
     if adapter is not None:
         return Path(adapter)
-    latest = Path(home) / "runs" / "sft" / "LATEST"
-    name = read_pointer(latest)
-    if name is not None:
+    for stage, what in (("align", "alignment"), ("sft", "fine-tuning")):
+        latest = Path(home) / "runs" / stage / "LATEST"
+        name = read_pointer(latest)
+        if name is None:
+            continue
         run = Path(name) if Path(name).is_absolute() else latest.parent / name
         if (run / "adapter").is_dir():
+            log.info("no adapter given: using the newest %s run's, %s", what, run / "adapter")
             return run / "adapter"
         if (run / "adapter_config.json").is_file():
             return run
-        raise AdapterError(f"the newest fine-tuning run {run} has no adapter/ yet (still training, or it failed); "
+        raise AdapterError(f"the newest {what} run {run} has no adapter/ yet (still training, or it failed); "
                            "wait for it, or pass --adapter PATH")
-    raise AdapterError(f"no adapter given and no fine-tuning run found ({latest} is missing); "
-                       "run `lmforge finetune` first or pass --adapter PATH")
+    raise AdapterError(f"no adapter given and no fine-tuning run found (neither {Path(home) / 'runs' / 'align' / 'LATEST'} "
+                       f"nor {Path(home) / 'runs' / 'sft' / 'LATEST'} exists); run `lmforge finetune` first or pass "
+                       "--adapter PATH")
 
 
 # --------------------------------------------------------------------------- helpers
