@@ -88,10 +88,10 @@ class SFTConfig(Section):
     """Optimiser steps."""
     packing: bool = False
     """Pack several examples into one sequence; off = length-bucketed batches."""
-    strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = "auto"
-    """Lightning distribution strategy."""
+    strategy: Literal["auto", "ddp"] = "auto"
+    """Lightning distribution strategy: 'ddp' runs devices x num_nodes processes (tested on CPU with gloo)."""
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
-    """Lightning accelerator."""
+    """Lightning accelerator; also where the (4-bit) base model is loaded ('gpu': this rank's CUDA device)."""
     devices: int | Literal["auto"] = 1
     """Processes/GPUs per node."""
     num_nodes: int = Field(1, ge=1)
@@ -230,6 +230,10 @@ class AlignConfig(Section):
     """Advantage scaling: divide by the reward std of the group (GRPO), of the batch, or not at all."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, roughly 30% slower."""
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    """Where the policy trains ('gpu': this rank's CUDA device; 'auto': a GPU when torch sees one)."""
+    bf16: bool = False
+    """bf16 mixed precision (GPUs; on CPUs it would round away alignment-sized LoRA updates)."""
     num_threads: int | None = Field(None, ge=1)
     """Torch intra-op threads for the whole stage (training and before/after evaluation); None = torch's
     default (one per core). On a CPU shared with other jobs 1 can be much faster: one process's threads
@@ -351,6 +355,9 @@ class EvaluateConfig(Section):
     """Prompts per generate call."""
     max_new_tokens: int = Field(64, ge=1)
     """Greedy decoding length limit."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device of Hugging Face model evaluation (the SFT and alignment before/after scores); 'auto' = a GPU
+    when torch sees one. Exported OpenVINO IRs are always scored on OpenVINO's CPU plugin."""
 
 
 # --------------------------------------------------------------------------- registry
