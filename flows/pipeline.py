@@ -2,7 +2,8 @@
 
 Each stage is a subflow whose result is stored by content (``tasks.stage_cache``): re-running after
 a failure reuses every finished stage whose inputs (config, upstream stages, and the source files
-that compute it) did not change and resumes at the one that failed. The final markdown report links the MLflow runs and the registered version.
+that compute it) did not change and resumes at the one that failed. The final markdown report
+links the MLflow runs and the registered version.
 """
 
 from __future__ import annotations

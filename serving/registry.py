@@ -133,7 +133,8 @@ def registered_artifact_dir(root: Path, artifact: str, label: str, backend: str 
     artifacts = (spec.get("flavors", {}).get("python_function", {}).get("artifacts") or {})
     entry = artifacts.get(artifact) or {}
     if not entry.get("path"):
-        raise ModelResolveError(f"{label} has no {artifact!r} artifact (it has: {', '.join(sorted(artifacts)) or 'none'}); "
+        present = ", ".join(sorted(artifacts)) or "none"
+        raise ModelResolveError(f"{label} has no {artifact!r} artifact (it has: {present}); "
                                 f"the {backend} backend serves {artifact!r}")
     path = mlmodel.parent / entry["path"]
     if not path.is_dir():

@@ -2,9 +2,10 @@
 
 A stage's code is the import closure of its entry modules inside this repository's packages: every
 ``import`` counts wherever it stands (heavy engines are imported inside functions), and so do
-modules started as ``[python, "-m", "tasks.quantize.probe"]`` or ``importlib.import_module("...")``. Hashing the files themselves,
-not a hand-kept recipe number, means nobody has to remember to bump anything: editing any file a
-stage runs invalidates that stage, and through the chained keys every stage downstream of it.
+modules started as ``[python, "-m", "tasks.quantize.probe"]`` or ``importlib.import_module("...")``.
+Hashing the files themselves, not a hand-kept recipe number, means nobody has to remember to bump
+anything: editing any file a stage runs invalidates that stage, and through the chained keys every
+stage downstream of it.
 
 ``configs`` is left out on purpose: the config *values* each stage reads are part of its key
 already, so a docstring edit in the schema does not throw away hours of training.

@@ -86,8 +86,8 @@ def register_version(
     if existing is not None:
         log.info("%s version %s already holds this registration (key %s); not registering it again",
                  name, existing.version, register_key)
-        return RegisteredVersion(name, str(existing.version), existing.tags.get(REGISTER_RUN_TAG, existing.run_id or ""),
-                                 f"models:/{name}/{existing.version}")
+        run_id = existing.tags.get(REGISTER_RUN_TAG, existing.run_id or "")
+        return RegisteredVersion(name, str(existing.version), run_id, f"models:/{name}/{existing.version}")
     tags = {k: str(v) for k, v in lineage.items()}
     with mlflow.start_run(run_name=run_name, nested=mlflow.active_run() is not None) as run:
         mlflow.log_params(tags)
@@ -175,7 +175,8 @@ def check_gates(
                 continue  # neither side evaluated this task: nothing to compare
             if ours is None or theirs is None:
                 missing, other = ("this version", "the champion") if ours is None else ("the champion", "this version")
-                reasons.append(f"{name} is missing on {missing} ({other} has {ours if theirs is None else theirs:.4f}): "
+                present = ours if theirs is None else theirs
+                reasons.append(f"{name} is missing on {missing} ({other} has {present:.4f}): "
                                "cannot compare against the champion")
                 continue
             drop = 100 * (theirs - ours)
@@ -240,7 +241,8 @@ def gate_version(registry_cfg: RegistryConfig, version: str, size_mb: float | No
     reasons = check_gates(candidate, champion_metrics, registry_cfg.gates, size_mb, latency_ms)
     client.set_model_version_tag(name, version, "gate_status", "failed" if reasons else "passed")
     client.set_model_version_tag(name, version, "gate_reasons", json.dumps(reasons))
-    client.set_model_version_tag(name, version, "gate_inputs", json.dumps({"size_mb": size_mb, "latency_ms": latency_ms}))
+    client.set_model_version_tag(name, version, "gate_inputs",
+                                 json.dumps({"size_mb": size_mb, "latency_ms": latency_ms}))
     result = RegisteredVersion(name, version, "", f"models:/{name}/{version}", gate_reasons=reasons)
     if reasons:
         log.warning("version %s failed the promotion gates: %s", version, "; ".join(reasons))

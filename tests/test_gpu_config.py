@@ -56,8 +56,8 @@ def test_gpu_preset_reaches_lightning_and_the_4bit_base(gpu_cfg, tiny_model_dir,
 
     monkeypatch.setattr(pl, "Trainer", spy_trainer)
     monkeypatch.setenv("LOCAL_RANK", "1")  # the second DDP rank on this node loads onto its own GPU
-    spec = TrainSpec(run_dir=str(tmp_path / "run"), model_dir=str(tiny_model_dir), sft=gpu_cfg.sft.model_dump(mode="json"),
-                     max_seq_len=256, progress_bar=False)
+    spec = TrainSpec(run_dir=str(tmp_path / "run"), model_dir=str(tiny_model_dir),
+                     sft=gpu_cfg.sft.model_dump(mode="json"), max_seq_len=256, progress_bar=False)
     with pytest.raises(_Stop):
         train_sft(spec, sst2_records(load_tokenizer(tiny_model_dir), 8))
     assert (trainer_args["accelerator"], trainer_args["strategy"], trainer_args["devices"]) == ("gpu", "ddp", "auto")

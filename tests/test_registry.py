@@ -175,8 +175,9 @@ def test_a_failure_after_logging_does_not_duplicate_the_version_on_rerun(registr
     assert set(again.aliases) == {CHAMPION, CHALLENGER} and again.gate_reasons == []
     assert mlflow.MlflowClient().get_run(again.run_id).data.params["data_version"] == "d123"
     # The same key once more: still one version; a different key is a new registration.
-    assert register_and_gate(registry, {"openvino": tiny_ir_dir}, GOOD, LINEAGE, register_key="stage-key-1").version == "1"
-    assert register_version(registry, {"openvino": tiny_ir_dir}, GOOD, LINEAGE, register_key="stage-key-2").version == "2"
+    artifacts = {"openvino": tiny_ir_dir}
+    assert register_and_gate(registry, artifacts, GOOD, LINEAGE, register_key="stage-key-1").version == "1"
+    assert register_version(registry, artifacts, GOOD, LINEAGE, register_key="stage-key-2").version == "2"
 
 
 def test_holds_registration_checks_the_registry_mlflow_points_at(registry, tiny_ir_dir, tmp_path):

@@ -41,7 +41,8 @@ def registered(tmp_path, mlflow_uri, tiny_ir_dir, tiny_model_dir):
     ("openvino", "fp32_ir", "openvino_model.xml"),
 ])
 def test_an_alias_resolves_to_the_artifact_its_backend_serves(registered, tmp_path, backend, artifact, marker):
-    path, version = resolve_model_dir("models:/lmforge-resolve@champion", registered["uri"], tmp_path / "cache", backend)
+    uri = "models:/lmforge-resolve@champion"
+    path, version = resolve_model_dir(uri, registered["uri"], tmp_path / "cache", backend)
     assert version == registered["version"]
     assert path.name == artifact and (path / marker).is_file()
     if backend != "openvino":

@@ -58,7 +58,8 @@ def test_a_file_no_stage_runs_changes_no_key(source_tree):
 def test_stage_sources_follow_imports_inside_functions():
     # tasks.quantize.steps imports export/merge/qat inside build_variant only.
     sources = {str(p) for p in stage_sources("quantize")}
-    assert {"flows/quantize.py", "tasks/quantize/export.py", "tasks/quantize/qat.py", "tasks/quantize/merge.py"} <= sources
+    assert {"flows/quantize.py", "tasks/quantize/export.py", "tasks/quantize/qat.py",
+            "tasks/quantize/merge.py"} <= sources
     assert not any(s.startswith(("tasks/sft/", "tasks/align/", "configs/")) for s in sources)
 
 

@@ -40,7 +40,8 @@ class HFBackend:
     def _load_sync(self, model_dir: Path) -> None:
         import torch
 
-        AutoModelForCausalLM, AutoTokenizer = import_names("transformers", "AutoModelForCausalLM", "AutoTokenizer")  # noqa: N806
+        names = import_names("transformers", "AutoModelForCausalLM", "AutoTokenizer")
+        AutoModelForCausalLM, AutoTokenizer = names  # noqa: N806 - the classes, as imported
 
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

@@ -207,9 +207,9 @@ def resolve_adapter(home: Path, adapter: Path | None) -> Path:
             return run
         raise AdapterError(f"the newest {what} run {run} has no adapter/ yet (still training, or it failed); "
                            "wait for it, or pass --adapter PATH")
-    raise AdapterError(f"no adapter given and no fine-tuning run found (neither {Path(home) / 'runs' / 'align' / 'LATEST'} "
-                       f"nor {Path(home) / 'runs' / 'sft' / 'LATEST'} exists); run `lmforge finetune` first or pass "
-                       "--adapter PATH")
+    runs = Path(home) / "runs"
+    raise AdapterError(f"no adapter given and no fine-tuning run found (neither {runs / 'align' / 'LATEST'} "
+                       f"nor {runs / 'sft' / 'LATEST'} exists); run `lmforge finetune` first or pass --adapter PATH")
 
 
 # --------------------------------------------------------------------------- helpers
