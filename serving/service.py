@@ -56,6 +56,7 @@ class Admission:
         self.cfg, self.metrics = cfg, metrics
         self._sem = asyncio.Semaphore(cfg.max_concurrency)
         self.waiting = 0
+        metrics.queue_limit.set(cfg.max_queue)
 
     @contextlib.asynccontextmanager
     async def slot(self, priority: str):
