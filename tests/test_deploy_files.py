@@ -68,7 +68,7 @@ def test_no_password_is_written_in_compose():
     for name, service in _services().items():
         env = service.get("environment") or {}
         for key, value in env.items():
-            if any(word in key for word in ("PASSWORD", "AUTH_STRING", "DATABASE_URL", "CONNECTION_URL")):
+            if any(word in key for word in ("PASSWORD", "AUTH_STRING", "DATABASE_URL", "CONNECTION_URL", "SECRET")):
                 assert "${" in str(value), f"{name}.{key} must come from the environment, not the file"
 
 
@@ -101,6 +101,11 @@ def test_mlflow_and_prefect_entry_commands_exist():
                                  text=True, check=True).stdout
     for flag in [a for a in services["mlflow"]["command"] if a.startswith("--")]:
         assert flag in mlflow_help, flag
+    prefect = services["prefect-server"]
+    assert prefect["entrypoint"] == ["python", "-m", "deploy.prefect_server"]
+    prefect_help = subprocess.run([str(REPO / ".venv/bin/python"), *prefect["entrypoint"][1:], *prefect["command"][:2],
+                                   "--help"], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert "--host" in prefect_help and "--port" in prefect_help
     assert "basic-auth" in subprocess.run(
         [str(REPO / ".venv/bin/python"), "-c", "from importlib.metadata import entry_points;"
          "print([e.name for e in entry_points(group='mlflow.app')])"], capture_output=True, text=True).stdout
