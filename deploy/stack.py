@@ -9,7 +9,6 @@ which program failed and where its log is.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -19,8 +18,9 @@ from pathlib import Path
 
 import httpx
 
+from deploy import postgres
 from deploy.files import DEPLOY_DIR, NginxSite, write_nginx_conf, write_prometheus_dir
-from deploy.programs import DB_USER, REPO, WORK_POOL, StackSpec, gateway_names
+from deploy.programs import REPO, WORK_POOL, StackSpec, gateway_names
 
 DATABASES = ("mlflow", "prefect", "lmforge")
 APT_PACKAGES = {"nginx": "nginx", "prometheus": "prometheus"}
@@ -45,11 +45,7 @@ class Stack:
 
     @property
     def pg_data(self) -> Path:
-        """PostgreSQL refuses to run as root: then its files live where the postgres user can reach them."""
-        if os.geteuid() != 0:
-            return self.root / "pg"
-        digest = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:12]
-        return Path("/var/tmp") / f"lmforge-pg-{digest}"
+        return postgres.data_dir(self.root)
 
     def write(self) -> None:
         from deploy.certs import make_certs
@@ -93,7 +89,7 @@ supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 serverurl=unix://{root}/supervisor.sock
 
 [program:postgres]
-command={shutil.which("postgres")} -D {self.pg_data} -p {spec.ports.postgres} -k {self.pg_data} -c listen_addresses=127.0.0.1
+command={" ".join(postgres.server_argv(self.pg_data, spec.ports.postgres))}
 {run_as}priority=10
 autostart=false
 autorestart=true
@@ -160,7 +156,7 @@ redirect_stderr=true
         ensure_tools()
         self.root.mkdir(parents=True, exist_ok=True)
         self.write()
-        self._init_postgres()
+        postgres.init_cluster(self.pg_data, self.spec.secret("postgres"))
         if not self.supervisor_running():
             subprocess.run([sys.executable, "-m", "supervisor.supervisord", "-c", str(self.conf)], check=True)
             _wait(self.supervisor_running, 30, "supervisord", lambda: self.log("supervisord"))
@@ -169,8 +165,8 @@ redirect_stderr=true
             self.ctl("update")
         spec = self.spec
         self.start("postgres")
-        _wait(self._postgres_ready, 60, "postgres", lambda: self.log("postgres"), self._dead("postgres"))
-        self._create_databases()
+        _wait(lambda: postgres.ready(self._pg_dsn("postgres")), 60, "postgres", lambda: self.log("postgres"), self._dead("postgres"))
+        postgres.create_databases(self._pg_dsn("postgres"), DATABASES)  # as deploy/postgres/init.sql
         self.start("mlflow", "prefect-server")
         _wait(lambda: _http_ok(f"{spec.mlflow_url}/health"), timeout, "mlflow", lambda: self.log("mlflow"),
               self._dead("mlflow"))
@@ -197,49 +193,8 @@ redirect_stderr=true
             _wait(lambda: pid is None or not _alive(pid), 120, "supervisord shutdown", lambda: self.log("supervisord"))
 
     # ----------------------------------------------------------------- setup steps
-    def _init_postgres(self) -> None:
-        data = self.pg_data
-        if (data / "PG_VERSION").is_file():
-            return
-        data.mkdir(parents=True, exist_ok=True)
-        pwfile = data.parent / f".{data.name}.pw"
-        pwfile.write_text(self.spec.secret("postgres") + "\n")
-        run_as: list[str] = []
-        if os.geteuid() == 0:
-            shutil.chown(data, "postgres", "postgres")
-            shutil.chown(pwfile, "postgres", "postgres")
-            run_as = ["runuser", "-u", "postgres", "--"]
-        data.chmod(0o700)
-        pwfile.chmod(0o600)
-        try:
-            result = subprocess.run([*run_as, shutil.which("initdb"), "-D", str(data), "-U", DB_USER,
-                                     f"--pwfile={pwfile}", "--auth=scram-sha-256", "-E", "UTF8"],
-                                    capture_output=True, text=True)
-        finally:
-            pwfile.unlink(missing_ok=True)
-        if result.returncode != 0:
-            raise StackError(f"initdb failed: {result.stderr.strip()[-2000:]}")
-
-    def _postgres_ready(self) -> bool:
-        import psycopg
-
-        try:
-            with psycopg.connect(self._pg_dsn("postgres"), connect_timeout=2):
-                return True
-        except psycopg.OperationalError:
-            return False
-
     def _pg_dsn(self, database: str) -> str:
         return self.spec.database_url(database).replace("postgresql+psycopg://", "postgresql://")
-
-    def _create_databases(self) -> None:
-        import psycopg
-
-        with psycopg.connect(self._pg_dsn("postgres"), autocommit=True) as conn:
-            existing = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
-            for name in DATABASES:  # the same databases as deploy/postgres/init.sql
-                if name not in existing:
-                    conn.execute(f'CREATE DATABASE "{name}"')
 
     def _mlflow_gateway_user(self) -> None:
         from deploy.mlflow_auth import ensure_user

@@ -37,12 +37,13 @@ def run_cmd(
 
 def _serve_after_run(cfg, registered: dict, config: str | None, overrides: list[str]) -> None:
     from serving.auth import KeyStore
+    from serving.db import state_locations
 
     if not registered.get("aliases") and not _any_champion(cfg):
         fail(f"{registered['name']} v{registered['version']} failed its gates and there is no champion to serve; "
              f"see the report above, or `lmforge promote {registered['version']} --force`")
     if cfg.serve.auth:
-        store = KeyStore(cfg.home / "serving" / "keys.sqlite")
+        store = KeyStore(state_locations(cfg.serve.database_url, cfg.home)[0])
         if not any(k.revoked_at is None for k in store.list()):
             # A first run has no keys yet: make one so the gateway is usable right away (shown once).
             key, record = store.add("make-run", admin=True)
