@@ -36,8 +36,7 @@ def test_compose_parses_and_has_the_whole_stack():
         assert name in services, name
     assert services["gateway-gpu"]["profiles"] == ["gpu"]
     assert "--app-name" in services["mlflow"]["command"] and "basic-auth" in services["mlflow"]["command"]
-    assert services["mlflow"]["command"][services["mlflow"]["command"].index("--backend-store-uri") + 1].startswith(
-        "postgresql")
+    assert services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg://")
     assert "PREFECT_SERVER_API_AUTH_STRING" in services["prefect-server"]["environment"]
     assert services["prefect-worker"]["command"][:4] == ["worker", "start", "--pool", "lmforge"]
 
