@@ -5,7 +5,9 @@
 
 1. Capacity: closed-loop users (direct to the replicas) doubling from 1 until throughput stops
    growing by 10%; the capacity is the fewest users within 10% of the best throughput.
-2. Runs at 8 users and at 1x, 2x and 4x the capacity, each directly against the replicas (users
+2. Runs at 8 users, at 1x, 2x and 4x the capacity, and past the gateways' admission limit
+   (``--overload-users``, default 2 x replicas x (max_concurrency + max_queue): the queues fill and
+   shed low priority first), each directly against the replicas (users
    spread round robin) and through nginx (TLS, least_conn); bench/locustfile.py sends the mixed
    traffic (chat 5 : stream 3 : rpc batch 2) from a high- and a low-priority key.
 3. Prints a Markdown table per class: requests/s, P50/P95/P99 latency (ms), failures; and the
@@ -92,7 +94,7 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def bench(spec, seconds: int, probe_seconds: int) -> str:
+def bench(spec, seconds: int, probe_seconds: int, overload_users: int) -> str:
     from serving.auth import KeyStore
 
     store = KeyStore(spec.database_url())
@@ -111,7 +113,7 @@ def bench(spec, seconds: int, probe_seconds: int) -> str:
     out = Path(tempfile.mkdtemp(prefix="lmforge-locust-"))
     cap, curve = capacity(direct, env, out, probe_seconds)
     rows: list[Row] = []
-    loads = sorted({(8, "8 users"), (cap, "1x"), (2 * cap, "2x"), (4 * cap, "4x")})
+    loads = sorted({(8, "8 users"), (cap, "1x"), (2 * cap, "2x"), (4 * cap, "4x"), (overload_users, "overload")})
     for users, label in loads:
         for target, hosts in (("direct", direct), ("nginx", through_nginx)):
             for row in run_locust(hosts, users, seconds, env, out):
@@ -164,18 +166,21 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--max-queue", type=int, default=8, help="serve.max_queue of a started stack (shedding).")
     parser.add_argument("--seconds", type=int, default=30, help="Duration of each measured run.")
+    parser.add_argument("--overload-users", type=int, default=0,
+                        help="Users of the overload run (0: 2 x replicas x (8 + max queue), the started stack's limits).")
     parser.add_argument("--probe-seconds", type=int, default=15, help="Duration of each capacity probe.")
     args = parser.parse_args()
     from deploy.programs import StackSpec
 
+    overload = args.overload_users or 2 * args.replicas * (8 + args.max_queue)
     if args.start_stack:
         stack = _start_stack(Path(tempfile.mkdtemp(prefix="lmforge-bench-stack-")), args.replicas, args.max_queue)
         try:
-            print(bench(stack.spec, args.seconds, args.probe_seconds))
+            print(bench(stack.spec, args.seconds, args.probe_seconds, overload))
         finally:
             stack.down()
     elif args.stack_dir:
-        print(bench(StackSpec.load(args.stack_dir.resolve()), args.seconds, args.probe_seconds))
+        print(bench(StackSpec.load(args.stack_dir.resolve()), args.seconds, args.probe_seconds, overload))
     else:
         parser.error("give --stack-dir of a running stack or --start-stack")
 

@@ -46,7 +46,6 @@ class _ClassUser(HttpUser):
         self.headers = {"Authorization": f"Bearer {os.environ[f'LMFORGE_BENCH_KEY_{self.priority.upper()}']}",
                         "X-User-Id": f"bench-{self.priority}-{n}"}
         self.stream_session = requests.Session()
-        self.stream_session.verify = CA
         self.turn = n
 
     def _messages(self) -> list[dict[str, str]]:
@@ -69,7 +68,9 @@ class _ClassUser(HttpUser):
         url = self.client.base_url + "/v1/chat/completions"
         started, length, error = time.perf_counter(), 0, None
         try:
-            with self.stream_session.post(url, json=body, headers=self.headers, stream=True, timeout=180) as response:
+            # verify= on the call: a session's verify loses to REQUESTS_CA_BUNDLE from the environment.
+            with self.stream_session.post(url, json=body, headers=self.headers, stream=True, timeout=180,
+                                          verify=CA) as response:
                 if response.status_code != 200:
                     error = RuntimeError(f"{response.status_code} {response.text[:200]}")
                 else:
