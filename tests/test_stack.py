@@ -215,6 +215,7 @@ def test_the_stack_end_to_end(stack, monkeypatch):
     outcomes = [s.join() for s in streams]
     stats = _finish_locust(load)
     PHASES["kill under load"] = time.monotonic() - t0
+    PHASES["kill: Locust requests (count)"] = stats["requests"]
     assert stats["requests"] > 50, stats
     assert stats["failures"] == 0, stats
     assert all(o in ("done", "error") for o in outcomes), outcomes  # nothing hung
