@@ -190,7 +190,8 @@ redirect_stderr=true
             pid = int(pid_file.read_text()) if pid_file.is_file() else None
             self.ctl("shutdown", check=False)
             # supervisord exits after its children: then PostgreSQL's lock file is free for the next `up`.
-            _wait(lambda: pid is None or not _alive(pid), 120, "supervisord shutdown", lambda: self.log("supervisord"))
+            # Four priority groups, each allowed stopwaitsecs (40 s) to drain: up to ~3 min on a busy host.
+            _wait(lambda: pid is None or not _alive(pid), 300, "supervisord shutdown", lambda: self.log("supervisord"))
 
     # ----------------------------------------------------------------- setup steps
     def _pg_dsn(self, database: str) -> str:

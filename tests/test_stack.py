@@ -51,9 +51,11 @@ def stack(tmp_path_factory):
         PHASES["stack up"] = time.monotonic() - started
         yield stack
     finally:
-        stack.down()
-        shutil.rmtree(postgres.data_dir(root), ignore_errors=True)
-        print("\nstack test phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in PHASES.items()))
+        try:
+            stack.down()
+        finally:
+            shutil.rmtree(postgres.data_dir(root), ignore_errors=True)
+            print("\nstack test phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in PHASES.items()))
 
 
 def _lmforge(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
