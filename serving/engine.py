@@ -26,7 +26,7 @@ from serving.backends import make_backend
 from serving.backends.base import Backend, BackendError, BackendInputError, SamplingParams
 from serving.metrics import Metrics
 from serving.promotion import PromotionRefused, check_promotable
-from serving.registry import IR_MARKER, AliasNotFound, current_version, parse_model_uri, resolve_model_dir
+from serving.registry import AliasNotFound, current_version, parse_model_uri, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +156,8 @@ class VariantPool:
             adapter = adapter if adapter is not None else slot.adapter
             started = time.perf_counter()
             kind = slot.backend_kind or self.kind
-            marker = IR_MARKER if kind == "openvino" else "config.json"
             try:
-                model_dir, version = await self._resolve(uri, marker)
+                model_dir, version = await self._resolve(uri, kind)
                 resolved = time.perf_counter()
                 key = EngineKey(kind, slot.url, str(model_dir), adapter,
                                 tuple(str(p) for p in self.extra_adapters.get(name, [])))
@@ -203,8 +202,9 @@ class VariantPool:
                      f", sharing the engine of {', '.join(sorted(engine.variants - {name}))}" if not built else "")
             return timings
 
-    async def _resolve(self, uri: str, marker: str) -> tuple[Path, str | None]:
-        """Model directory and registry version for ``uri``; a registry version must be allowed to serve.
+    async def _resolve(self, uri: str, kind: str) -> tuple[Path, str | None]:
+        """The directory of ``uri``'s artifact that backend ``kind`` serves (by its registered key, see
+        serving.registry) and its registry version; a registry version must be allowed to serve.
 
         An alias is resolved once and the version it named is the one checked and loaded, so an
         alias moving meanwhile cannot slip an unchecked version in.
@@ -214,7 +214,7 @@ class VariantPool:
             version = await asyncio.to_thread(current_version, ref, self.tracking_uri)
             await asyncio.to_thread(check_promotable, ref.name, version, self.tracking_uri)
             uri = f"models:/{ref.name}/{version}"
-        return await asyncio.to_thread(resolve_model_dir, uri, self.tracking_uri, self.cache_dir, marker)
+        return await asyncio.to_thread(resolve_model_dir, uri, self.tracking_uri, self.cache_dir, kind)
 
     def _refuse(self, slot: VariantSlot, err: PromotionRefused) -> None:
         """Keep serving what the variant serves (nothing: state refused) and say why, once per version."""

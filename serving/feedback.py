@@ -1,4 +1,4 @@
-"""Durable request log and feedback (SQLite, WAL), and the per-variant A/B report.
+"""Durable request log and feedback (the state database, serving/db.py), and the per-variant A/B report.
 
 Every served response is logged (id, variant, model version, user, key, how the variant was chosen)
 so ``POST /v1/feedback`` can attach one score to it later, from the key that made it, and the report
@@ -16,25 +16,17 @@ on the raw scores is reported beside it for graded feedback.
 from __future__ import annotations
 
 import math
-import sqlite3
 import threading
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any
 
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS requests (
-        request_id TEXT PRIMARY KEY, variant TEXT NOT NULL, version TEXT, user TEXT, key_id TEXT,
-        route TEXT, status INTEGER, latency_s REAL, created_at REAL NOT NULL, chosen_by TEXT)""",
-    """CREATE TABLE IF NOT EXISTS feedback (
-        id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL, score REAL NOT NULL,
-        comment TEXT, created_at REAL NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS feedback_request ON feedback(request_id)",
-)
+import sqlalchemy as sa
+
+from serving import db
 
 
-_REQUEST_COLUMNS = "request_id, variant, version, user, key_id, route, status, latency_s, created_at, chosen_by"
 CHOSEN_BY = ("hash", "pin", "route", "fallback")
 """How a request's variant was chosen: the A/B hash of its user or caller, a pin (X-Lmforge-Variant or
 a model naming a variant), a task route (serve.task_routes), or the fallback for a variant that was down."""
@@ -52,24 +44,30 @@ class DuplicateFeedbackError(ValueError):
     """The request already has its feedback."""
 
 
-class FeedbackStore:
-    """Request log + feedback in one SQLite file."""
+def _insert_ignoring_duplicates(engine: sa.Engine):
+    """INSERT that skips a request id already logged (a replayed or retried request keeps its first row,
+    so nobody can take over a request's key by replaying its id)."""
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(db.requests_log).on_conflict_do_nothing(index_elements=["request_id"])
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+class FeedbackStore:
+    """Request log + feedback in the state database (shared by every replica on PostgreSQL)."""
+
+    _FIELDS = ("request_id", "variant", "version", "user", "key_id", "route", "status", "latency_s", "created_at",
+               "chosen_by")
+
+    def __init__(self, location: str | Path):
+        """Args: location: a database URL, or the path of a SQLite file."""
+        self.engine = db.engine(location)
+        self._insert = _insert_ignoring_duplicates(self.engine)
         self._lock = threading.Lock()
         # A deque, drained by popleft: appends from the event loop never race the flush thread
         # (swapping a list could drop a row appended to the old list after it was written).
         self._buffer: deque[tuple] = deque()
-        self._conn = sqlite3.connect(self.path, timeout=10, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        for statement in _SCHEMA:
-            self._conn.execute(statement)
-        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(requests)")}
-        if "chosen_by" not in columns:  # a log written before the column existed
-            self._conn.execute("ALTER TABLE requests ADD COLUMN chosen_by TEXT")
 
     def log_request(self, request_id: str, variant: str, version: str | None, user: str | None,
                     key_id: str | None, route: str, status: int, latency_s: float,
@@ -88,8 +86,8 @@ class FeedbackStore:
         with self._lock:
             rows = [self._buffer.popleft() for _ in range(len(self._buffer))]
             if rows:
-                self._conn.executemany(f"INSERT OR REPLACE INTO requests ({_REQUEST_COLUMNS}) "
-                                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                with self.engine.begin() as conn:
+                    conn.execute(self._insert, [dict(zip(self._FIELDS, row)) for row in rows])
         return len(rows)
 
     def add_feedback(self, request_id: str, score: float, comment: str | None = None,
@@ -102,49 +100,48 @@ class FeedbackStore:
             DuplicateFeedbackError: it has its feedback already.
         """
         self.flush()
-        with self._lock:
-            # One write transaction (BEGIN IMMEDIATE): another gateway process on this file cannot slip
-            # a second score in between the check and the insert.
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._conn.execute("SELECT variant, key_id FROM requests WHERE request_id = ?",
-                                         (request_id,)).fetchone()
-                if row is None:
-                    raise UnknownRequestError(request_id)
-                if row[1] is not None and row[1] != key_id:
-                    raise ForeignRequestError(request_id)
-                if self._conn.execute("SELECT 1 FROM feedback WHERE request_id = ?", (request_id,)).fetchone():
-                    raise DuplicateFeedbackError(request_id)
-                self._conn.execute("INSERT INTO feedback (request_id, score, comment, created_at) VALUES (?, ?, ?, ?)",
-                                   (request_id, float(score), comment, time.time()))
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-        return row[0]
+        requests = db.requests_log
+        with self._lock, self.engine.begin() as conn:
+            # A no-op UPDATE first locks the request (PostgreSQL: its row; SQLite: the database's write
+            # lock), so a second score for it, from this or another replica, waits for this transaction
+            # and then sees its feedback row: the check and the insert below are one atomic step.
+            row = conn.execute(requests.update().where(requests.c.request_id == request_id)
+                               .values(variant=requests.c.variant)
+                               .returning(requests.c.variant, requests.c.key_id)).first()
+            if row is None:
+                raise UnknownRequestError(request_id)
+            if row.key_id is not None and row.key_id != key_id:
+                raise ForeignRequestError(request_id)
+            if conn.execute(sa.select(sa.literal(1)).where(db.feedback.c.request_id == request_id)).first():
+                raise DuplicateFeedbackError(request_id)
+            conn.execute(db.feedback.insert().values(request_id=request_id, score=float(score), comment=comment,
+                                                     created_at=time.time()))
+        return row.variant
 
     def close(self) -> None:
         self.flush()
-        self._conn.close()
 
 
-def ab_report(path: Path, reference: str | None = None, since: float | None = None) -> dict[str, Any]:
+def ab_report(location: str | Path, reference: str | None = None, since: float | None = None) -> dict[str, Any]:
     """Per-variant outcomes and significance tests against ``reference`` (default: most requests).
+
+    Args:
+        location: the state database (URL, or the SQLite file's path).
 
     Returns:
         ``{"variants": [{variant, requests, feedback, mean_score, success_rate, ...}],
         "reference": name, "tests": [{variant, z, p_value, test, mann_whitney_p, significant}]}``
     """
-    conn = sqlite3.connect(Path(path), timeout=10)
-    try:
-        where, args = ("WHERE r.created_at >= ?", (since,)) if since else ("", ())
-        counts = dict(conn.execute(f"SELECT variant, COUNT(*) FROM requests r {where} GROUP BY variant", args))
+    requests, feedback = db.requests_log, db.feedback
+    window = [requests.c.created_at >= since] if since else []
+    with db.engine(location).connect() as conn:
+        counts = dict(conn.execute(sa.select(requests.c.variant, sa.func.count()).where(*window)
+                                   .group_by(requests.c.variant)).fetchall())
         scores: dict[str, list[float]] = {}
-        query = (f"SELECT r.variant, f.score FROM feedback f JOIN requests r ON r.request_id = f.request_id {where}")
-        for variant, score in conn.execute(query, args):
+        joined = sa.select(requests.c.variant, feedback.c.score).select_from(
+            feedback.join(requests, requests.c.request_id == feedback.c.request_id)).where(*window)
+        for variant, score in conn.execute(joined):
             scores.setdefault(variant, []).append(score)
-    finally:
-        conn.close()
     names = sorted(set(counts) | set(scores))
     rows = []
     for name in names:

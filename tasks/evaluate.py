@@ -50,6 +50,7 @@ from tasks import metrics as M
 from tasks.files import atomic_write_text, sha256_dir
 from tasks.generators import Generator, HFGenerator, hf_generator, stop_token_ids
 from tasks.parsing import TASKS, coerce_label, parse_completion
+from tasks.runtime import torch_device
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +275,8 @@ def evaluate_model(
         if cached is not None:
             log.info("evaluation of %s (adapter %s) reused from %s", model_dir, adapter_dir, entry)
             return {"metrics": cached.metrics, **write_results(cached, out_dir), "cached": True}
-    generator = hf_generator(model_dir, adapter_dir, cfg.max_new_tokens, cfg.batch_size, max_length)
+    generator = hf_generator(model_dir, adapter_dir, cfg.max_new_tokens, cfg.batch_size, max_length,
+                             device=torch_device(cfg.device))
     result = evaluate_records(selected, generator, cfg, perplexity_model=generator)
     paths = write_results(result, out_dir)
     if entry is not None:

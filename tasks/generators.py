@@ -57,7 +57,8 @@ class HFGenerator:
             pad_token_id=self.pad_id,
         )
         with torch.inference_mode():
-            generated = self.model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
+            generated = self.model.generate(input_ids=input_ids.to(self.model.device),
+                                            attention_mask=attention.to(self.model.device), generation_config=config)
         texts = []
         for row in generated[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in self.stop_ids), len(row))
@@ -89,7 +90,8 @@ class HFGenerator:
                 attention[row, : len(seq)] = 1
                 labels[row, len(context) : len(seq)] = torch.tensor(target)
             with torch.inference_mode():
-                logits = self.model(input_ids=ids, attention_mask=attention).logits.float()
+                logits = self.model(input_ids=ids.to(self.model.device),
+                                    attention_mask=attention.to(self.model.device)).logits.float().cpu()
             logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
             shifted = labels[:, 1:]
             mask = shifted != -100
@@ -137,6 +139,7 @@ def hf_generator(
     batch_size: int = 8,
     max_length: int = 2048,
     merge_adapter: bool = True,
+    device: str = "cpu",
 ) -> HFGenerator:
     """Load an imported model (and optionally a PEFT adapter on top) as an :class:`HFGenerator`.
 
@@ -148,6 +151,7 @@ def hf_generator(
         max_length: longest sequence fed to the model; prompts are cut from the left.
         merge_adapter: fold the LoRA weights into the base weights (faster, same outputs up to
             float rounding); False keeps the PEFT wrapper.
+        device: torch device to generate on (``cuda:0``, ``cpu``).
     """
     from tasks.models import load_model, load_tokenizer
 
@@ -168,6 +172,8 @@ def hf_generator(
             model = model.merge_and_unload()
         if (adapter_dir / "tokenizer_config.json").is_file():
             tokenizer_dir = adapter_dir
+    if device != "cpu":
+        model = model.to(device)
     return HFGenerator(model, load_tokenizer(tokenizer_dir), max_new_tokens, batch_size, max_length)
 
 

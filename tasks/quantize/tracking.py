@@ -44,7 +44,7 @@ def log_export(summary: dict[str, Any], tracking_uri: str, experiment: str, arti
             name = row["variant"]
             values = {"ir_mb": (row.get("ir_bytes") or 0) / 1e6 or None, "dir_mb": (row.get("dir_bytes") or 0) / 1e6,
                       "peak_rss_mb": row.get("peak_rss_mb"), "model_rss_mb": row.get("model_rss_mb")}
-            values |= {k: v for k, v in row.items() if k.startswith("tok_s_")}
+            values |= {k: v for k, v in row.items() if k.startswith(("tok_s_", "latency_p"))}
             values |= {k: v for k, v in row.get("metrics", {}).items() if isinstance(v, (int, float))}
             mlflow.log_metrics({f"{name}.{k}": float(v) for k, v in values.items() if isinstance(v, (int, float))})
         for file in ("report.md", "report.png", "export.json"):
