@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import ab_bursts  # noqa: E402 - after the path fix
-from configs.schema import GATE_STATUS_TAG, ServeConfig  # noqa: E402
+from configs.schema import GATE_STATUS_TAG, RegistryConfig, ServeConfig  # noqa: E402
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -393,16 +393,17 @@ def report_vllm(out: dict) -> list[str]:
 def bench_swap(ir: Path, work: Path, clients: int = 4) -> dict:
     from mlflow import MlflowClient
 
+    from tasks.registry import register_version
+    from tasks.tracking import use_mlflow
+
     tracking = f"sqlite:///{work / 'mlflow.db'}"
+    use_mlflow(tracking, "bench-swap", work / "artifacts")
     client = MlflowClient(tracking, tracking)
-    experiment = client.create_experiment("bench-swap", artifact_location=str(work / "artifacts"))
-    client.create_registered_model("lmforge-assistant")
     versions = []
     for _ in range(2):
-        run = client.create_run(experiment)
-        client.log_artifacts(run.info.run_id, str(ir), "ir")
-        versions.append(str(client.create_model_version("lmforge-assistant", f"{run.info.artifact_uri}/ir",
-                                                        run.info.run_id).version))
+        # Registered as the pipeline does: the gateway finds the IR by its MLmodel's "openvino" artifact.
+        versions.append(register_version(RegistryConfig(model_name="lmforge-assistant"), {"openvino": ir}, {},
+                                         {"code_commit": "bench"}).version)
         # The gateway serves only versions that passed their gates (or are force-promoted).
         client.set_model_version_tag("lmforge-assistant", versions[-1], GATE_STATUS_TAG, "passed")
     client.set_registered_model_alias("lmforge-assistant", "champion", versions[0])

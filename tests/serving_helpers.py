@@ -50,25 +50,24 @@ def tiny_lora(tiny_model_dir: Path, out_file: Path, seed: int = 1, scale: float 
 
 def register_versions(tracking_uri: str, ir_dir: Path, artifacts: Path, count: int = 2,
                       gate_status: str | None = "passed", name: str = "lmforge-assistant") -> list[str]:
-    """Register ``ir_dir`` ``count`` times as versions of ``name`` in a real MLflow registry (each its own
-    run, so each downloads to its own directory); tagged with ``gate_status`` unless None (never gated)."""
+    """Register ``ir_dir`` ``count`` times as versions of ``name`` in a real MLflow registry, the way the
+    pipeline does (tasks.registry: a pyfunc model whose MLmodel names the IR under the ``openvino``
+    artifact key, which the gateway resolves by), each its own run so each downloads to its own
+    directory; tagged with ``gate_status`` unless None (never gated)."""
     from mlflow import MlflowClient
 
+    from configs.schema import GATE_STATUS_TAG, RegistryConfig
+    from tasks.registry import register_version
+    from tasks.tracking import use_mlflow
+
+    use_mlflow(tracking_uri, "serving-test", artifacts)
     client = MlflowClient(tracking_uri, tracking_uri)
-    experiment = client.get_experiment_by_name("serving-test")
-    experiment_id = (experiment.experiment_id if experiment else
-                     client.create_experiment("serving-test", artifact_location=str(artifacts)))
-    if not client.search_registered_models(f"name='{name}'"):
-        client.create_registered_model(name)
     versions = []
     for _ in range(count):
-        run = client.create_run(experiment_id)
-        client.log_artifacts(run.info.run_id, str(ir_dir), "ir")
-        client.set_terminated(run.info.run_id)
-        version = str(client.create_model_version(name, source=f"{run.info.artifact_uri}/ir",
-                                                  run_id=run.info.run_id).version)
+        version = register_version(RegistryConfig(model_name=name), {"openvino": ir_dir}, {},
+                                   {"code_commit": "test"}).version
         if gate_status is not None:
-            client.set_model_version_tag(name, version, "gate_status", gate_status)
+            client.set_model_version_tag(name, version, GATE_STATUS_TAG, gate_status)
         versions.append(version)
     return versions
 
