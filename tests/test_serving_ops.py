@@ -299,13 +299,16 @@ def _start_upstream(home: Path, ir_dir: Path, port: int) -> subprocess.Popen:
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def test_backend_dies_mid_request_then_fallback_serves(tmp_path, ir_dir):
+def test_backend_dies_mid_request_then_fallback_serves(tmp_path, ir_dir, tiny_model_dir):
     port = free_port()
     upstream = _start_upstream(tmp_path / "upstream", ir_dir, port)
     try:
         wait_for(lambda: _ready(f"http://127.0.0.1:{port}"), timeout=90, interval=0.3)
+        # A url variant is a vLLM-kind variant: its model_uri supplies the tokenizer from HF weights (the
+        # resolver gives vLLM/HF variants no OpenVINO IR directory).
         cfg = ServeConfig(backend="openvino", auth=False, watch=False, cache_gb=1, fallback_variant="local",
-                          variants=[{"name": "remote", "model_uri": str(ir_dir), "url": f"http://127.0.0.1:{port}",
+                          variants=[{"name": "remote", "model_uri": str(tiny_model_dir),
+                                     "url": f"http://127.0.0.1:{port}",
                                      "weight": 1.0},
                                     {"name": "local", "model_uri": str(ir_dir), "weight": 0.0}])
         with running_gateway(build_app(cfg, tmp_path / "home")) as base:
