@@ -1,7 +1,7 @@
 """Serving benchmark: gateway vs engine throughput, hot-swap time, LoRA switch, A/B split.
 
     .venv/bin/python bench/bench_serving.py [--home .lmforge] [--rounds 6] [--trials 5] [--skip-hf] [--skip-swap]
-                                            [--pacer] [--only vllm]
+                                            [--pacer] [--bursts 30] [--only vllm|ab]
 
 Same harness everywhere: 8 distinct raw prompts, 64 new tokens per request (greedy), C concurrent
 clients each sending ``rounds`` requests back to back; tokens/s = generated tokens / wall time.
@@ -21,6 +21,9 @@ Every row runs ``trials`` times, interleaved with the others; the tables show me
   load/warm-up time, the atomic switch, and the extra latency clients saw during the swap.
 * LoRA: switching the engine's adapter (random rank-8 LoRA on SmolLM2) through /admin.
 * A/B: 10,000 simulated users at 90/10.
+* A/B bursts (``--only ab`` runs just these): the spread (min / P10 / median / P90 / max) of bursts of 8
+  concurrent 64-token completions through the default champion/challenger split on a real registry,
+  both aliases on one version and on two (bench/ab_bursts.py).
 
 Results are printed as a table and written to ``<home>/bench/serving.json``.
 """
@@ -44,7 +47,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from configs.schema import ServeConfig  # noqa: E402 - after the path fix
+from bench import ab_bursts  # noqa: E402 - after the path fix
+from configs.schema import GATE_STATUS_TAG, RegistryConfig, ServeConfig  # noqa: E402
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -288,8 +292,10 @@ class GatewayProcess:
                  env: dict[str, str] | None = None):
         self.base = f"http://127.0.0.1:{port}"
         env = {**os.environ, "LMFORGE_HOME": str(home), "HF_HUB_OFFLINE": "1", **(env or {})}
+        # Without auth the gateway rate-limits per client address: the bench is one address sending flat out.
         cmd = [sys.executable, "-m", "flows.cli", "serve", "-c", "pipeline", f"serve.port={port}",
-               "serve.auth=false", *overrides]
+               "serve.auth=false", "serve.rate_limit_per_minute=100000000", "serve.rate_limit_burst=1000000",
+               *overrides]
         self.log = open(home / f"gateway-{port}.log", "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + ready_timeout
@@ -387,16 +393,19 @@ def report_vllm(out: dict) -> list[str]:
 def bench_swap(ir: Path, work: Path, clients: int = 4) -> dict:
     from mlflow import MlflowClient
 
+    from tasks.registry import register_version
+    from tasks.tracking import use_mlflow
+
     tracking = f"sqlite:///{work / 'mlflow.db'}"
+    use_mlflow(tracking, "bench-swap", work / "artifacts")
     client = MlflowClient(tracking, tracking)
-    experiment = client.create_experiment("bench-swap", artifact_location=str(work / "artifacts"))
-    client.create_registered_model("lmforge-assistant")
     versions = []
     for _ in range(2):
-        run = client.create_run(experiment)
-        client.log_artifacts(run.info.run_id, str(ir), "ir")
-        versions.append(str(client.create_model_version("lmforge-assistant", f"{run.info.artifact_uri}/ir",
-                                                        run.info.run_id).version))
+        # Registered as the pipeline does: the gateway finds the IR by its MLmodel's "openvino" artifact.
+        versions.append(register_version(RegistryConfig(model_name="lmforge-assistant"), {"openvino": ir}, {},
+                                         {"code_commit": "bench"}).version)
+        # The gateway serves only versions that passed their gates (or are force-promoted).
+        client.set_model_version_tag("lmforge-assistant", versions[-1], GATE_STATUS_TAG, "passed")
     client.set_registered_model_alias("lmforge-assistant", "champion", versions[0])
     gateway = GatewayProcess(work, [_variant("champion", "models:/lmforge-assistant@champion"),
                                     f"registry.tracking_uri={tracking}", "serve.poll_interval_s=0.2"], _port())
@@ -480,6 +489,15 @@ def bench_lora(ir: Path, base_dir: Path, work: Path) -> dict:
             "admin_ms_median": statistics.median(s["admin_ms"] for s in switches)}
 
 
+def run_ab(home: Path, ir: Path, work: Path, count: int) -> dict:
+    """A/B bursts on ``home``'s registry (bench/ab_bursts.py); gateways run the pipeline preset's variants."""
+    from configs.schema import load
+
+    tracking = load("pipeline", [f"home={home}"]).tracking_uri()
+    return ab_bursts.run(home, ir, work, count, prompts=PROMPTS, gateway_factory=lambda w, overrides: GatewayProcess(
+        w, [f"registry.tracking_uri={tracking}", *overrides], _port()))
+
+
 def bench_ab(users: int = 10_000) -> dict:
     from serving.router import ABRouter
 
@@ -507,8 +525,10 @@ def main() -> None:
                              "uses ~5x less client CPU per request, see SERVING_RESULTS.md).")
     parser.add_argument("--no-record", action="store_true",
                         help="Do not append the paired trials to bench/overhead_trials.jsonl (see pool_overhead.py).")
-    parser.add_argument("--only", choices=["all", "vllm"], default="all",
-                        help="vllm: only vLLM, direct and through the gateway (-> <home>/bench/serving-vllm.json)")
+    parser.add_argument("--bursts", type=int, default=30, help="A/B bursts per scenario (bench/ab_bursts.py).")
+    parser.add_argument("--only", choices=["all", "vllm", "ab"], default="all",
+                        help="vllm: only vLLM, direct and through the gateway (-> <home>/bench/serving-vllm.json); "
+                             "ab: only the A/B bursts (-> <home>/bench/serving-ab.json)")
     args = parser.parse_args()
     home = args.home.resolve()
     work = home / "bench" / f"serving-{int(time.time())}"
@@ -523,6 +543,12 @@ def main() -> None:
                          *report_vllm(out)]))
         return
     ir = prepare(home)
+    if args.only == "ab":
+        out = {"ir": str(ir), "loadavg_start": os.getloadavg(), **run_ab(home, ir, work, args.bursts),
+               "loadavg_end": os.getloadavg()}
+        (home / "bench" / "serving-ab.json").write_text(json.dumps(out, indent=2))
+        print("\n".join(ab_bursts.report(out)))
+        return
     out: dict = {"ir": str(ir), "new_tokens": NEW_TOKENS, "rounds": args.rounds}
 
     # The machine is shared: interleave engine and gateway runs trial by trial, so a burst of
@@ -578,6 +604,7 @@ def main() -> None:
         out["lora"] = bench_lora(ir, home / "models" / "smollm2-135m", work)
         print(f"lora: {out['lora']}", flush=True)
     out["ab"] = bench_ab()
+    out["ab_bursts"] = run_ab(home, ir, work, args.bursts)
     (home / "bench").mkdir(exist_ok=True)
     (home / "bench" / "serving.json").write_text(json.dumps(out, indent=2))
     print(report(out))
@@ -682,6 +709,8 @@ def report(out: dict) -> str:
     ab = out["ab"]
     rows.append(f"A/B 90/10 over {ab['users']} users: challenger {ab['challenger_share']:.2%}, sticky={ab['sticky']}")
     rows.append(f"vLLM: {out['vllm']}")
+    if "ab_bursts" in out:
+        rows += ["", *ab_bursts.report(out["ab_bursts"])]
     return "\n".join(rows)
 
 

@@ -376,6 +376,13 @@ class PromotionGates(Section):
     Set but not measured = the gate fails."""
 
 
+GATE_STATUS_TAG = "gate_status"
+"""Model-version tag the promotion gates set to ``passed`` or ``failed`` (tasks/registry.py)."""
+FORCE_PROMOTE_TAG = "lmforge.force_promote"
+"""Model-version tag ``true`` = promoted past its gates on purpose (``lmforge promote --force``); the
+gateway serves a registry version only when its gates passed or it carries this tag."""
+
+
 class RegistryConfig(Section):
     tracking_uri: str | None = None
     """MLflow tracking URI; None = sqlite:///<home>/mlflow.db with artifacts under <home>/mlartifacts."""
@@ -448,6 +455,12 @@ class ServeConfig(Section):
     """Default per-key bucket size (requests allowed back to back)."""
     auth: bool = True
     """Require an API key (Authorization: Bearer); keys are managed with `lmforge keys`."""
+    stream_write_timeout_s: float = Field(30.0, gt=0)
+    """How long a streamed response may wait for a client that stopped reading (its socket buffers full)
+    before the gateway ends the stream and frees the request's engine and admission slots."""
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    """Largest request body accepted: a larger Content-Length is refused with 413 before the body is read,
+    a streamed (chunked) body as soon as it passes the limit."""
     default_max_tokens: int = Field(256, ge=1)
     """Completion length when a request gives no max_tokens."""
     max_tokens_limit: int = Field(4096, ge=1)

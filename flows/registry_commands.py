@@ -30,14 +30,17 @@ def _registry(config: str | None, overrides: list[str] | None):
 def promote_cmd(
     version: Annotated[str, typer.Argument(help="Model version number to promote.")],
     to: Annotated[str, typer.Option("--to", help="Alias to move: champion or challenger.")] = "champion",
-    force: Annotated[bool, typer.Option("--force", help="Promote even if gates failed or artifacts are missing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Promote even if gates failed or artifacts are missing "
+                                        "(tags the version lmforge.force_promote=true, which the gateway requires).")
+                     ] = False,
     config: ConfigOption = None,
     overrides: Overrides = None,
 ) -> None:
     """Point an alias (default champion) at VERSION; the old champion becomes previous-champion.
 
     Moving an alias changes what the gateway serves (it watches the registry). Setting the
-    alias in the MLflow UI does the same, without the gate and artifact checks.
+    alias in the MLflow UI does the same, but the gateway serves only versions that passed their
+    gates or carry the force tag; for any other it keeps the current version and says why.
     """
     from tasks.registry import RegistryError, promote
 

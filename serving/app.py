@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from configs.schema import ServeConfig
 from serving.errors import install_handlers
+from serving.metrics import ResponseCounter
 from serving.routes import admin, feedback, health, openai, rpc
 from serving.service import Gateway
 
@@ -44,6 +45,7 @@ def build_app(cfg: ServeConfig, home: Path, tracking_uri: str | None = None,
 
     app = FastAPI(title="lmforge gateway", version="0.1.0", lifespan=lifespan)
     app.state.gateway = gateway
+    app.add_middleware(ResponseCounter, metrics=gateway.metrics)
     install_handlers(app)
     for module in (openai, rpc, feedback, admin, health):
         app.include_router(module.router)

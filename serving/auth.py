@@ -1,4 +1,5 @@
-"""API keys (hashed at rest) and per-key token-bucket rate limits, in memory or shared in SQL.
+"""API keys (hashed at rest) and per-caller token-bucket rate limits counted in generations, in memory or
+shared in SQL.
 
 Keys look like ``lmf_<key_id>_<secret>``: the id finds the row, the secret is checked against its
 SHA-256. A plain SHA-256 (not PBKDF2/bcrypt) is deliberate: the secret is 32 random bytes, so
@@ -114,7 +115,7 @@ def _digest(secret: str) -> str:
 
 
 class TokenBucket:
-    """``capacity`` requests at once, refilled at ``rate`` per second."""
+    """``capacity`` tokens at once, refilled at ``rate`` per second; a request costs one token per generation."""
 
     __slots__ = ("capacity", "rate", "tokens", "stamp")
 
@@ -122,61 +123,83 @@ class TokenBucket:
         self.capacity, self.rate = float(capacity), float(rate)
         self.tokens, self.stamp = float(capacity), time.monotonic()
 
-    def take(self, now: float | None = None) -> float:
-        """0.0 when a token was taken; else the seconds until one is available."""
-        now = time.monotonic() if now is None else now
+    def refill(self, now: float) -> None:
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+
+    def take(self, cost: int = 1, now: float | None = None) -> float:
+        """0.0 when ``cost`` tokens were taken; else the seconds until the request would be allowed.
+
+        A request costing more than the whole bucket is allowed on a full bucket and leaves it in
+        debt, so a batch larger than the burst still runs and the long-run rate still holds.
+        """
+        self.refill(time.monotonic() if now is None else now)
+        needed = min(float(cost), self.capacity)
+        if self.tokens >= needed:
+            self.tokens -= cost
             return 0.0
-        return (1.0 - self.tokens) / self.rate
+        return (needed - self.tokens) / self.rate
 
 
 class RateLimiter:
-    """One token bucket per key id (in memory, per gateway replica)."""
+    """One token bucket per caller (an API key id, or a client address when auth is off), in memory per
+    gateway replica. A request costs the generations it asks for (a 64-call JSON-RPC batch: 64)."""
+
+    MAX_IDLE_BUCKETS = 10_000
 
     def __init__(self, per_minute: int, burst: int):
         self.per_minute, self.burst = per_minute, burst
         self._buckets: dict[str, TokenBucket] = {}
 
-    def check(self, key_id: str, per_minute: int | None = None, burst: int | None = None) -> int:
-        """0 when allowed, else the Retry-After seconds (>= 1)."""
-        bucket = self._buckets.get(key_id)
+    def check(self, caller: str, cost: int = 1, per_minute: int | None = None, burst: int | None = None) -> int:
+        """0 when ``caller`` may spend ``cost``, else the Retry-After seconds (>= 1)."""
+        bucket = self._buckets.get(caller)
         if bucket is None:
-            bucket = self._buckets[key_id] = TokenBucket(burst or self.burst, (per_minute or self.per_minute) / 60.0)
-        wait = bucket.take()
+            if len(self._buckets) >= self.MAX_IDLE_BUCKETS:
+                self._forget_full()
+            bucket = self._buckets[caller] = TokenBucket(burst or self.burst, (per_minute or self.per_minute) / 60.0)
+        wait = bucket.take(cost)
         return 0 if wait == 0.0 else max(1, math.ceil(wait))
 
+    def _forget_full(self) -> None:
+        """Drop buckets that have refilled: a new bucket is full too, so nothing changes for their callers
+        (without auth every client address gets a bucket; this keeps them from piling up)."""
+        now = time.monotonic()
+        for caller, bucket in list(self._buckets.items()):
+            bucket.refill(now)
+            if bucket.tokens >= bucket.capacity:
+                del self._buckets[caller]
 
-# One statement refills the bucket by the time since its last use, takes a token when one is there,
-# and says whether it did; the row lock makes it atomic across replicas.
+
+# One statement refills the bucket by the time since its last use, takes ``cost`` tokens when at least
+# min(cost, capacity) are there (a batch larger than the burst runs on a full bucket and leaves it in
+# debt, as TokenBucket does), and says whether it did; the row lock makes it atomic across replicas.
 _TAKE = {
     "postgresql": """
 INSERT INTO rate_buckets (bucket, tokens, stamp, allowed)
-VALUES (:bucket, :capacity - 1, EXTRACT(EPOCH FROM clock_timestamp()), true)
+VALUES (:bucket, :capacity - :cost, EXTRACT(EPOCH FROM clock_timestamp()), true)
 ON CONFLICT (bucket) DO UPDATE SET
     tokens = LEAST(:capacity, rate_buckets.tokens + GREATEST(0, EXTRACT(EPOCH FROM clock_timestamp())
              - rate_buckets.stamp) * :rate)
              - CASE WHEN LEAST(:capacity, rate_buckets.tokens + GREATEST(0, EXTRACT(EPOCH FROM clock_timestamp())
-                    - rate_buckets.stamp) * :rate) >= 1 THEN 1 ELSE 0 END,
+                    - rate_buckets.stamp) * :rate) >= :needed THEN :cost ELSE 0 END,
     allowed = LEAST(:capacity, rate_buckets.tokens + GREATEST(0, EXTRACT(EPOCH FROM clock_timestamp())
-              - rate_buckets.stamp) * :rate) >= 1,
+              - rate_buckets.stamp) * :rate) >= :needed,
     stamp = EXTRACT(EPOCH FROM clock_timestamp())
 RETURNING tokens, allowed""",
     "sqlite": """
-INSERT INTO rate_buckets (bucket, tokens, stamp, allowed) VALUES (:bucket, :capacity - 1, :now, 1)
+INSERT INTO rate_buckets (bucket, tokens, stamp, allowed) VALUES (:bucket, :capacity - :cost, :now, 1)
 ON CONFLICT (bucket) DO UPDATE SET
     tokens = MIN(:capacity, tokens + MAX(0, :now - stamp) * :rate)
-             - (MIN(:capacity, tokens + MAX(0, :now - stamp) * :rate) >= 1),
-    allowed = MIN(:capacity, tokens + MAX(0, :now - stamp) * :rate) >= 1,
+             - (CASE WHEN MIN(:capacity, tokens + MAX(0, :now - stamp) * :rate) >= :needed THEN :cost ELSE 0 END),
+    allowed = MIN(:capacity, tokens + MAX(0, :now - stamp) * :rate) >= :needed,
     stamp = :now
 RETURNING tokens, allowed""",
 }
 
 
 class SqlRateLimiter:
-    """Token buckets in the shared state database: one bucket per key, whichever replica serves it."""
+    """Token buckets in the shared state database: one bucket per caller, whichever replica serves it."""
 
     def __init__(self, location: str | Path, per_minute: int, burst: int):
         self.engine = db.engine(location)
@@ -186,10 +209,12 @@ class SqlRateLimiter:
             raise ValueError(f"shared rate limits support PostgreSQL and SQLite, not {dialect}")
         self._take = sa.text(_TAKE[dialect])
 
-    def check(self, key_id: str, per_minute: int | None = None, burst: int | None = None) -> int:
-        """0 when allowed, else the Retry-After seconds (>= 1)."""
+    def check(self, caller: str, cost: int = 1, per_minute: int | None = None, burst: int | None = None) -> int:
+        """0 when ``caller`` may spend ``cost``, else the Retry-After seconds (>= 1)."""
         capacity, rate = float(burst or self.burst), (per_minute or self.per_minute) / 60.0
+        needed = min(float(cost), capacity)
         with self.engine.begin() as conn:
-            tokens, allowed = conn.execute(self._take, {"bucket": key_id, "capacity": capacity, "rate": rate,
+            tokens, allowed = conn.execute(self._take, {"bucket": caller, "capacity": capacity, "rate": rate,
+                                                        "cost": float(cost), "needed": needed,
                                                         "now": time.time()}).one()
-        return 0 if allowed else max(1, math.ceil((1.0 - tokens) / rate))
+        return 0 if allowed else max(1, math.ceil((needed - tokens) / rate))

@@ -47,7 +47,11 @@ requests_log = sa.Table(
     sa.Column("status", sa.Integer),
     sa.Column("latency_s", sa.Float),
     sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("chosen_by", sa.Text),  # how the variant was chosen: serving.feedback.CHOSEN_BY
 )
+
+# Columns added after a table first shipped: an existing database gets them by ALTER TABLE on first use.
+_ADDED_COLUMNS = {"requests": ("chosen_by",)}
 
 feedback = sa.Table(
     "feedback", metadata,
@@ -102,10 +106,24 @@ def _create_tables(created: sa.Engine) -> None:
     for attempt in range(3):
         try:
             metadata.create_all(created, checkfirst=True)
+            _add_missing_columns(created)
             return
         except (sa.exc.IntegrityError, sa.exc.ProgrammingError, sa.exc.OperationalError):
             if attempt == 2:
                 raise
+
+
+def _add_missing_columns(created: sa.Engine) -> None:
+    """ALTER TABLE ... ADD COLUMN for the _ADDED_COLUMNS a database made by an older version lacks."""
+    for table_name, names in _ADDED_COLUMNS.items():
+        present = {column["name"] for column in sa.inspect(created).get_columns(table_name)}
+        for name in names:
+            if name in present:
+                continue
+            column = metadata.tables[table_name].c[name]
+            ddl = f"ALTER TABLE {table_name} ADD COLUMN {name} {column.type.compile(created.dialect)}"
+            with created.begin() as conn:
+                conn.execute(sa.text(ddl))
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -12,7 +12,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serving.protocol import error_body
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          404: "not_found_error", 408: "timeout_error", 409: "conflict_error", 413: "invalid_request_error",
+          429: "rate_limit_error",
           500: "server_error", 502: "server_error", 503: "overloaded_error", 504: "timeout_error"}
 
 

@@ -1,7 +1,8 @@
 """Durable request log and feedback (the state database, serving/db.py), and the per-variant A/B report.
 
-Every served response is logged (id, variant, model version, user) so ``POST /v1/feedback`` can
-attach a score to it later and the report can group outcomes by variant. Request rows are
+Every served response is logged (id, variant, model version, user, key, how the variant was chosen)
+so ``POST /v1/feedback`` can attach one score to it later, from the key that made it, and the report
+can group outcomes by variant. Request rows are
 buffered and written in batches from a worker thread, so the hot path never waits on disk;
 feedback for a still-buffered request flushes first.
 
@@ -26,12 +27,26 @@ import sqlalchemy as sa
 from serving import db
 
 
+CHOSEN_BY = ("hash", "pin", "route", "fallback")
+"""How a request's variant was chosen: the A/B hash of its user or caller, a pin (X-Lmforge-Variant or
+a model naming a variant), a task route (serve.task_routes), or the fallback for a variant that was down."""
+
+
 class UnknownRequestError(KeyError):
     """Feedback names a request id this gateway never served."""
 
 
+class ForeignRequestError(PermissionError):
+    """Feedback for a request made with another API key."""
+
+
+class DuplicateFeedbackError(ValueError):
+    """The request already has its feedback."""
+
+
 def _insert_ignoring_duplicates(engine: sa.Engine):
-    """INSERT that skips a request id already logged (a replayed or retried request)."""
+    """INSERT that skips a request id already logged (a replayed or retried request keeps its first row,
+    so nobody can take over a request's key by replaying its id)."""
     if engine.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
@@ -42,7 +57,8 @@ def _insert_ignoring_duplicates(engine: sa.Engine):
 class FeedbackStore:
     """Request log + feedback in the state database (shared by every replica on PostgreSQL)."""
 
-    _FIELDS = ("request_id", "variant", "version", "user", "key_id", "route", "status", "latency_s", "created_at")
+    _FIELDS = ("request_id", "variant", "version", "user", "key_id", "route", "status", "latency_s", "created_at",
+               "chosen_by")
 
     def __init__(self, location: str | Path):
         """Args: location: a database URL, or the path of a SQLite file."""
@@ -54,9 +70,11 @@ class FeedbackStore:
         self._buffer: deque[tuple] = deque()
 
     def log_request(self, request_id: str, variant: str, version: str | None, user: str | None,
-                    key_id: str | None, route: str, status: int, latency_s: float) -> None:
-        """Buffer one served request (cheap; call :meth:`flush` to persist)."""
-        self._buffer.append((request_id, variant, version, user, key_id, route, status, latency_s, time.time()))
+                    key_id: str | None, route: str, status: int, latency_s: float,
+                    chosen_by: str | None = None) -> None:
+        """Buffer one served request (cheap; call :meth:`flush` to persist). ``chosen_by``: see CHOSEN_BY."""
+        self._buffer.append((request_id, variant, version, user, key_id, route, status, latency_s, time.time(),
+                             chosen_by))
 
     @property
     def buffered(self) -> int:
@@ -72,17 +90,33 @@ class FeedbackStore:
                     conn.execute(self._insert, [dict(zip(self._FIELDS, row)) for row in rows])
         return len(rows)
 
-    def add_feedback(self, request_id: str, score: float, comment: str | None = None) -> str:
-        """Store a score for a served request; returns the request's variant."""
+    def add_feedback(self, request_id: str, score: float, comment: str | None = None,
+                     key_id: str | None = None) -> str:
+        """Store the score for a served request, once, from the key that made it; returns its variant.
+
+        Raises:
+            UnknownRequestError: no such request. ForeignRequestError: it was made with another key
+            (a request made without a key, auth off, takes feedback from anyone).
+            DuplicateFeedbackError: it has its feedback already.
+        """
         self.flush()
+        requests = db.requests_log
         with self._lock, self.engine.begin() as conn:
-            variant = conn.execute(sa.select(db.requests_log.c.variant)
-                                   .where(db.requests_log.c.request_id == request_id)).scalar()
-            if variant is None:
+            # A no-op UPDATE first locks the request (PostgreSQL: its row; SQLite: the database's write
+            # lock), so a second score for it, from this or another replica, waits for this transaction
+            # and then sees its feedback row: the check and the insert below are one atomic step.
+            row = conn.execute(requests.update().where(requests.c.request_id == request_id)
+                               .values(variant=requests.c.variant)
+                               .returning(requests.c.variant, requests.c.key_id)).first()
+            if row is None:
                 raise UnknownRequestError(request_id)
+            if row.key_id is not None and row.key_id != key_id:
+                raise ForeignRequestError(request_id)
+            if conn.execute(sa.select(sa.literal(1)).where(db.feedback.c.request_id == request_id)).first():
+                raise DuplicateFeedbackError(request_id)
             conn.execute(db.feedback.insert().values(request_id=request_id, score=float(score), comment=comment,
                                                      created_at=time.time()))
-        return variant
+        return row.variant
 
     def close(self) -> None:
         self.flush()

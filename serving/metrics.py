@@ -43,6 +43,50 @@ class Metrics:
         self.variant_version = Gauge("lmforge_variant_version", "Registry version served (0 = local dir).",
                                      ["variant"], registry=r)
         self.feedback = Counter("lmforge_feedback", "Feedback received.", ["variant"], registry=r)
+        self.refused_version = Gauge("lmforge_refused_version",
+                                     "Registry version the variant's alias names but may not serve (gates not "
+                                     "passed, no force tag); 0 = none.", ["variant"], registry=r)
+        self.promotions_refused = Counter("lmforge_promotions_refused", "Registry versions refused by the gate check.",
+                                          ["variant"], registry=r)
+
+        self.responses = Counter("lmforge_http_responses", "HTTP responses by route (path template; 'unmatched' "
+                                 "for unknown paths) and status, refusals (400/401/403/404/413/429) included.",
+                                 ["route", "status"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ResponseCounter:
+    """ASGI middleware: count every HTTP response in ``lmforge_http_responses`` by route and status.
+
+    Pure ASGI (not ``BaseHTTPMiddleware``), so streamed responses pass through untouched. The route is
+    the matched path template, which the router records in the scope before the response starts.
+    """
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def counted(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                self._count(scope, message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        except BaseException:
+            if not started:  # the outer error handler answers 500
+                self._count(scope, 500)
+            raise
+
+    def _count(self, scope, status: int) -> None:
+        route = getattr(scope.get("route"), "path", "unmatched")
+        self.metrics.responses.labels(route, str(status)).inc()

@@ -36,6 +36,10 @@ class ModelResolveError(ValueError):
     """A model URI that does not lead to a usable model directory."""
 
 
+class AliasNotFound(ModelResolveError):
+    """The registry answered: this alias (or the registered model) does not exist."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelRef:
     """A registry reference: a name plus an alias or a version."""
@@ -68,7 +72,17 @@ def current_version(ref: ModelRef, tracking_uri: str | None) -> str:
     try:
         return str(_client(tracking_uri).get_model_version_by_alias(ref.name, ref.alias).version)
     except Exception as err:  # noqa: BLE001 - MlflowException, connection errors: report which alias
+        if _absent(err):
+            raise AliasNotFound(f"models:/{ref.name}@{ref.alias} does not exist: {_short(err)}") from err
         raise ModelResolveError(f"cannot resolve models:/{ref.name}@{ref.alias}: {_short(err)}") from err
+
+
+def _absent(err: Exception) -> bool:
+    """The registry's own answer that the alias or model does not exist (not a connection failure)."""
+    code = getattr(err, "error_code", None)
+    # MLflow answers a missing alias with INVALID_PARAMETER_VALUE "... alias X not found", a missing
+    # model with RESOURCE_DOES_NOT_EXIST (the SQL store and the REST server alike).
+    return code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "not found" in str(err))
 
 
 def find_model_dir(root: Path, marker: str = IR_MARKER) -> Path | None:

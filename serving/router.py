@@ -2,8 +2,9 @@
 
 A user id is hashed with SHA-256 (not Python's ``hash``, which is salted per process) into a
 number in [0, 1) and compared with the cumulative variant weights. No state is stored, so N
-gateway replicas agree without talking to each other, and a restart changes nothing. Anonymous
-requests (no user, no X-User-Id) get a fresh random id, i.e. a weighted random variant.
+gateway replicas agree without talking to each other, and a restart changes nothing. Requests
+without a user (no ``user`` field, no X-User-Id) are assigned by their caller: the API key, or the
+client address when auth is off, so one client's burst stays on one variant.
 
 Changing weights moves only the users whose point falls in the shifted range (cumulative order is
 the configured variant order), so a ramp-up from 10% to 20% keeps the first 10% where they were.

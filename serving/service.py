@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -23,6 +22,8 @@ from serving.engine import VariantPool, VariantUnavailable
 from serving.errors import APIError
 from serving.feedback import FeedbackStore
 from serving.metrics import Metrics
+from serving.promotion import PromotionRefused
+from serving.registry import AliasNotFound
 from serving.router import ABRouter
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,13 @@ class RequestContext:
 
     request_id: str
     route: str
+    client: str = "anonymous"
+    """Who is calling, for A/B assignment without a user: ``key:<key id>``, or ``addr:<host>`` with auth off."""
     user: str | None = None
     key: ApiKey | None = None
     override: str | None = None
+    chosen_by: str | None = None
+    """How the variant was chosen: hash, pin, route or fallback (serving.feedback.CHOSEN_BY)."""
     variant: str | None = None
     version: str | None = None
     started: float = dataclasses.field(default_factory=time.perf_counter)
@@ -114,7 +119,7 @@ class Gateway:
 
         results = await asyncio.gather(*(self.pool.load(name) for name in self.pool.slots), return_exceptions=True)
         for name, result in zip(self.pool.slots, results):
-            if isinstance(result, BaseException):
+            if isinstance(result, BaseException) and not isinstance(result, (AliasNotFound, PromotionRefused)):
                 log.error("variant %s did not load: %s", name, result)
         self.watcher = RegistryWatcher(self.pool, self.tracking_uri, self.cfg.poll_interval_s)
         if self.cfg.watch:
@@ -137,13 +142,23 @@ class Gateway:
             if self.feedback.buffered:  # an idle gateway should not wake a thread twice a second
                 await asyncio.to_thread(self.feedback.flush)
 
-    def ready(self) -> tuple[bool, dict[str, str]]:
-        states = {name: slot.state for name, slot in self.pool.slots.items()}
-        return (not self.draining and all(s == "ready" for s in states.values())), states
+    def ready(self) -> tuple[bool, dict[str, str], dict[str, str]]:
+        """(ready, state per variant, why per variant that does not serve or has a problem).
+
+        Ready: not draining, some variant serves and every other one is either serving, absent (its
+        registry alias does not exist: a champion without a challenger is a whole deployment) or
+        refused (its alias names a version that may not serve: a decision, not a fault).
+        """
+        slots = self.pool.slots.values()
+        states = {slot.name: slot.state for slot in slots}
+        details = {slot.name: slot.error for slot in slots if slot.error}
+        ok = (not self.draining and any(slot.ready for slot in slots)
+              and all(slot.ready or slot.state in ("absent", "refused") for slot in slots))
+        return ok, states, details
 
     # ------------------------------------------------------------------ auth
     def authenticate(self, authorization: str | None, admin: bool = False) -> ApiKey | None:
-        """The caller's key (None when auth is off); raises 401/403/429 APIErrors."""
+        """The caller's key (None when auth is off); raises 401/403 APIErrors."""
         if not self.cfg.auth:
             return None
         scheme, _, token = (authorization or "").partition(" ")
@@ -155,40 +170,66 @@ class Gateway:
             raise APIError(401, str(err), code="invalid_api_key") from None
         if admin and not key.admin:
             raise APIError(403, "this key may not use the admin API", code="not_admin")
-        retry = self.limiter.check(key.key_id, key.rate_per_minute, key.burst)
+        return key
+
+    def limit(self, ctx: RequestContext, cost: int = 1) -> None:
+        """Charge ``cost`` generations to the caller's bucket (its key, or its address with auth off); 429 if empty."""
+        key = ctx.key
+        retry = self.limiter.check(ctx.client, cost, key.rate_per_minute if key else None, key.burst if key else None)
         if retry:
             self.metrics.shed.labels("rate_limited").inc()
-            raise APIError(429, f"rate limit exceeded for key {key.name!r}; retry in {retry}s",
+            who = f"key {key.name!r}" if key else f"client {ctx.client.removeprefix('addr:')}"
+            raise APIError(429, f"rate limit exceeded for {who} (this request costs {cost} generation"
+                           f"{'s' if cost != 1 else ''}); retry in {retry}s",
                            code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
-        return key
 
     # ------------------------------------------------------------------ routing
     def public_models(self) -> list[str]:
         return [self.cfg.served_model, *self.pool.slots]
 
     def choose_variant(self, model: str, ctx: RequestContext, pinned: str | None = None) -> str:
-        """Variant for a request: override header > model naming a variant > task pin > sticky A/B."""
+        """Variant for a request: override header > model naming a variant > task pin > sticky A/B.
+
+        Choosing a variant (the header, or a variant's name as the model) is an admin-key privilege: it
+        would let a client pick its side of an experiment. ``ctx.chosen_by`` records how it was chosen.
+        """
         if ctx.override:
             if ctx.override not in self.pool.slots:
                 raise APIError(400, f"unknown variant {ctx.override!r} in X-Lmforge-Variant; "
                                f"variants: {', '.join(self.pool.slots)}", param="X-Lmforge-Variant")
+            self._check_pin(ctx, "X-Lmforge-Variant")
+            ctx.chosen_by = "pin"
             return ctx.override
         if model in self.pool.slots:
+            self._check_pin(ctx, "model")
+            ctx.chosen_by = "pin"
             return model
         if model != self.cfg.served_model:
             raise APIError(404, f"the model {model!r} does not exist; available: {', '.join(self.public_models())}",
                            param="model", code="model_not_found")
         if pinned:
+            ctx.chosen_by = "route"
             return pinned
         available = self.pool.available()
         fallback = self.cfg.fallback_variant
         # A down variant's users go to the fallback when there is one, else are spread over the rest.
-        # Anonymous requests get a one-off id, so both lookups below agree for this request.
-        user = ctx.user or secrets.token_hex(8)
+        # Without a user the caller (API key, else client address) is the unit of assignment: one
+        # client's concurrent requests land on one variant instead of a weighted coin flip each.
+        user = ctx.user or ctx.client
         name = self.router.assign(user)
+        ctx.chosen_by = "hash"
         if name not in available and fallback in available:
+            ctx.chosen_by = "fallback"
             return fallback
-        return self.router.assign(user, available or None)
+        chosen = self.router.assign(user, available or None)
+        if chosen != name:
+            ctx.chosen_by = "fallback"
+        return chosen
+
+    def _check_pin(self, ctx: RequestContext, param: str) -> None:
+        if self.cfg.auth and not (ctx.key is not None and ctx.key.admin):
+            raise APIError(403, f"choosing a variant ({param}) needs an admin key; send model "
+                           f"{self.cfg.served_model!r} to be assigned one", param=param, code="pin_not_allowed")
 
     # ------------------------------------------------------------------ generation
     def sampling(self, max_tokens: int | None, temperature: float, top_p: float, stop: list[str],
@@ -222,11 +263,13 @@ class Gateway:
                 try:
                     prompt = build(ref.backend)
                     prompt_tokens = self._check_length(ref.backend, prompt, params)
+                    counted = dataclasses.replace(params, prompt_tokens=prompt_tokens)
                     ctx.variant, ctx.version = name, ref.version
                     if attempt:
                         self.metrics.fallbacks.labels(variant, name).inc()
+                        ctx.chosen_by = "fallback"
                     first = True
-                    async for index, chunk in _fan_out(ref.backend, prompt, params, n, self.cfg.request_timeout_s):
+                    async for index, chunk in _fan_out(ref.backend, prompt, counted, n, self.cfg.request_timeout_s):
                         if first and (chunk.text or chunk.finish_reason):
                             self.metrics.ttft.labels(name).observe(time.perf_counter() - ctx.started)
                             first = False
@@ -272,7 +315,7 @@ class Gateway:
         if ctx.variant is not None:
             self.feedback.log_request(ctx.request_id, ctx.variant, ctx.version, ctx.user,
                                       ctx.key.key_id if ctx.key else None, ctx.route, status,
-                                      time.perf_counter() - ctx.started)
+                                      time.perf_counter() - ctx.started, ctx.chosen_by)
 
 
 def _as_api_error(err: Exception | None) -> APIError:

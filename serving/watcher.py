@@ -10,11 +10,12 @@ failed to load or went down are retried on every poll.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import Any
 
 from serving.engine import VariantPool
-from serving.registry import current_version
+from serving.registry import AliasNotFound, current_version
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,8 @@ class RegistryWatcher:
     def __init__(self, pool: VariantPool, tracking_uri: str | None, interval_s: float):
         self.pool, self.tracking_uri, self.interval_s = pool, tracking_uri, interval_s
         self._loads: dict[str, asyncio.Task] = {}
-        self.events: list[dict[str, Any]] = []
+        self._missing: set[str] = set()  # variants whose alias was gone at the last poll
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)  # recent loads
 
     async def run(self) -> None:
         while True:
@@ -44,14 +46,27 @@ class RegistryWatcher:
                 continue
             try:
                 version = await asyncio.to_thread(current_version, ref, self.tracking_uri)
+            except AliasNotFound as err:
+                # A missing alias is a state, not news: say so when it goes missing, not on every poll.
+                if name not in self._missing and slot.state != "absent":
+                    log.warning("variant %s: %s; still serving what it served", name, err)
+                self._missing.add(name)
+                continue
             except Exception as err:  # noqa: BLE001
                 log.warning("variant %s: %s", name, err)
                 continue
+            self._missing.discard(name)
             serving = slot.ref.version if slot.ref is not None else None
             if version == serving and slot.ready:
+                self.pool.clear_refusal(name)  # e.g. a refused promotion was undone
                 continue
-            reason = f"alias @{ref.alias}: v{serving} -> v{version}" if serving else f"retry: v{version}"
-            log.info("variant %s: %s, loading in the background", name, reason)
+            if serving:
+                reason = f"alias @{ref.alias}: v{serving} -> v{version}"
+            else:
+                reason = f"alias @{ref.alias} set: v{version}" if slot.state == "absent" else f"retry: v{version}"
+            # A refused version is re-checked every poll (a reviewer may force it), said only once.
+            (log.debug if slot.refused_version == version else log.info)(
+                "variant %s: %s, loading in the background", name, reason)
             self._loads[name] = asyncio.create_task(self._load(name, reason), name=f"load-{name}")
             started.append(name)
         return started

@@ -20,7 +20,7 @@ from typing import Any
 
 from prefect import task
 
-from configs.schema import PromotionGates, RegistryConfig
+from configs.schema import FORCE_PROMOTE_TAG, GATE_STATUS_TAG, PromotionGates, RegistryConfig
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +259,10 @@ def gate_version(registry_cfg: RegistryConfig, version: str, size_mb: float | No
 def promote(registry_cfg: RegistryConfig, version: str, alias: str = CHAMPION, force: bool = False) -> dict[str, str]:
     """Point ``alias`` at ``version``; the replaced champion becomes ``previous-champion``.
 
+    With ``force``, a version that failed (or never had) its gates, or whose artifacts are missing, is
+    tagged ``lmforge.force_promote=true`` first: the gateway serves a version past its gates only with
+    that tag (serving/promotion.py), so the override is recorded on the version, not only in a log.
+
     Raises:
         RegistryError: unknown version, missing artifacts, or failed gates (unless ``force``).
     """
@@ -276,6 +280,8 @@ def promote(registry_cfg: RegistryConfig, version: str, alias: str = CHAMPION, f
             f"version {version} did not pass the promotion gates (status "
             f"{details.tags.get('gate_status', 'not gated')}; reasons {reasons}); use --force to override"
         )
+    if force and (missing or details.tags.get(GATE_STATUS_TAG) != "passed"):
+        client.set_model_version_tag(name, version, FORCE_PROMOTE_TAG, "true")
     before = aliases(name)
     if alias == CHAMPION and before.get(CHAMPION) and before[CHAMPION] != version:
         # Set the fallback first: a reader of `champion` sees the old or the new version, never none.

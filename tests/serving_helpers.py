@@ -48,6 +48,30 @@ def tiny_lora(tiny_model_dir: Path, out_file: Path, seed: int = 1, scale: float 
     return out_file
 
 
+def register_versions(tracking_uri: str, ir_dir: Path, artifacts: Path, count: int = 2,
+                      gate_status: str | None = "passed", name: str = "lmforge-assistant") -> list[str]:
+    """Register ``ir_dir`` ``count`` times as versions of ``name`` in a real MLflow registry, the way the
+    pipeline does (tasks.registry: a pyfunc model whose MLmodel names the IR under the ``openvino``
+    artifact key, which the gateway resolves by), each its own run so each downloads to its own
+    directory; tagged with ``gate_status`` unless None (never gated)."""
+    from mlflow import MlflowClient
+
+    from configs.schema import GATE_STATUS_TAG, RegistryConfig
+    from tasks.registry import register_version
+    from tasks.tracking import use_mlflow
+
+    use_mlflow(tracking_uri, "serving-test", artifacts)
+    client = MlflowClient(tracking_uri, tracking_uri)
+    versions = []
+    for _ in range(count):
+        version = register_version(RegistryConfig(model_name=name), {"openvino": ir_dir}, {},
+                                   {"code_commit": "test"}).version
+        if gate_status is not None:
+            client.set_model_version_tag(name, version, GATE_STATUS_TAG, gate_status)
+        versions.append(version)
+    return versions
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -55,14 +79,27 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_gateway(app, ready_timeout: float = 60.0, require_ready: bool = True) -> Iterator[str]:
-    """Serve ``app`` with uvicorn in a thread on a free port; yields the base URL."""
+def running_gateway(app, ready_timeout: float = 180.0, require_ready: bool = True,
+                    send_buffer: int | None = None) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a thread on a free port; yields the base URL.
+
+    ``send_buffer``: SO_SNDBUF of the listening socket (accepted connections inherit it), so a client
+    that stops reading blocks the server's writes after little data.
+    """
     import uvicorn
 
-    port = free_port()
+    sockets = []
+    if send_buffer:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        sock.bind(("127.0.0.1", 0))
+        sockets.append(sock)
+        port = sock.getsockname()[1]
+    else:
+        port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": sockets or None}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + ready_timeout

@@ -63,24 +63,30 @@ def _as(monkeypatch, user: str | None, password: str | None) -> None:
 
 
 def test_an_alias_moves_only_with_credentials_that_may_write(mlflow_with_auth, monkeypatch, tmp_path):
-    import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     from deploy.mlflow_auth import ensure_user
+
+    def client() -> MlflowClient:
+        # The registry URI named too: MlflowClient(url) alone takes the process-wide registry URI, which an
+        # earlier test's mlflow.set_registry_uri (tasks.tracking.use_mlflow) leaves pointing at its own
+        # SQLite file, so every call below went there, past the server's auth ("DID NOT RAISE").
+        made = MlflowClient(url, url)
+        assert made._registry_uri == url
+        return made
 
     url, admin_password = mlflow_with_auth
     _as(monkeypatch, "admin", admin_password)
     reader_password = secrets.token_urlsafe(16)
     assert ensure_user(url, "gateway", reader_password) is True
     assert ensure_user(url, "gateway", reader_password) is False  # idempotent: `stack up` runs it every time
-    mlflow.set_tracking_uri(url)
-    mlflow.set_experiment("auth")
     artifact = tmp_path / "weights.txt"
     artifact.write_text("not a model, just a registered artifact")
-    with mlflow.start_run() as run:
-        mlflow.log_artifact(str(artifact), "model")
-    admin = MlflowClient(url)
+    admin = client()  # no fluent mlflow.set_tracking_uri: it would leave later tests pointing at this server
+    run = admin.create_run(admin.create_experiment("auth"))
+    admin.log_artifact(run.info.run_id, str(artifact), "model")
+    admin.set_terminated(run.info.run_id)
     admin.create_registered_model("lmforge-assistant")
     first = admin.create_model_version("lmforge-assistant", f"runs:/{run.info.run_id}/model", run.info.run_id)
     second = admin.create_model_version("lmforge-assistant", f"runs:/{run.info.run_id}/model", run.info.run_id)
@@ -88,17 +94,17 @@ def test_an_alias_moves_only_with_credentials_that_may_write(mlflow_with_auth, m
 
     _as(monkeypatch, None, None)
     with pytest.raises(MlflowException, match="401"):
-        MlflowClient(url).set_registered_model_alias("lmforge-assistant", "champion", second.version)
+        client().set_registered_model_alias("lmforge-assistant", "champion", second.version)
     _as(monkeypatch, "admin", "wrong-" + admin_password)
     with pytest.raises(MlflowException, match="401"):
-        MlflowClient(url).set_registered_model_alias("lmforge-assistant", "champion", second.version)
+        client().set_registered_model_alias("lmforge-assistant", "champion", second.version)
     _as(monkeypatch, "gateway", reader_password)
-    reader = MlflowClient(url)
+    reader = client()
     assert reader.get_model_version_by_alias("lmforge-assistant", "champion").version == first.version  # may read
     with pytest.raises(MlflowException, match="403"):
         reader.set_registered_model_alias("lmforge-assistant", "champion", second.version)
 
     _as(monkeypatch, "admin", admin_password)
-    assert MlflowClient(url).get_model_version_by_alias("lmforge-assistant", "champion").version == first.version
-    MlflowClient(url).set_registered_model_alias("lmforge-assistant", "champion", second.version)
-    assert MlflowClient(url).get_model_version_by_alias("lmforge-assistant", "champion").version == second.version
+    assert client().get_model_version_by_alias("lmforge-assistant", "champion").version == first.version
+    client().set_registered_model_alias("lmforge-assistant", "champion", second.version)
+    assert client().get_model_version_by_alias("lmforge-assistant", "champion").version == second.version

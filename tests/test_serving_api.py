@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import time
 
@@ -16,12 +18,13 @@ from configs.schema import ServeConfig
 from serving.app import build_app
 from serving.auth import KeyStore
 from serving.feedback import ab_report
-from serving.routes.rpc import DEFAULT_MAX_TOKENS, task_messages
+from serving.routes.rpc import DEFAULT_MAX_TOKENS
 from tasks.parsing import parse_completion
 from tests.serving_helpers import running_gateway
 
 MODEL = "lmforge-assistant"
 HELLO = [{"role": "user", "content": "Say hello."}]
+BODY_LIMIT = 64 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -30,28 +33,38 @@ def ir_dir(tiny_ir_dir):
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory, ir_dir):
+def gateway(tmp_path_factory, ir_dir, tiny_model_dir):
     home = tmp_path_factory.mktemp("serve-home")
     store = KeyStore(home / "serving" / "keys.sqlite")
     keys = {
         "user": store.add("user")[0],
+        "ops": store.add("ops", admin=True)[0],  # pins variants: an admin privilege
         "limited": store.add("limited", rate_per_minute=1, burst=2)[0],
         "doomed": store.add("doomed")[0],
         "low": store.add("low", priority="low")[0],
+        # 66 generations, then about one a minute: what the generation counting test spends.
+        "batch": store.add("batch", rate_per_minute=1, burst=66)[0],
+        "n": store.add("n", rate_per_minute=1, burst=7)[0],
+        "once": store.add("once", rate_per_minute=1, burst=1)[0],
     }
     cfg = ServeConfig(
-        backend="openvino", watch=False, auth=True, cache_gb=1, max_tokens_limit=1024,
+        backend="openvino", watch=False, auth=True, cache_gb=1, max_tokens_limit=1024, max_body_bytes=BODY_LIMIT,
         variants=[{"name": "champion", "model_uri": str(ir_dir), "weight": 0.9},
                   {"name": "challenger", "model_uri": str(ir_dir), "weight": 0.1}],
+        task_routes={"summarization": {"variant": "challenger"}},
     )
     app = build_app(cfg, home)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))  # what training renders prompts with
     with running_gateway(app) as base:
-        yield {"base": base, "keys": keys, "store": store, "home": home, "app": app}
+        yield {"base": base, "keys": keys, "store": store, "home": home, "app": app, "tokenizer": tokenizer}
 
 
 @pytest.fixture(scope="module")
 def client(gateway):
-    return openai.OpenAI(base_url=gateway["base"] + "/v1", api_key=gateway["keys"]["user"], max_retries=0)
+    """An admin key's client: the tests below pin variants ("champion") to compare outputs."""
+    return openai.OpenAI(base_url=gateway["base"] + "/v1", api_key=gateway["keys"]["ops"], max_retries=0)
 
 
 def _post(gateway, path, content, key="user", headers=None):
@@ -144,6 +157,34 @@ def test_models_health_metrics(gateway, client):
     assert 'lmforge_tokens_total{kind="completion",variant="champion"}' in metrics
 
 
+def _responses(gateway) -> dict[tuple[str, str], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = text_string_to_metric_families(httpx.get(gateway["base"] + "/metrics").text)
+    return {(s.labels["route"], s.labels["status"]): s.value for f in families
+            if f.name == "lmforge_http_responses" for s in f.samples if s.name.endswith("_total")}
+
+
+def test_metrics_count_refused_requests_by_route_and_status(gateway):
+    before = _responses(gateway)
+    _post(gateway, CHAT, {"model": MODEL, "messages": []})  # 400
+    _post(gateway, CHAT, b"{oops")  # 400
+    httpx.post(gateway["base"] + CHAT, json={"model": MODEL, "messages": HELLO})  # 401: no key
+    _post(gateway, CHAT, {"model": "gpt-99", "messages": HELLO})  # 404: unknown model
+    _post(gateway, "/v1/engines", {})  # 404: no such route
+    _post(gateway, "/rpc", b"x" * (BODY_LIMIT + 1))  # 413
+    _post(gateway, "/v1/feedback", {"request_id": "chatcmpl-nope", "score": 1})  # 404
+    once = openai.OpenAI(base_url=gateway["base"] + "/v1", api_key=gateway["keys"]["once"], max_retries=0)
+    once.models.list()  # 200
+    with pytest.raises(openai.RateLimitError):
+        once.models.list()  # 429
+    after = _responses(gateway)
+    grown = {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k, 0.0)}
+    expected = {(CHAT, "400"): 2, (CHAT, "401"): 1, (CHAT, "404"): 1, ("unmatched", "404"): 1, ("/rpc", "413"): 1,
+                ("/v1/feedback", "404"): 1, ("/v1/models", "429"): 1}
+    assert {k: v for k, v in grown.items() if k != ("/v1/models", "200") and k[0] != "/metrics"} == expected
+
+
 # --------------------------------------------------------------------------- auth and limits
 def test_auth_no_key_wrong_key_revoked_key(gateway):
     base = gateway["base"] + "/v1"
@@ -167,6 +208,37 @@ def test_rate_limit_429_with_retry_after(gateway):
         client.models.list()
     assert int(info.value.response.headers["retry-after"]) >= 1
     assert info.value.body["code"] == "rate_limit_exceeded"
+
+
+def test_rate_limits_count_generations(gateway):
+    """A 64-call JSON-RPC batch costs 64 of the key's 66; two more generations, then 429. n samples and
+    prompt lists cost one each."""
+    batch = [{"jsonrpc": "2.0", "method": "generate", "params": {"text": f"hi {i}", "max_tokens": 1}, "id": i}
+             for i in range(64)]
+    assert len(_post(gateway, "/rpc", batch, key="batch").json()) == 64
+    for _ in range(2):
+        assert _post(gateway, "/rpc", batch[0], key="batch").status_code == 200
+    refused = _post(gateway, "/rpc", batch[0], key="batch")
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "costs 1 generation" in refused.json()["error"]["message"]
+
+    client = openai.OpenAI(base_url=gateway["base"] + "/v1", api_key=gateway["keys"]["n"], max_retries=0)
+    client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1, n=3)  # 3 of 7
+    client.completions.create(model=MODEL, prompt=["a", "b", "c"], max_tokens=1)  # 6 of 7
+    with pytest.raises(openai.RateLimitError, match="costs 2 generations"):
+        client.completions.create(model=MODEL, prompt="a", max_tokens=1, n=2)
+    client.completions.create(model=MODEL, prompt="a", max_tokens=1)  # the 7th
+
+
+def test_rate_limits_apply_per_client_address_without_auth(tmp_path, ir_dir):
+    cfg = ServeConfig(backend="openvino", watch=False, auth=False, cache_gb=1, rate_limit_per_minute=1,
+                      rate_limit_burst=3, variants=[{"name": "champion", "model_uri": str(ir_dir)}])
+    with running_gateway(build_app(cfg, tmp_path / "home")) as base:
+        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
+        codes = [httpx.post(base + "/v1/completions", json=body, timeout=60).status_code for _ in range(4)]
+        assert codes == [200, 200, 200, 429]
+        refused = httpx.post(base + "/v1/completions", json=body, timeout=60)
+        assert "client 127.0.0.1" in refused.json()["error"]["message"] and int(refused.headers["retry-after"]) >= 1
 
 
 # --------------------------------------------------------------------------- bad input
@@ -208,6 +280,80 @@ def test_bad_input_is_a_clear_4xx(gateway, name, path, body, status, needle):
     assert set(error) == {"message", "type", "param", "code"}
 
 
+def _raw(gateway, path: str, headers: dict[str, str], parts: list[bytes], wait: float = 5.0) -> bytes:
+    """POST over a bare socket: the head, then ``parts`` as they are; the start of the answer (b"" if none
+    came within ``wait`` seconds: the server is still waiting for the body)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(gateway["base"])
+    head = {"Host": url.netloc, "Authorization": f"Bearer {gateway['keys']['user']}",
+            "Content-Type": "application/json", **headers}
+    with socket.create_connection((url.hostname, url.port), timeout=wait) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\n".encode() + "".join(f"{k}: {v}\r\n" for k, v in head.items()).encode()
+                     + b"\r\n")
+        for part in parts:
+            sock.sendall(part)
+        try:
+            return sock.recv(65536)
+        except TimeoutError:
+            return b""
+
+
+def _chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+@pytest.mark.parametrize("path", [CHAT, "/rpc"])
+def test_body_over_the_limit_by_content_length_is_refused_unread(gateway, path):
+    """A Content-Length over serve.max_body_bytes gets 413 at once, without the body ever being sent."""
+    declared = _raw(gateway, path, {"Content-Length": str(10 * 1024 * 1024)}, [b'{"model": '])
+    assert declared.startswith(b"HTTP/1.1 413"), declared[:200]
+    assert b"limit is 65536" in declared and b"connection: close" in declared.lower()
+
+
+@pytest.mark.parametrize("path", [CHAT, "/rpc"])
+def test_chunked_body_is_refused_as_soon_as_it_passes_the_limit(gateway, path):
+    """A chunked upload gets 413 once it passes the limit, before its end; under the limit it is served."""
+    over = [_chunk(b'{"text": "' + b"x" * 8190)] + [_chunk(b"y" * 8192)] * 9  # 80 KiB, no final chunk
+    streamed = _raw(gateway, path, {"Transfer-Encoding": "chunked"}, over)
+    assert streamed.startswith(b"HTTP/1.1 413"), streamed[:200]
+    assert b"over the limit of 65536" in streamed
+
+    rpc_call = {"jsonrpc": "2.0", "method": "classify_sentiment", "params": {"text": "Fine."}, "id": 1}
+    small = json.dumps({"model": MODEL, "messages": HELLO, "max_tokens": 1} if path == CHAT else rpc_call).encode()
+    ok = _raw(gateway, path, {"Transfer-Encoding": "chunked"}, [_chunk(small[:10]), _chunk(small[10:]), b"0\r\n\r\n"],
+              wait=30)
+    assert ok.startswith(b"HTTP/1.1 200"), ok[:300]
+
+
+def _holds(obj, needle: str, depth: int = 4, seen: set[int] | None = None) -> bool:
+    """Whether ``obj`` keeps a string containing ``needle`` (in attributes and containers, ``depth`` deep)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, str):
+        return needle in obj
+    if depth < 0 or id(obj) in seen or isinstance(obj, (int, float, bytes, type)):
+        return False
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        items = [*obj.keys(), *obj.values()]
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        items = list(obj)
+    else:
+        items = list(getattr(obj, "__dict__", {}).values())
+    return any(_holds(item, needle, depth - 1, seen) for item in items)
+
+
+def test_rejected_prompts_are_not_kept(gateway):
+    """A prompt refused for its length leaves nothing behind in the engines (the token-count cache kept
+    every prompt it counted, up to 256 of them of any size)."""
+    marker = "unkept-marker-4711"
+    response = _post(gateway, CHAT, {"model": MODEL, "messages": [{"role": "user", "content": f"{marker} " * 2500}]})
+    assert response.status_code == 400 and "context" in response.json()["error"]["message"]
+    engines = {id(s.ref): s.ref.backend for s in gateway["app"].state.gateway.pool.slots.values() if s.ref}
+    assert engines and not any(_holds(backend, marker) for backend in engines.values())
+
+
 def test_gateway_survives_bad_input(client, gateway):
     for body in (b"\x00\x01", b'{"model": 1}', b'{"messages": "nope"}', b"null"):
         assert 400 <= _post(gateway, CHAT, body).status_code < 500
@@ -223,22 +369,66 @@ def test_sticky_assignment_override_and_feedback(gateway, client):
     via_header = _post(gateway, CHAT, {"model": MODEL, "messages": HELLO, "max_tokens": 1}, headers=header)
     assert via_header.headers["x-lmforge-variant"] in seen
     other = ({"champion", "challenger"} - seen).pop()
-    forced = _post(gateway, CHAT, {"model": MODEL, "messages": HELLO, "max_tokens": 1},
+    forced = _post(gateway, CHAT, {"model": MODEL, "messages": HELLO, "max_tokens": 1}, key="ops",
                    headers={**header, "X-Lmforge-Variant": other})
     assert forced.status_code == 200 and forced.headers["x-lmforge-variant"] == other
 
-    ok = _post(gateway, "/v1/feedback", {"request_id": forced.json()["id"], "score": 1})
+    ok = _post(gateway, "/v1/feedback", {"request_id": forced.json()["id"], "score": 1}, key="ops")
     assert ok.status_code == 200 and ok.json()["variant"] == other
     bad = _post(gateway, "/v1/feedback", {"request_id": via_header.json()["id"], "score": 0})
     assert bad.json()["variant"] in seen
     missing = _post(gateway, "/v1/feedback", {"request_id": "chatcmpl-nope", "score": 1})
     assert missing.status_code == 404
-    out_of_range = _post(gateway, "/v1/feedback", {"request_id": forced.json()["id"], "score": 5})
+    out_of_range = _post(gateway, "/v1/feedback", {"request_id": forced.json()["id"], "score": 5}, key="ops")
     assert out_of_range.status_code == 400
     report = ab_report(gateway["home"] / "serving" / "feedback.sqlite")
     rows = {r["variant"]: r for r in report["variants"]}
     assert rows[other]["successes"] >= 1 and rows[other]["feedback"] >= 1
     assert sum(r["requests"] for r in rows.values()) >= 6
+
+
+def _logged(gateway, request_id: str) -> dict:
+    import sqlite3
+
+    gateway["app"].state.gateway.feedback.flush()
+    with contextlib.closing(sqlite3.connect(gateway["home"] / "serving" / "feedback.sqlite")) as db:
+        db.row_factory = sqlite3.Row
+        return dict(db.execute("SELECT * FROM requests WHERE request_id = ?", (request_id,)).fetchone())
+
+
+def test_feedback_once_per_request_from_the_key_that_made_it(gateway):
+    served = _post(gateway, CHAT, {"model": MODEL, "messages": HELLO, "max_tokens": 1})
+    rid = served.json()["id"]
+    other = _post(gateway, "/v1/feedback", {"request_id": rid, "score": 1}, key="low")
+    assert other.status_code == 403 and other.json()["error"]["code"] == "not_your_request"
+    assert _post(gateway, "/v1/feedback", {"request_id": rid, "score": 1}).status_code == 200
+    again = _post(gateway, "/v1/feedback", {"request_id": rid, "score": 0})
+    assert again.status_code == 409 and "already has feedback" in again.json()["error"]["message"]
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(gateway["home"] / "serving" / "feedback.sqlite")) as db:
+        assert db.execute("SELECT score FROM feedback WHERE request_id = ?", (rid,)).fetchall() == [(1.0,)]
+
+
+def test_pinning_a_variant_needs_an_admin_key_and_the_log_says_how_a_variant_was_chosen(gateway):
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 1}
+    by_header = _post(gateway, CHAT, body, headers={"X-Lmforge-Variant": "challenger"})
+    by_model = _post(gateway, CHAT, {**body, "model": "challenger"})
+    by_rpc = _post(gateway, "/rpc", {"jsonrpc": "2.0", "method": "generate", "id": 1,
+                                     "params": {"text": "hi", "max_tokens": 1, "model": "challenger"}})
+    for refused, param in ((by_header, "X-Lmforge-Variant"), (by_model, "model")):
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["error"]["code"] == "pin_not_allowed" and refused.json()["error"]["param"] == param
+    assert by_rpc.json()["error"]["data"] == {"status": 403, "code": "pin_not_allowed"}
+
+    hashed = _post(gateway, CHAT, {**body, "user": "someone"})
+    pinned = _post(gateway, CHAT, body, key="ops", headers={"X-Lmforge-Variant": "challenger"})
+    routed = _post(gateway, "/rpc", {"jsonrpc": "2.0", "method": "summarize", "id": 2,
+                                     "params": {"text": "A: hi\nB: hello", "max_tokens": 1}}).json()["result"]
+    assert pinned.headers["x-lmforge-variant"] == "challenger" and routed["variant"] == "challenger"
+    assert _logged(gateway, hashed.json()["id"])["chosen_by"] == "hash"
+    assert _logged(gateway, pinned.json()["id"])["chosen_by"] == "pin"
+    assert _logged(gateway, routed["request_id"])["chosen_by"] == "route"
 
 
 # --------------------------------------------------------------------------- JSON-RPC
@@ -258,13 +448,17 @@ def test_rpc_batch_tasks_and_errors(gateway):
     assert set(answers) == {1, "b", 3, 5, 6, 7}, "the notification gets no answer"
     sentiment, ner, summary = answers[1]["result"], answers["b"]["result"], answers[3]["result"]
     assert sentiment["task"] == "sentiment" and sentiment["variant"] in ("champion", "challenger")
-    # Same template, same greedy decode through the OpenAI route, same parser as evaluation.
-    client = openai.OpenAI(base_url=gateway["base"] + "/v1", api_key=gateway["keys"]["user"], max_retries=0)
-    for task, text, result in (("sentiment", "A wonderful film.", sentiment),
-                               ("ner", "Angela Merkel visited Paris.", ner)):
-        chat = client.chat.completions.create(model=result["variant"], messages=task_messages(task, text),
-                                              temperature=0, max_tokens=DEFAULT_MAX_TOKENS[task])
-        assert result["text"] == chat.choices[0].message.content
+    # The prompt training renders (tasks.data.templates.render, the HF tokenizer's chat template, the
+    # paraphrase the RPC methods use), sent raw through /v1/completions: same tokens, same greedy output.
+    client = openai.OpenAI(base_url=gateway["base"] + "/v1", api_key=gateway["keys"]["ops"], max_retries=0)
+    for task, text, result, max_tokens in (
+            ("sentiment", "A wonderful film.", sentiment, DEFAULT_MAX_TOKENS["sentiment"]),
+            ("ner", "Angela Merkel visited Paris.", ner, DEFAULT_MAX_TOKENS["ner"]),
+            ("summarization", "A: hi\nB: hello", summary, 5)):
+        prompt = _training_prompt(gateway["tokenizer"], task, text)
+        done = client.completions.create(model=result["variant"], prompt=prompt, temperature=0, max_tokens=max_tokens)
+        assert result["text"] == done.choices[0].text
+        assert result["usage"]["prompt_tokens"] == done.usage.prompt_tokens
         assert [result["label"], result["format_ok"]] == list(parse_completion(task, result["text"]))
     assert isinstance(ner["label"], list)
     assert summary["finish_reason"] in ("stop", "length") and isinstance(summary["label"], str)
@@ -275,9 +469,27 @@ def test_rpc_batch_tasks_and_errors(gateway):
     assert _post(gateway, "/rpc", []).json()["error"]["code"] == -32600
 
 
-def test_rpc_uses_the_training_templates():
-    messages = task_messages("ner", "Obama met Merkel.")
-    template = DEFAULT_TEMPLATES["ner"]
-    assert messages[0] == {"role": "system", "content": template.system}
-    assert messages[1]["content"] == template.instructions[0].replace("{input}", "Obama met Merkel.")
-    assert json.dumps(messages)  # plain JSON-serialisable chat messages
+def _training_prompt(tokenizer, task: str, text: str) -> str:
+    """The prompt training renders for ``text`` with the paraphrase the RPC methods use (the first)."""
+    from tasks.data.templates import render
+
+    for i in itertools.count():  # render picks the paraphrase from the record id: find an id that gets the first
+        rendered = render(f"rpc-{i}", task, text, "", DEFAULT_TEMPLATES[task], tokenizer)
+        if rendered["template"] == 0:
+            return rendered["prompt"]
+
+
+def test_rpc_prompts_are_the_prompts_training_renders(gateway):
+    """The JSON-RPC methods' prompts, as the engine's tokenizer renders them, equal what training's
+    renderer makes of the same text (for every task), compared on the prompt token count the engine
+    reports and the greedy completion."""
+    client = openai.OpenAI(base_url=gateway["base"] + "/v1", api_key=gateway["keys"]["ops"], max_retries=0)
+    for method, task in (("classify_sentiment", "sentiment"), ("extract_entities", "ner"),
+                         ("summarize", "summarization"), ("generate", "generation")):
+        text = "Obama met Merkel in Berlin on a rainy day; both said the talks were useful."
+        call = {"jsonrpc": "2.0", "method": method, "params": {"text": text, "max_tokens": 24, "model": "champion"},
+                "id": 1}
+        result = _post(gateway, "/rpc", call, key="ops").json()["result"]
+        done = client.completions.create(model="champion", prompt=_training_prompt(gateway["tokenizer"], task, text),
+                                         temperature=0, max_tokens=24)
+        assert (result["usage"]["prompt_tokens"], result["text"]) == (done.usage.prompt_tokens, done.choices[0].text)

@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import signal
+import sqlite3
+import statistics
 import subprocess
 import sys
 import threading
@@ -25,7 +28,7 @@ from serving.errors import APIError
 from serving.metrics import Metrics
 from serving.router import ABRouter
 from serving.service import Admission
-from tests.serving_helpers import free_port, running_gateway, tiny_lora, wait_for
+from tests.serving_helpers import free_port, register_versions, running_gateway, tiny_lora, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 HELLO = [{"role": "user", "content": "Say hello."}]
@@ -104,23 +107,64 @@ def test_admission_sheds_low_priority_first_and_never_hangs():
     assert order[:3] == ["first", "queued-low", "queued-high"]
 
 
+def test_token_bucket_lets_a_batch_larger_than_the_burst_through_once_and_then_owes_it():
+    from serving.auth import TokenBucket
+
+    bucket = TokenBucket(capacity=60, rate=1.0)
+    assert bucket.take(64, now=bucket.stamp) == 0.0, "a full bucket admits a batch larger than itself"
+    assert bucket.take(1, now=bucket.stamp) == pytest.approx(5.0), "4 owed + 1 needed at 1 token/s"
+    assert bucket.take(1, now=bucket.stamp + 5.0) == 0.0
+    assert bucket.take(60, now=bucket.stamp + 30.0) == pytest.approx(30.0), "half full: 30 s to go"
+
+
+def test_a_client_that_stops_reading_a_stream_frees_its_slot(tmp_path, ir_dir):
+    """One admission slot. A real client asks for 8 long streams, reads the first bytes and stops
+    reading (connection open). Its stream fills the socket buffers, the gateway's write waits
+    ``stream_write_timeout_s`` and then ends the stream: the next request gets the slot (it would have
+    waited out its 8 s queue timeout for a 503) and the stalled connection is closed."""
+    import socket
+    from urllib.parse import urlsplit
+
+    cfg = ServeConfig(backend="openvino", auth=False, watch=False, cache_gb=1, max_concurrency=1,
+                      request_timeout_s=8, stream_write_timeout_s=1.0, max_tokens_limit=1500,
+                      variants=[{"name": "champion", "model_uri": str(ir_dir)}])
+    with running_gateway(build_app(cfg, tmp_path / "home"), send_buffer=4096) as base:
+        url = urlsplit(base)
+        body = json.dumps({"model": "lmforge-assistant", "messages": HELLO, "max_tokens": 1500, "n": 8,
+                           "stream": True, "ignore_eos": True}).encode()
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect((url.hostname, url.port))
+        try:
+            stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert stalled.recv(512).startswith(b"HTTP/1.1 200")  # streaming; from now on it reads nothing
+            started = time.perf_counter()
+            after = httpx.post(base + "/v1/chat/completions", timeout=30,
+                               json={"model": "lmforge-assistant", "messages": HELLO, "max_tokens": 2})
+            waited = time.perf_counter() - started
+            assert after.status_code == 200, after.text
+            assert waited < 7, f"the next request waited {waited:.1f}s for the slot"
+            metrics = httpx.get(base + "/metrics").text
+            assert 'lmforge_errors_total{kind="client_stalled",variant="champion"} 1.0' in metrics
+            assert 'lmforge_requests_total{route="chat",status="499",variant="champion"} 1.0' in metrics
+            # The stream was cut short: draining what was buffered ends in EOF, not in [DONE].
+            stalled.settimeout(10)
+            tail = b""
+            while chunk := stalled.recv(65536):
+                tail += chunk
+            assert tail and b"[DONE]" not in tail
+        finally:
+            stalled.close()
+
+
 # --------------------------------------------------------------------------- hot swap
 def _register(tracking_uri: str, ir_dir: Path, artifacts: Path) -> tuple[str, str]:
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri, tracking_uri)
-    experiment = client.create_experiment("serving-test", artifact_location=str(artifacts))
-    client.create_registered_model("lmforge-assistant")
-    versions = []
-    for _ in range(2):
-        run = client.create_run(experiment)
-        client.log_artifacts(run.info.run_id, str(ir_dir), "ir")
-        client.set_terminated(run.info.run_id)
-        mv = client.create_model_version("lmforge-assistant", source=f"{run.info.artifact_uri}/ir",
-                                         run_id=run.info.run_id)
-        versions.append(str(mv.version))
-    client.set_registered_model_alias("lmforge-assistant", "champion", versions[0])
-    return versions[0], versions[1]
+    v1, v2 = register_versions(tracking_uri, ir_dir, artifacts)
+    MlflowClient(tracking_uri, tracking_uri).set_registered_model_alias("lmforge-assistant", "champion", v1)
+    return v1, v2
 
 
 def test_alias_flip_swaps_without_restart_or_failed_requests(tmp_path, mlflow_uri, ir_dir):
@@ -141,9 +185,10 @@ def test_alias_flip_swaps_without_restart_or_failed_requests(tmp_path, mlflow_ur
         assert first.headers["x-lmforge-version"] == v1
         old_engine = app.state.gateway.pool.slots["champion"].ref
 
-        # (status, version, sent, done): responses land in completion order, and a request sent to the old
-        # engine just before the swap may finish after one sent to the new engine, so order is judged by times.
-        results: list[tuple[int, str | None, float, float]] = []
+        # (status, version, sent, done, engine seconds): responses land in completion order, and a request sent
+        # to the old engine just before the swap may finish after one sent to the new engine, so order is
+        # judged by times.
+        results: list[tuple[int, str | None, float, float, float]] = []
         stop = threading.Event()
 
         def load() -> None:
@@ -152,12 +197,15 @@ def test_alias_flip_swaps_without_restart_or_failed_requests(tmp_path, mlflow_ur
                     sent = time.monotonic()
                     r = http.post(base + "/v1/chat/completions", headers={"Authorization": f"Bearer {admin_key}"},
                                   json={"model": "lmforge-assistant", "messages": HELLO, "max_tokens": 16})
-                    results.append((r.status_code, r.headers.get("x-lmforge-version"), sent, time.monotonic()))
+                    engine_s = float(r.headers.get("server-timing", "engine;dur=0").split("=")[1]) / 1000
+                    results.append((r.status_code, r.headers.get("x-lmforge-version"), sent, time.monotonic(),
+                                    engine_s))
 
         workers = [threading.Thread(target=load) for _ in range(3)]
         for w in workers:
             w.start()
         wait_for(lambda: len(results) >= 3)
+        flipped = time.monotonic()
         MlflowClient(mlflow_uri, mlflow_uri).set_registered_model_alias("lmforge-assistant", "champion", v2)
         wait_for(lambda: any(r[1] == v2 for r in results[-3:]), timeout=60)
         time.sleep(0.3)
@@ -170,13 +218,23 @@ def test_alias_flip_swaps_without_restart_or_failed_requests(tmp_path, mlflow_ur
         assert v1 in versions and v2 in versions
         assert versions.index(v2) > versions.index(v1)
         # Once any client has seen v2, no request sent afterwards is served by v1 (the swap is one-way and atomic).
-        first_v2_done = min(done for _, v, _, done in results if v == v2)
-        sent_after = [v for _, v, sent, _ in results if sent > first_v2_done]
+        first_v2_done = min(done for _, v, _, done, _ in results if v == v2)
+        sent_after = [v for _, v, sent, _, _ in results if sent > first_v2_done]
         assert sent_after and set(sent_after) == {v2}, sent_after
         info = httpx.get(base + "/admin/variants", headers={"Authorization": f"Bearer {admin_key}"}).json()
         swap = info["variants"][0]["swaps"][-1]
         assert swap["version"] == v2 and swap["reason"].startswith("alias @champion")
-        assert swap["swap_ms"] < 50 and swap["warmup_s"] > 0
+        assert swap["warmup_s"] > 0, "the new engine was warmed up before it took traffic"
+        # What the swap costs the requests it happens under: the time the requests in flight at the switch
+        # spent outside the engine (latency minus the engine's Server-Timing: the gateway and the network,
+        # where a switch that held up the event loop would show) is about what other requests spent there.
+        # Engine time is left out: the new engine's background load competes with it for the cores.
+        switched = time.monotonic() - (time.time() - swap["at"])  # the gateway runs in this process
+        outside = {(sent, done): done - sent - engine_s for *_, sent, done, engine_s in results if engine_s}
+        across = [t for (sent, done), t in outside.items() if sent <= switched <= done]
+        others = [t for (sent, done), t in outside.items() if not sent <= switched <= done]
+        assert across and others, "no request was in flight at the switch"
+        assert max(across) - statistics.median(others) < 0.5, (max(across), statistics.median(others))
         wait_for(lambda: old_engine.backend.released, timeout=30)  # released after draining: engine process gone
         assert old_engine.inflight == 0
         metrics = httpx.get(base + "/metrics").text
@@ -213,8 +271,18 @@ def test_admin_loads_lora_adapters_at_runtime(tmp_path, ir_dir, tiny_model_dir):
         assert second.status_code == 200 and second.json()["adapter"]["reason"] == "adapter"
         text_b = greedy()
         assert len({base_text, text_a, text_b}) == 3, "each adapter changes the greedy output"
-        assert admin({"adapter": str(lora_a)}).json()["adapter"]["swap_ms"] < 100
+        back = admin({"adapter": str(lora_a)}).json()["adapter"]
+        assert back["reason"] == "adapter", "switched in place, not by rebuilding the engine"
+        # The engine switches when the next request for the adapter arrives (a 1-token generate with it)
+        # and times that; it happens inside this request, so it is part of, and shorter than, its latency.
+        started = time.perf_counter()
         assert greedy() == text_a, "switching back restores adapter A exactly"
+        first_request_ms = (time.perf_counter() - started) * 1000
+        engine = httpx.get(base + "/admin/variants", headers={"Authorization": f"Bearer {admin_key}"}).json()
+        engine = engine["variants"][0]["engine"]
+        assert engine["active_adapter"] == lora_a.stem
+        assert 0 < engine["adapter_switch_ms"] < min(first_request_ms, 2000), (engine["adapter_switch_ms"],
+                                                                              first_request_ms)
         missing = admin({"adapter": str(tmp_path / "nope.safetensors")})
         assert missing.status_code == 400 and "not found" in missing.json()["error"]["message"]
         assert admin({}).status_code == 400
@@ -231,13 +299,16 @@ def _start_upstream(home: Path, ir_dir: Path, port: int) -> subprocess.Popen:
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def test_backend_dies_mid_request_then_fallback_serves(tmp_path, ir_dir):
+def test_backend_dies_mid_request_then_fallback_serves(tmp_path, ir_dir, tiny_model_dir):
     port = free_port()
     upstream = _start_upstream(tmp_path / "upstream", ir_dir, port)
     try:
         wait_for(lambda: _ready(f"http://127.0.0.1:{port}"), timeout=90, interval=0.3)
+        # A url variant is a vLLM-kind variant: its model_uri supplies the tokenizer from HF weights (the
+        # resolver gives vLLM/HF variants no OpenVINO IR directory).
         cfg = ServeConfig(backend="openvino", auth=False, watch=False, cache_gb=1, fallback_variant="local",
-                          variants=[{"name": "remote", "model_uri": str(ir_dir), "url": f"http://127.0.0.1:{port}",
+                          variants=[{"name": "remote", "model_uri": str(tiny_model_dir),
+                                     "url": f"http://127.0.0.1:{port}",
                                      "weight": 1.0},
                                     {"name": "local", "model_uri": str(ir_dir), "weight": 0.0}])
         with running_gateway(build_app(cfg, tmp_path / "home")) as base:
@@ -275,9 +346,13 @@ def test_backend_dies_mid_request_then_fallback_serves(tmp_path, ir_dir):
 def test_openvino_engine_process_dies_mid_request_then_fallback_serves(tmp_path, ir_dir):
     """The OpenVINO engine runs in its own process: killing it fails the request in flight with a
     clear error, the next one is served by the fallback variant, and the gateway stays up."""
+    import shutil
+
+    # A copy: variants on one model directory would share the engine (and die with it).
+    fallback_ir = shutil.copytree(ir_dir, tmp_path / "fallback-ir")
     cfg = ServeConfig(backend="openvino", auth=False, watch=False, cache_gb=1, fallback_variant="local",
                       variants=[{"name": "champion", "model_uri": str(ir_dir), "weight": 1.0},
-                                {"name": "local", "model_uri": str(ir_dir), "weight": 0.0}])
+                                {"name": "local", "model_uri": str(fallback_ir), "weight": 0.0}])
     app = build_app(cfg, tmp_path / "home")
     with running_gateway(app) as base:
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
@@ -298,6 +373,11 @@ def test_openvino_engine_process_dies_mid_request_then_fallback_serves(tmp_path,
         assert httpx.get(base + "/health/live").status_code == 200
         ready = httpx.get(base + "/health/ready")
         assert ready.status_code == 503 and ready.json()["variants"]["champion"] == "down"
+        app.state.gateway.feedback.flush()  # the request log says the fallback chose the variant
+        with contextlib.closing(sqlite3.connect(tmp_path / "home" / "serving" / "feedback.sqlite")) as db:
+            chosen = db.execute("SELECT chosen_by FROM requests WHERE request_id = ?",
+                                (after.headers["x-request-id"],)).fetchone()
+        assert chosen == ("fallback",)
 
 
 def _finished_groups(parent, n: int) -> list[set[int]]:

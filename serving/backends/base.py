@@ -33,6 +33,9 @@ class SamplingParams:
     adapter: str | None = None
     """Name of a LoRA adapter loaded into this backend, or None for the base weights."""
     ignore_eos: bool = False
+    prompt_tokens: int | None = None
+    """The prompt's token count when the caller has counted it already (the gateway's context check),
+    so the backend need not encode the prompt again."""
     stream: bool = True
     """The consumer wants tokens as they come. False (a non-streaming response) lets a backend hand
     over the whole completion at once instead of waking the event loop at every engine step."""

@@ -144,7 +144,6 @@ class OpenVINOBackend:
         self._reader: threading.Thread | None = None
         self._tokenizer = None
         self._fast_decode = None  # HF tokenizers decode, when verified equal to the OpenVINO detokenizer
-        self._token_counts: dict[str, int] = {}
         self._lora = False
         self._adapters: dict[str, Path] = {}
         self._default_adapter: str | None = None
@@ -308,14 +307,7 @@ class OpenVINOBackend:
         return self._tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
     def count_tokens(self, prompt: str) -> int:
-        # The gateway counts (context check) and then generates the same prompt: encode it once.
-        count = self._token_counts.get(prompt)
-        if count is None:
-            count = int(self._tokenizer.encode(prompt, add_special_tokens=False).input_ids.get_shape()[1])
-            if len(self._token_counts) >= 256:
-                self._token_counts.clear()
-            self._token_counts[prompt] = count
-        return count
+        return int(self._tokenizer.encode(prompt, add_special_tokens=False).input_ids.get_shape()[1])
 
     def _decode(self, ids: list[int]) -> str:
         if self._fast_decode is not None:
@@ -350,7 +342,8 @@ class OpenVINOBackend:
         if self._proc is None or self._closing:
             raise BackendError("engine is not loaded (released, shutting down or never loaded)")
         adapter = self._adapter_for(params)
-        prompt_tokens = self.count_tokens(prompt)
+        # The gateway counted the prompt for its context check: no second encode (nor a cache of prompts).
+        prompt_tokens = params.prompt_tokens if params.prompt_tokens is not None else self.count_tokens(prompt)
         request = _Request(next(self._ids), asyncio.get_running_loop())
         self._requests[request.rid] = request
         if self._pacer is not None:

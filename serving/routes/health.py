@@ -18,10 +18,12 @@ async def live() -> JSONResponse:
 
 @router.get("/health/ready")
 async def ready(request: Request) -> JSONResponse:
-    """200 only when every variant is loaded and the gateway is not draining; else 503 with the states."""
+    """200 when the gateway is not draining and every variant serves, except those whose registry alias
+    does not exist (a champion without a challenger); else 503. ``details`` says why per variant."""
     gw = gateway(request)
-    ok, states = gw.ready()
-    body = {"status": "ready" if ok else "not_ready", "draining": gw.draining, "variants": states}
+    ok, states, details = gw.ready()
+    body = {"status": "ready" if ok else "not_ready", "draining": gw.draining, "variants": states,
+            "details": details}
     return JSONResponse(body, status_code=200 if ok else 503)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -16,8 +18,9 @@ from serving.errors import APIError
 from serving.protocol import ChatCompletionRequest, CompletionRequest
 from serving.router import VARIANT_HEADER
 from serving.routes.common import context, gateway, parse, read_json
-from serving.service import RequestContext
+from serving.service import Gateway, RequestContext
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 
@@ -33,16 +36,18 @@ async def list_models(request: Request) -> JSONResponse:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
-    ctx = context(request, "chat")
+    ctx = context(request, "chat", cost=0)
     body = parse(ChatCompletionRequest, await read_json(request))
+    gateway(request).limit(ctx, body.n)
     messages = body.chat()
     return await _serve(request, ctx, body, lambda backend: backend.render_chat(messages), chat=True)
 
 
 @router.post("/v1/completions")
 async def completions(request: Request) -> Response:
-    ctx = context(request, "completions", prefix="cmpl")
+    ctx = context(request, "completions", prefix="cmpl", cost=0)
     body = parse(CompletionRequest, await read_json(request))
+    gateway(request).limit(ctx, len(body.prompt) * body.n)
     if len(body.prompt) > 1:
         if body.stream:
             raise APIError(400, "streaming supports a single prompt", param="prompt")
@@ -94,7 +99,44 @@ async def _serve(request: Request, ctx: RequestContext, body, build: Callable[[B
         raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     events = _sse(gw, ctx, stream, first, model, chat, body.n, include_usage, echo)
-    return StreamingResponse(events, media_type="text/event-stream", headers=_headers(ctx))
+    return _StallGuardedStream(events, gw, ctx, media_type="text/event-stream", headers=_headers(ctx))
+
+
+class _ClientStalled(Exception):
+    pass
+
+
+class _StallGuardedStream(StreamingResponse):
+    """A streamed response whose writes wait at most ``serve.stream_write_timeout_s`` for the client.
+
+    Why: a client that stops reading (but keeps the connection) fills the socket buffers, and every
+    write then waits for it; the event generator, suspended at its ``yield``, would hold its admission
+    slot (and the engine its sequence) for as long as the client lives. On the timeout the generator
+    is closed, which frees both, and the connection is dropped.
+    """
+
+    def __init__(self, content: AsyncIterator[bytes], gw: Gateway, ctx: RequestContext, **kwargs):
+        super().__init__(content, **kwargs)
+        self.gw, self.ctx = gw, ctx
+
+    async def stream_response(self, send) -> None:
+        timeout = self.gw.cfg.stream_write_timeout_s
+
+        async def guarded(message) -> None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await send(message)
+            except TimeoutError:
+                raise _ClientStalled from None
+
+        try:
+            await super().stream_response(guarded)
+        except _ClientStalled:
+            await self.body_iterator.aclose()  # runs the generator's cleanup now: slots freed, request logged
+            self.gw.metrics.errors.labels(self.ctx.variant or "none", "client_stalled").inc()
+            log.warning("request %s: the client read nothing for %.0fs; stream ended, its slots freed",
+                        self.ctx.request_id, timeout)
+            # Returning without the final message makes the server close the connection.
 
 
 async def _sse(gw, ctx: RequestContext, stream: AsyncIterator[tuple[int, Chunk]], first, model: str, chat: bool,
@@ -140,6 +182,9 @@ async def _sse(gw, ctx: RequestContext, stream: AsyncIterator[tuple[int, Chunk]]
         # Headers are gone; the OpenAI clients raise on an error event in the stream.
         status = err.status
         yield _event(err.body())
+    except (GeneratorExit, asyncio.CancelledError):
+        status = 499  # the client went away or stopped reading (nginx's "client closed request")
+        raise
     finally:
         gw.log_request(ctx, status)
 
@@ -149,8 +194,6 @@ def _event(payload: dict) -> bytes:
 
 
 async def _batch_completions(request: Request, ctx: RequestContext, body: CompletionRequest) -> Response:
-    import asyncio
-
     gw = gateway(request)
     ctx.user = body.user or ctx.user
     variant = gw.choose_variant(body.model, ctx)

@@ -18,9 +18,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from configs.data_schema import DEFAULT_TEMPLATES
+from serving import protocol
 from serving.errors import APIError
 from serving.protocol import new_id
-from serving.routes.common import context, gateway
+from serving.routes.common import context, gateway, read_body
 from serving.service import Gateway, RequestContext
 from tasks.parsing import parse_completion
 
@@ -49,8 +50,8 @@ def task_messages(task: str, text: str, templates: dict[str, Any] | None = None)
 
 @router.post("/rpc")
 async def rpc(request: Request) -> Response:
-    base = context(request, "rpc", prefix="rpc")
-    raw = await request.body()
+    base = context(request, "rpc", prefix="rpc", cost=0)
+    raw = await read_body(request)
     try:
         payload = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -61,9 +62,11 @@ async def rpc(request: Request) -> Response:
             return JSONResponse(_error(None, INVALID_REQUEST, "empty batch"))
         if len(payload) > MAX_BATCH:
             return JSONResponse(_error(None, INVALID_REQUEST, f"batch of {len(payload)} calls; at most {MAX_BATCH}"))
+        gw.limit(base, len(payload))  # every call is a generation: a 64-call batch costs 64
         results = await asyncio.gather(*(_call(gw, base, item) for item in payload))
         answers = [r for r in results if r is not None]
         return JSONResponse(answers) if answers else Response(status_code=204)
+    gw.limit(base, 1)
     answer = await _call(gw, base, payload)
     return JSONResponse(answer) if answer is not None else Response(status_code=204)
 
@@ -101,25 +104,27 @@ async def _dispatch(gw: Gateway, base: RequestContext, method: str, params: Any)
         raise RPCError(INVALID_PARAMS, f"params.max_tokens must be a positive integer, got {max_tokens!r}")
     user = params.get("user")
     ctx = dataclasses.replace(base, request_id=new_id("rpc"), route=f"rpc.{method}",
-                              user=user if isinstance(user, str) else base.user, variant=None, version=None)
+                              user=user if isinstance(user, str) else base.user, variant=None, version=None,
+                              chosen_by=None)
     route = gw.cfg.task_routes.get(task)
     variant = gw.choose_variant(params.get("model", gw.cfg.served_model), ctx, pinned=route.variant if route else None)
     sampling = gw.sampling(max_tokens, 0.0, 1.0, [], None, adapter=_adapter_name(route.adapter) if route else None,
                            stream=False)
     messages = task_messages(task, text, gw.templates)
-    output, finish = "", "stop"
+    output, finish, usage = "", "stop", {}
     try:
         async with contextlib.aclosing(gw.run(ctx, variant, lambda b: b.render_chat(messages), sampling)) as stream:
             async for _, chunk in stream:
                 output += chunk.text
-                finish = chunk.finish_reason or finish
+                if chunk.finish_reason:
+                    finish, usage = chunk.finish_reason, protocol.usage(chunk.prompt_tokens, chunk.completion_tokens)
     except APIError as err:
         gw.log_request(ctx, err.status)
         raise
     gw.log_request(ctx, 200)
     label, format_ok = parse_completion(task, output)
     return {"task": task, "label": label, "format_ok": format_ok, "text": output, "finish_reason": finish,
-            "variant": ctx.variant, "version": ctx.version, "request_id": ctx.request_id}
+            "usage": usage, "variant": ctx.variant, "version": ctx.version, "request_id": ctx.request_id}
 
 
 def _adapter_name(adapter: str | None) -> str | None:
