@@ -88,10 +88,10 @@ def evaluate_selected(cfg: LmforgeConfig, ir_dir: Path, data_version: str) -> di
     """Score the chosen variant on the held-out test split (never used for selection or training)."""
     from tasks.data import load_curated
     from tasks.evaluate import evaluate_records
-    from tasks.quantize.report import openvino_generator
+    from tasks.generators import OpenVINOGenerator
 
     test = list(load_curated(cfg.home, data_version)["test"])
-    generate = openvino_generator(ir_dir, max_new_tokens=cfg.evaluate.max_new_tokens, batch_size=cfg.evaluate.batch_size)
+    generate = OpenVINOGenerator(ir_dir, batch_size=cfg.evaluate.batch_size, cache_gb=cfg.evaluate.cache_gb)
     result = evaluate_records(test, generate, cfg.evaluate)
     return {"metrics": result.metrics, "ir_dir": str(ir_dir), "split": "test"}
 
