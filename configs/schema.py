@@ -88,10 +88,10 @@ class SFTConfig(Section):
     """Optimiser steps."""
     packing: bool = False
     """Pack several examples into one sequence; off = length-bucketed batches."""
-    strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = "auto"
-    """Lightning distribution strategy."""
+    strategy: Literal["auto", "ddp"] = "auto"
+    """Lightning distribution strategy: 'ddp' runs devices x num_nodes processes (tested on CPU with gloo)."""
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
-    """Lightning accelerator."""
+    """Lightning accelerator; also where the (4-bit) base model is loaded ('gpu': this rank's CUDA device)."""
     devices: int | Literal["auto"] = 1
     """Processes/GPUs per node."""
     num_nodes: int = Field(1, ge=1)
@@ -237,6 +237,10 @@ class AlignConfig(Section):
     """Advantage scaling: divide by the reward std of the group (GRPO), of the batch, or not at all."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, roughly 30% slower."""
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    """Where the policy trains ('gpu': this rank's CUDA device; 'auto': a GPU when torch sees one)."""
+    bf16: bool = False
+    """bf16 mixed precision (GPUs; on CPUs it would round away alignment-sized LoRA updates)."""
     num_threads: int | None = Field(None, ge=1)
     """Torch intra-op threads for the whole stage (training and before/after evaluation); None = torch's
     default (one per core). On a CPU shared with other jobs 1 can be much faster: one process's threads
@@ -342,6 +346,9 @@ class QuantizeConfig(Section):
     """Tokens generated per request when measuring tokens/s."""
     bench_concurrency: list[int] = [1, 8]
     """Concurrent requests at which tokens/s is measured (ContinuousBatchingPipeline)."""
+    bench_latency_requests: int = Field(20, ge=1)
+    """Single requests (concurrency 1, bench_max_new_tokens each) timed one after another for the P50/P95
+    latency in the report; the P95 is what registry.gates.max_latency_ms compares."""
     bench_cache_gb: float = Field(1.0, gt=0)
     """KV-cache size given to ContinuousBatchingPipeline when benchmarking and evaluating."""
     evaluate_variants: bool = True
@@ -369,6 +376,9 @@ class EvaluateConfig(Section):
     """Greedy decoding length limit for every task; None = each task's own (configs/tasks.py)."""
     cache_gb: float = Field(1.0, gt=0)
     """KV-cache size of the OpenVINO evaluation engine, in GB."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Torch device of the Hugging Face engine; 'auto' = a GPU when torch sees one (the OpenVINO engine
+    uses serve.device's plugin, CPU by default)."""
 
 
 # --------------------------------------------------------------------------- registry
@@ -376,11 +386,15 @@ class PromotionGates(Section):
     max_metric_drop: float = Field(2.0, ge=0)
     """No task metric may fall more than this many points below the current champion."""
     min_format_compliance: float = Field(0.9, ge=0, le=1)
-    """Share of outputs that must follow the instruction format."""
+    """Share of outputs that must follow the output format, required of each structured task evaluated
+    (format_compliance_sentiment and format_compliance_ner on the test split), not of the average."""
     max_size_mb: float | None = None
-    """Largest artifact accepted, in MB."""
+    """Largest accepted IR of the selected variant (openvino_model.xml + .bin, as measured by quantize), in MB
+    (10^6 bytes); None = no size gate. Set but not measured = the gate fails."""
     max_latency_ms: float | None = None
-    """Slowest accepted median latency per request, in ms."""
+    """Slowest accepted P95 latency of one request at concurrency 1 (quantize.bench_latency_requests requests of
+    quantize.bench_max_new_tokens tokens, measured by the quantize probe), in ms; None = no latency gate.
+    Set but not measured = the gate fails."""
 
 
 class RegistryConfig(Section):

@@ -1,23 +1,29 @@
 """``lmforge run``: curate → finetune → align → quantize → evaluate → register → gate/promote.
 
 Each stage is a subflow whose result is stored by content (``tasks.stage_cache``): re-running after
-a failure reuses every finished stage whose inputs did not change and resumes at the one that
-failed. The final markdown report links the MLflow runs and the registered version.
+a failure reuses every finished stage whose inputs (config, upstream stages, and the source files
+that compute it) did not change and resumes at the one that failed. The final markdown report
+links the MLflow runs and the registered version.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from configs.schema import LmforgeConfig
+from tasks.code_hash import REPO_ROOT as CODE_ROOT
+from tasks.code_hash import STAGE_ENTRY_MODULES, stage_code_hash
+from tasks.holdout import evaluate_holdout_task
 from tasks.models import import_base_model
-from tasks.registry import gate_version, register_task
+from tasks.registry import gate_inputs, holds_registration, register_task, version_aliases
 from tasks.stage_cache import cached_stage, stage_key
-from tasks.tracking import code_commit, use_mlflow
+from tasks.tracking import use_mlflow
 
 STAGES = ("curate", "finetune", "align", "quantize", "evaluate", "register")
 
@@ -36,33 +42,30 @@ def pipeline_flow(cfg: LmforgeConfig) -> dict[str, Any]:
 
     data = curate_flow(cfg)
     reused["curate"] = bool(data.get("reused"))
-    base_inputs = {"base_sha256": manifest["source_sha256"], "model": cfg.model.model_dump(mode="json"),
-                   "data_version": data["version"]}
+    inputs = stage_inputs(cfg, manifest["source_sha256"], data["version"])
 
-    sft_inputs = {**base_inputs, "sft": cfg.sft.model_dump(mode="json"), "evaluate": cfg.evaluate.model_dump(mode="json")}
     sft, reused["finetune"] = cached_stage(
-        cfg.home, "finetune", sft_inputs,
+        cfg.home, "finetune", inputs["finetune"],
         lambda: finetune_flow(cfg, data_version=data["version"], progress_bar=False), path_keys=("adapter_dir",))
-
-    align_inputs = {"sft": stage_key("finetune", sft_inputs), "align": cfg.align.model_dump(mode="json")}
     aligned, reused["align"] = cached_stage(
-        cfg.home, "align", align_inputs,
+        cfg.home, "align", inputs["align"],
         lambda: align_flow(cfg, sft_adapter=Path(sft["adapter_dir"]), data_version=data["version"]),
         path_keys=("adapter_dir",))
-
-    quantize_inputs = {"align": stage_key("align", align_inputs), "quantize": cfg.quantize.model_dump(mode="json")}
     exported, reused["quantize"] = cached_stage(
-        cfg.home, "quantize", quantize_inputs,
+        cfg.home, "quantize", inputs["quantize"],
         lambda: quantize_flow(cfg, adapter_dir=Path(aligned["adapter_dir"]), data_version=data["version"]),
         path_keys=("selected_path",))
-
-    eval_inputs = {"quantize": stage_key("quantize", quantize_inputs), "evaluate": cfg.evaluate.model_dump(mode="json")}
     evaluated, reused["evaluate"] = cached_stage(
-        cfg.home, "evaluate", eval_inputs,
-        lambda: evaluate_selected(cfg, Path(exported["selected_path"]), data["version"]))
+        cfg.home, "evaluate", inputs["evaluate"],
+        lambda: evaluate_holdout_task(cfg.home, Path(exported["selected_path"]), data["version"], cfg.evaluate))
 
     lineage = {
-        "data_version": data["version"], "config_hash": cfg.fingerprint(), "code_commit": code_commit(),
+        "data_version": data["version"], "config_hash": cfg.fingerprint(),
+        # The commit that built the registered files (the export), recorded when that stage ran.
+        "code_commit": exported.get("code_commit") or "unknown",
+        "stage_code": json.dumps({stage: {"commit": result.get("code_commit"), "code_hash": result.get("code_hash")}
+                                  for stage, result in (("finetune", sft), ("align", aligned),
+                                                        ("quantize", exported), ("evaluate", evaluated))}),
         "base_model": cfg.model.base, "base_sha256": manifest["source_sha256"],
         "quant_format": exported["selected"], "sft_method": cfg.sft.method,
         "curate_run_id": data.get("mlflow_run_id") or "", "sft_run_id": sft.get("mlflow_run_id") or "",
@@ -72,10 +75,14 @@ def pipeline_flow(cfg: LmforgeConfig) -> dict[str, Any]:
     merged = Path(exported["root"]) / "merged_hf"
     if merged.is_dir():
         artifacts["merged_hf"] = merged
-    register_inputs = {"evaluate": stage_key("evaluate", eval_inputs)}
+    key = register_key(inputs["register"])
     registered, reused["register"] = cached_stage(
-        cfg.home, "register", register_inputs,
-        lambda: _register_and_gate(cfg, artifacts, evaluated["metrics"], lineage, exported))
+        cfg.home, "register", inputs["register"],
+        lambda: _register_and_gate(cfg, artifacts, evaluated["metrics"], lineage, exported, key),
+        # A stored registration counts only while this registry still has that version.
+        still_valid=lambda stored: holds_registration(cfg.registry.model_name, stored["version"], key))
+    if reused["register"]:  # aliases move after registration (promote, rollback, the MLflow UI)
+        registered = {**registered, "aliases": version_aliases(cfg.registry.model_name, registered["version"])}
 
     report = _report(cfg, data, sft, aligned, exported, evaluated, registered, reused)
     create_markdown_artifact(markdown=report, key="lmforge-pipeline", description="lmforge pipeline run")
@@ -83,26 +90,49 @@ def pipeline_flow(cfg: LmforgeConfig) -> dict[str, Any]:
             "register": registered, "reused": reused, "report": report}
 
 
-@task(name="evaluate-selected")
-def evaluate_selected(cfg: LmforgeConfig, ir_dir: Path, data_version: str) -> dict[str, Any]:
-    """Score the chosen variant on the held-out test split (never used for selection or training)."""
-    from tasks.data import load_curated
-    from tasks.evaluate import evaluate_records
-    from tasks.generators import OpenVINOGenerator
+def stage_inputs(cfg: LmforgeConfig, base_sha256: str, data_version: str,
+                 code_root: Path | None = None) -> dict[str, dict[str, Any]]:
+    """What each cached stage's result depends on: its config sections, the key of the stage before
+    it (so a change anywhere upstream invalidates everything after it) and its own code hash.
 
-    test = list(load_curated(cfg.home, data_version)["test"])
-    generate = OpenVINOGenerator(ir_dir, batch_size=cfg.evaluate.batch_size, cache_gb=cfg.evaluate.cache_gb)
-    result = evaluate_records(test, generate, cfg.evaluate)
-    return {"metrics": result.metrics, "ir_dir": str(ir_dir), "split": "test"}
+    Args:
+        cfg: the full config.
+        base_sha256: the imported base model's source hash.
+        data_version: the curated data version.
+        code_root: the source tree the code hashes are taken over (default: this checkout).
+    """
+    root = code_root or CODE_ROOT
+    code = {stage: stage_code_hash(stage, root) for stage in STAGE_ENTRY_MODULES}
+    finetune = {"base_sha256": base_sha256, "model": cfg.model.model_dump(mode="json"), "data_version": data_version,
+                "sft": cfg.sft.model_dump(mode="json"), "evaluate": cfg.evaluate.model_dump(mode="json"),
+                "code": code["finetune"]}
+    align = {"sft": stage_key("finetune", finetune), "align": cfg.align.model_dump(mode="json"), "code": code["align"]}
+    quantize = {"align": stage_key("align", align), "quantize": cfg.quantize.model_dump(mode="json"),
+                "code": code["quantize"]}
+    evaluate = {"quantize": stage_key("quantize", quantize), "evaluate": cfg.evaluate.model_dump(mode="json"),
+                "code": code["evaluate"]}
+    # The registry this run writes to is part of what "registered" means; the gates only decide the aliases.
+    version = {"evaluate": stage_key("evaluate", evaluate), "tracking_uri": cfg.tracking_uri(),
+               "registry": cfg.registry.model_dump(mode="json", exclude={"gates", "tracking_uri"}),
+               "code": code["register"]}
+    register = {"version": version, "gates": cfg.registry.gates.model_dump(mode="json")}
+    return {"finetune": finetune, "align": align, "quantize": quantize, "evaluate": evaluate, "register": register}
+
+
+def register_key(register_inputs: dict[str, Any]) -> str:
+    """Identity of a registration (the version tag that makes re-registering idempotent): everything
+    in the register stage's inputs except the gates, so re-gating reuses the version."""
+    return stage_key("register-version", register_inputs["version"])
 
 
 def _register_and_gate(cfg: LmforgeConfig, artifacts: dict[str, Path], metrics: dict[str, float],
-                       lineage: dict[str, str], exported: dict[str, Any]) -> dict[str, Any]:
+                       lineage: dict[str, str], exported: dict[str, Any], key: str) -> dict[str, Any]:
     row = next((r for r in exported.get("rows", []) if r.get("variant") == exported["selected"]), {})
-    version = register_task(cfg.registry, artifacts, metrics, lineage, run_name=f"register-{lineage['data_version'][:8]}")
-    gated = gate_version(cfg.registry, version.version, size_mb=row.get("size_mb"), latency_ms=row.get("latency_ms"))
-    return {"name": version.name, "version": version.version, "run_id": version.run_id,
-            "model_uri": version.model_uri, "aliases": gated.aliases, "gate_reasons": gated.gate_reasons}
+    measured = gate_inputs(row)
+    registered = register_task(cfg.registry, artifacts, metrics, {**lineage, "gate_measurements": json.dumps(measured)},
+                               key, size_mb=measured["size_mb"], latency_ms=measured["latency_ms"],
+                               run_name=f"register-{lineage['data_version'][:8]}")
+    return {**dataclasses.asdict(registered), "gate_inputs": measured}
 
 
 def _report(cfg, data, sft, aligned, exported, evaluated, registered, reused) -> str:

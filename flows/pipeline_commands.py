@@ -38,9 +38,12 @@ def run_cmd(
 def _serve_after_run(cfg, registered: dict, config: str | None, overrides: list[str]) -> None:
     from serving.auth import KeyStore
 
-    if not registered.get("aliases") and not _any_champion(cfg):
-        fail(f"{registered['name']} v{registered['version']} failed its gates and there is no champion to serve; "
-             f"see the report above, or `lmforge promote {registered['version']} --force`")
+    # Asked of the registry, not the run's (possibly reused) result: aliases move after registration.
+    if not _any_champion(cfg):
+        why = ("failed its gates" if registered.get("gate_reasons") else "passed its gates") + \
+            f" and {cfg.registry.model_name} has no champion to serve"
+        fail(f"{registered['name']} v{registered['version']} {why}; see the report above, or "
+             f"`lmforge promote {registered['version']}{' --force' if registered.get('gate_reasons') else ''}`")
     if cfg.serve.auth:
         store = KeyStore(cfg.home / "serving" / "keys.sqlite")
         if not any(k.revoked_at is None for k in store.list()):

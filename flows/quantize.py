@@ -35,7 +35,7 @@ def quantize_flow(
 
     Args:
         cfg: the full config (quantize drives the work, evaluate the scoring, model the base).
-        adapter_dir: PEFT adapter; None = the newest SFT run's adapter.
+        adapter_dir: PEFT adapter; None = the newest aligned adapter, else the newest SFT run's.
         data_version: curated data version for calibration/QAT/evaluation; None = LATEST.
         samples: (prompt, completion) pairs to use instead of the curated train split.
         eval_records: records to score instead of the curated validation split (of the trained tasks,

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from typing import Annotated
 
 import typer
@@ -119,4 +123,40 @@ def ui_cmd(
     cfg.home.mkdir(parents=True, exist_ok=True)
     command = [mlflow_bin, "server", "--backend-store-uri", uri, "--default-artifact-root",
                cfg.artifact_root().resolve().as_uri(), "--host", host, "--port", str(port)]
-    raise typer.Exit(subprocess.call(command))
+    raise typer.Exit(_run_until_signalled(command))
+
+
+def _run_until_signalled(command: list[str], grace_s: float = 10.0) -> int:
+    """Run ``command`` in its own process group and stop the whole group when this process is told to
+    stop (SIGTERM, SIGINT) or the command ends: ``mlflow server`` starts a web server with worker
+    processes, which a plain ``subprocess.call`` would leave running after a SIGTERM to this process."""
+    proc = subprocess.Popen(command, start_new_session=True)
+    stopped: list[int] = []
+
+    def on_signal(signum, _frame) -> None:
+        stopped.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = proc.wait()
+    finally:
+        _stop_group(proc, grace_s)  # workers may outlive the server's own process
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 + stopped[0] if stopped else code
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM every process in ``proc``'s group, SIGKILL whatever is left after ``grace_s``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        deadline = time.monotonic() + grace_s
+        try:
+            os.killpg(proc.pid, sig)
+            while time.monotonic() < deadline:
+                proc.poll()  # reap the leader: a zombie still counts as a member of its group
+                os.killpg(proc.pid, 0)
+                time.sleep(0.1)
+        except ProcessLookupError:
+            return

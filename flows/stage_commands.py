@@ -53,7 +53,8 @@ def quantize(
     config: ConfigOption = None,
     overrides: Overrides = None,
     adapter: Annotated[
-        Path | None, typer.Option("--adapter", "-a", help="PEFT adapter dir; default: the newest SFT run's adapter.")
+        Path | None, typer.Option("--adapter", "-a", help="PEFT adapter dir; default: the newest aligned adapter "
+                                  "(runs/align/LATEST), else the newest SFT run's.")
     ] = None,
     data_version: Annotated[
         str | None, typer.Option("--data-version", help="Curated data version for calibration/QAT/eval; default LATEST.")

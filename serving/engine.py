@@ -18,7 +18,7 @@ from configs.schema import ServeConfig, VariantConfig
 from serving.backends import make_backend
 from serving.backends.base import Backend, BackendError, BackendInputError, SamplingParams
 from serving.metrics import Metrics
-from serving.registry import IR_MARKER, parse_model_uri, resolve_model_dir
+from serving.registry import parse_model_uri, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +121,9 @@ class VariantPool:
             adapter = adapter if adapter is not None else slot.adapter
             started = time.perf_counter()
             kind = slot.backend_kind or self.kind
-            marker = IR_MARKER if kind == "openvino" else "config.json"
             try:
                 model_dir, version = await asyncio.to_thread(
-                    resolve_model_dir, uri, self.tracking_uri, self.cache_dir, marker)
+                    resolve_model_dir, uri, self.tracking_uri, self.cache_dir, kind)
                 resolved = time.perf_counter()
                 backend = make_backend(kind, self.cfg, url=slot.url, name=name)
                 extras = self.extra_adapters.get(name, [])

@@ -1,9 +1,12 @@
 """A small MLflow registry client for the gateway: parse model URIs, follow aliases, fetch IR dirs.
 
-``resolve_model_dir(uri)``: a local directory containing ``openvino_model.xml`` is used as is; a
-``models:/name@alias`` or ``models:/name/version`` URI is downloaded (once per version, into a
-cache) with ``mlflow.artifacts.download_artifacts`` and the first directory inside that holds
-``openvino_model.xml`` (or, for vLLM/HF, ``config.json``) is returned.
+``resolve_model_dir(uri)``: a local directory containing ``openvino_model.xml`` (or, for vLLM/HF,
+``config.json``) is used as is; a ``models:/name@alias`` or ``models:/name/version`` URI is
+downloaded (once per version, into a cache) with ``mlflow.artifacts.download_artifacts`` and the
+artifact the backend serves is picked by the key it was registered under (``openvino`` for the
+OpenVINO backend, ``merged_hf`` for vLLM and HF; see ``tasks.registry``), as the version's
+``MLmodel`` file names it. Searching for a marker file instead would find an OpenVINO IR first
+(every IR directory has a ``config.json`` too).
 """
 
 from __future__ import annotations
@@ -16,10 +19,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from serving.imports import import_names
+
 log = logging.getLogger(__name__)
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 IR_MARKER = "openvino_model.xml"
+HF_MARKER = "config.json"
+# Backend -> the registered artifact it serves (the keys tasks.registry logs) and the file that marks
+# a usable local directory.
+BACKEND_ARTIFACTS = {"openvino": ("openvino", IR_MARKER), "vllm": ("merged_hf", HF_MARKER),
+                     "hf": ("merged_hf", HF_MARKER)}
 
 
 class ModelResolveError(ValueError):
@@ -46,7 +56,7 @@ def parse_model_uri(uri: str) -> ModelRef | None:
 
 
 def _client(tracking_uri: str | None):
-    from mlflow import MlflowClient
+    (MlflowClient,) = import_names("mlflow", "MlflowClient")  # noqa: N806 - loader threads call this at once
 
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
@@ -62,22 +72,30 @@ def current_version(ref: ModelRef, tracking_uri: str | None) -> str:
 
 
 def find_model_dir(root: Path, marker: str = IR_MARKER) -> Path | None:
-    """``root`` or the first directory below it (sorted, breadth first) that contains ``marker``."""
+    """``root`` or the first directory below it (sorted, breadth first) that contains ``marker``; for
+    the HF marker, OpenVINO IR directories (which hold a ``config.json`` too) are skipped."""
+    def usable(folder: Path) -> bool:
+        return (folder / marker).is_file() and (marker == IR_MARKER or not (folder / IR_MARKER).is_file())
+
     root = Path(root)
-    if (root / marker).is_file():
+    if usable(root):
         return root
     for path in sorted(root.rglob(marker), key=lambda p: (len(p.parts), str(p))):
-        return path.parent
+        if usable(path.parent):
+            return path.parent
     return None
 
 
 def resolve_model_dir(uri: str, tracking_uri: str | None = None, cache_dir: Path | None = None,
-                      marker: str = IR_MARKER) -> tuple[Path, str | None]:
-    """Local model directory for ``uri`` and the registry version it came from (None when local).
+                      backend: str = "openvino") -> tuple[Path, str | None]:
+    """Local model directory for ``uri`` as ``backend`` serves it, and the registry version it came
+    from (None when local).
 
     Raises:
-        ModelResolveError: the URI is malformed, the alias/version is unknown, or no model directory is inside.
+        ModelResolveError: the URI is malformed, the alias/version is unknown, or the version has no
+            artifact for this backend.
     """
+    artifact, marker = BACKEND_ARTIFACTS.get(backend, BACKEND_ARTIFACTS["openvino"])
     ref = parse_model_uri(uri)
     if ref is None:
         path = Path(uri).expanduser()
@@ -101,13 +119,31 @@ def resolve_model_dir(uri: str, tracking_uri: str | None = None, cache_dir: Path
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    found = find_model_dir(cache, marker)
-    if found is None:
-        raise ModelResolveError(f"models:/{ref.name}/{version} has no {marker} in its artifacts")
-    return found, version
+    return registered_artifact_dir(cache, artifact, f"models:/{ref.name}/{version}", backend), version
+
+
+def registered_artifact_dir(root: Path, artifact: str, label: str, backend: str = "openvino") -> Path:
+    """The directory a downloaded registry version keeps its ``artifact`` in, as its MLmodel names it."""
+    import yaml
+
+    mlmodel = next(iter(sorted(Path(root).rglob("MLmodel"), key=lambda p: len(p.parts))), None)
+    if mlmodel is None:
+        raise ModelResolveError(f"{label} has no MLmodel file: not a model registered by lmforge")
+    spec = yaml.safe_load(mlmodel.read_text()) or {}
+    artifacts = (spec.get("flavors", {}).get("python_function", {}).get("artifacts") or {})
+    entry = artifacts.get(artifact) or {}
+    if not entry.get("path"):
+        present = ", ".join(sorted(artifacts)) or "none"
+        raise ModelResolveError(f"{label} has no {artifact!r} artifact (it has: {present}); "
+                                f"the {backend} backend serves {artifact!r}")
+    path = mlmodel.parent / entry["path"]
+    if not path.is_dir():
+        raise ModelResolveError(f"{label}: artifact {artifact!r} is missing from the download ({path})")
+    return path
 
 
 def _download(name: str, version: str, tracking_uri: str | None, dst: Path) -> None:
+    import_names("mlflow.artifacts")
     import mlflow.artifacts
 
     client = _client(tracking_uri)

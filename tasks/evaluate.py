@@ -303,7 +303,7 @@ def resolve_engine(engine: str) -> str:
         return engine
     from tasks.runtime import torch_device
 
-    return "hf" if torch_device() == "cuda" else "openvino"
+    return "hf" if torch_device().startswith("cuda") else "openvino"
 
 
 def open_generator(cfg: EvaluateConfig, model_dir: str | Path, adapter_dir: str | Path | None = None,
@@ -315,7 +315,7 @@ def open_generator(cfg: EvaluateConfig, model_dir: str | Path, adapter_dir: str 
     """
     engine = resolve_engine(cfg.engine)
     if engine == "hf":
-        return hf_generator(model_dir, adapter_dir, cfg.batch_size, max_length)
+        return hf_generator(model_dir, adapter_dir, cfg.batch_size, max_length, device=cfg.device)
     from tasks.models import openvino_ir
 
     adapter_file = None

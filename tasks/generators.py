@@ -213,7 +213,7 @@ def hf_generator(
     batch_size: int = 8,
     max_length: int = 2048,
     merge_adapter: bool = True,
-    device: str | None = None,
+    device: str = "auto",
 ) -> HFGenerator:
     """Load an imported model (and optionally a PEFT adapter on top) as an :class:`HFGenerator`.
 
@@ -224,7 +224,7 @@ def hf_generator(
         max_length: longest sequence fed to the model; prompts are cut from the left.
         merge_adapter: fold the LoRA weights into the base weights (faster, same outputs up to
             float rounding); False keeps the PEFT wrapper.
-        device: torch device; None = CUDA when available, else CPU.
+        device: torch device (``cuda:0``, ``cpu``) or ``auto`` (a GPU when torch sees one).
     """
     from tasks.models import load_model, load_tokenizer
     from tasks.runtime import torch_device
@@ -246,5 +246,5 @@ def hf_generator(
             model = model.merge_and_unload()
         if (adapter_dir / "tokenizer_config.json").is_file():
             tokenizer_dir = adapter_dir
-    model = model.to(device or torch_device())
+    model = model.to(torch_device(device))
     return HFGenerator(model, load_tokenizer(tokenizer_dir), batch_size, max_length)

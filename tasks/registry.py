@@ -4,13 +4,17 @@ Aliases are what serves: the gateway watches ``champion`` and ``challenger``. A 
 the promotion gates gets ``challenger`` (and ``champion`` when there is none yet); a failing one
 is tagged with its reasons and gets no alias. Promotion keeps the replaced champion as
 ``previous-champion`` so ``lmforge rollback`` is one command.
+
+Registration is idempotent: a version is created with its register key as a tag (in the same
+request that creates it), and registering the same key again returns that version instead of
+adding a duplicate, so a run that failed after registering can simply be re-run.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,11 @@ log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 # Task-quality metrics (fractions in 0..1, higher is better) compared against the champion.
 TASK_METRICS = ("sentiment_accuracy", "sentiment_macro_f1", "ner_f1", "summarization_rougeL")
+# Tasks whose answers must parse (a label, an entity list): each one's format compliance is gated.
+STRUCTURED_TASKS = ("sentiment", "ner")
 METRIC_TAG = "metric."
+REGISTER_KEY_TAG = "lmforge.register_key"  # what was registered, where: set when the version is created
+REGISTER_RUN_TAG = "lmforge.register_run_id"  # the MLflow run that logged the version's model
 
 
 class RegistryError(Exception):
@@ -48,8 +56,10 @@ def register_version(
     metrics: dict[str, float],
     lineage: dict[str, str],
     run_name: str = "register",
+    register_key: str | None = None,
 ) -> RegisteredVersion:
-    """Log a pyfunc model holding ``artifacts`` and register it as a new version.
+    """Log a pyfunc model holding ``artifacts`` and register it as a new version, or, when a version
+    carrying ``register_key`` already exists, return that one (nothing is logged again).
 
     Args:
         registry_cfg: the ``registry`` config section (MLflow must already point at the store).
@@ -59,6 +69,7 @@ def register_version(
         lineage: data version, config hash, code commit, base model + sha256, quantisation format,
             parent run ids of each stage; becomes run params and version tags.
         run_name: MLflow run name.
+        register_key: identity of this registration (e.g. the pipeline's register stage key).
     """
     import mlflow
 
@@ -69,6 +80,14 @@ def register_version(
     for key, path in artifacts.items():
         if not Path(path).is_dir() or not any(Path(path).iterdir()):
             raise RegistryError(f"artifact {key!r} at {path} is missing or empty")
+    client = mlflow.MlflowClient()
+    name = registry_cfg.model_name
+    existing = version_with_key(name, register_key) if register_key else None
+    if existing is not None:
+        log.info("%s version %s already holds this registration (key %s); not registering it again",
+                 name, existing.version, register_key)
+        run_id = existing.tags.get(REGISTER_RUN_TAG, existing.run_id or "")
+        return RegisteredVersion(name, str(existing.version), run_id, f"models:/{name}/{existing.version}")
     tags = {k: str(v) for k, v in lineage.items()}
     with mlflow.start_run(run_name=run_name, nested=mlflow.active_run() is not None) as run:
         mlflow.log_params(tags)
@@ -77,28 +96,62 @@ def register_version(
             name="model",
             python_model=LmforgeChatModel(),
             artifacts={key: str(path) for key, path in artifacts.items()},
-            registered_model_name=registry_cfg.model_name,
             # Pinned explicitly: inferring requirements would load the model in a subprocess.
             pip_requirements=["mlflow==3.17.2", "openvino-genai==2026.4.1.0", "openvino-tokenizers==2026.4.1.0"],
             tags=tags,
             # A signature with params, or MLflow drops `params={"max_new_tokens": ...}` at predict time.
             signature=mlflow.models.infer_signature(["user message"], ["completion"], params={"max_new_tokens": 64}),
         )
-    version = str(info.registered_model_version)
-    client = mlflow.MlflowClient()
-    for key, value in {**tags, **{METRIC_TAG + k: f"{v:.6g}" for k, v in metrics.items()}}.items():
-        client.set_model_version_tag(registry_cfg.model_name, version, key, value)
-    client.update_model_version(registry_cfg.model_name, version, description=_describe(metrics, tags))
-    log.info("registered %s version %s (run %s)", registry_cfg.model_name, version, run.info.run_id)
-    return RegisteredVersion(registry_cfg.model_name, version, run.info.run_id,
-                             f"models:/{registry_cfg.model_name}/{version}")
+    # Every tag, the register key included, goes into the request that creates the version: there is
+    # no moment at which a version exists that a re-run would not recognise.
+    version_tags = {**tags, **{METRIC_TAG + k: f"{v:.6g}" for k, v in metrics.items()},
+                    REGISTER_RUN_TAG: run.info.run_id, **({REGISTER_KEY_TAG: register_key} if register_key else {})}
+    created = mlflow.register_model(info.model_uri, name, tags=version_tags)
+    version = str(created.version)
+    client.update_model_version(name, version, description=_describe(metrics, tags))
+    log.info("registered %s version %s (run %s)", name, version, run.info.run_id)
+    return RegisteredVersion(name, version, run.info.run_id, f"models:/{name}/{version}")
+
+
+def version_with_key(name: str, register_key: str) -> Any | None:
+    """The version of ``name`` created with ``register_key``, or None."""
+    import mlflow
+
+    try:
+        found = mlflow.MlflowClient().search_model_versions(
+            f"name='{name}' and tags.`{REGISTER_KEY_TAG}`='{register_key}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def holds_registration(name: str, version: str, register_key: str) -> bool:
+    """Whether the registry MLflow points at has ``version`` of ``name``, created with ``register_key``
+    (a stored result from another registry, or from a version deleted since, fails this)."""
+    import mlflow
+
+    try:
+        details = mlflow.MlflowClient().get_model_version(name, str(version))
+    except mlflow.exceptions.MlflowException:
+        return False
+    return details.tags.get(REGISTER_KEY_TAG) == register_key
+
+
+def register_and_gate(registry_cfg: RegistryConfig, artifacts: dict[str, Path], metrics: dict[str, float],
+                      lineage: dict[str, str], register_key: str, size_mb: float | None = None,
+                      latency_ms: float | None = None, run_name: str = "register") -> RegisteredVersion:
+    """Register (or find the version already registered under ``register_key``) and apply the gates."""
+    version = register_version(registry_cfg, artifacts, metrics, lineage, run_name, register_key)
+    gated = gate_version(registry_cfg, version.version, size_mb, latency_ms)
+    return replace(version, aliases=gated.aliases, gate_reasons=gated.gate_reasons)
 
 
 @task(name="register-model")
 def register_task(registry_cfg: RegistryConfig, artifacts: dict[str, Path], metrics: dict[str, float],
-                  lineage: dict[str, str], run_name: str = "register") -> RegisteredVersion:
-    """Prefect wrapper of :func:`register_version`."""
-    return register_version(registry_cfg, artifacts, metrics, lineage, run_name)
+                  lineage: dict[str, str], register_key: str, size_mb: float | None = None,
+                  latency_ms: float | None = None, run_name: str = "register") -> RegisteredVersion:
+    """Prefect wrapper of :func:`register_and_gate`."""
+    return register_and_gate(registry_cfg, artifacts, metrics, lineage, register_key, size_mb, latency_ms, run_name)
 
 
 def check_gates(
@@ -108,30 +161,70 @@ def check_gates(
     size_mb: float | None = None,
     latency_ms: float | None = None,
 ) -> list[str]:
-    """Reasons a candidate fails the promotion gates (empty list = passes).
+    """Reasons a candidate fails the promotion gates (empty list = passes). Fails closed: a metric one
+    side of the champion comparison lacks, a structured task's format compliance that was not
+    measured, and a configured size/latency gate without a measurement are reasons, never skipped.
 
     Metric drops are compared in points (1 point = 0.01 of a 0..1 metric).
     """
     reasons = []
     if champion_metrics:
         for name in TASK_METRICS:
-            if name in metrics and name in champion_metrics:
-                drop = 100 * (champion_metrics[name] - metrics[name])
-                if drop > gates.max_metric_drop:
-                    reasons.append(
-                        f"{name} {metrics[name]:.4f} is {drop:.1f} points below champion "
-                        f"{champion_metrics[name]:.4f} (allowed {gates.max_metric_drop})"
-                    )
-    compliance = metrics.get("format_compliance")
-    if compliance is None:
-        reasons.append("format_compliance was not measured")
-    elif compliance < gates.min_format_compliance:
-        reasons.append(f"format_compliance {compliance:.3f} < {gates.min_format_compliance}")
-    if gates.max_size_mb is not None and size_mb is not None and size_mb > gates.max_size_mb:
-        reasons.append(f"size {size_mb:.1f} MB > {gates.max_size_mb} MB")
-    if gates.max_latency_ms is not None and latency_ms is not None and latency_ms > gates.max_latency_ms:
-        reasons.append(f"latency {latency_ms:.0f} ms > {gates.max_latency_ms} ms")
+            ours, theirs = metrics.get(name), champion_metrics.get(name)
+            if ours is None and theirs is None:
+                continue  # neither side evaluated this task: nothing to compare
+            if ours is None or theirs is None:
+                missing, other = ("this version", "the champion") if ours is None else ("the champion", "this version")
+                present = ours if theirs is None else theirs
+                reasons.append(f"{name} is missing on {missing} ({other} has {present:.4f}): "
+                               "cannot compare against the champion")
+                continue
+            drop = 100 * (theirs - ours)
+            if drop > gates.max_metric_drop:
+                reasons.append(f"{name} {ours:.4f} is {drop:.1f} points below champion {theirs:.4f} "
+                               f"(allowed {gates.max_metric_drop})")
+    reasons += _compliance_reasons(metrics, gates.min_format_compliance)
+    if gates.max_size_mb is not None:
+        if size_mb is None:
+            reasons.append(f"max_size_mb is {gates.max_size_mb} but the size was not measured")
+        elif size_mb > gates.max_size_mb:
+            reasons.append(f"size {size_mb:.1f} MB (measured IR) > {gates.max_size_mb} MB")
+    if gates.max_latency_ms is not None:
+        if latency_ms is None:
+            reasons.append(f"max_latency_ms is {gates.max_latency_ms} but the latency was not measured")
+        elif latency_ms > gates.max_latency_ms:
+            reasons.append(f"P95 latency {latency_ms:.0f} ms (measured) > {gates.max_latency_ms} ms")
     return reasons
+
+
+def _compliance_reasons(metrics: dict[str, float], minimum: float) -> list[str]:
+    """Each structured task's own format compliance: an average over all tasks would let free-text
+    tasks (always well-formed) hide a sentiment or NER format that does not parse."""
+    reasons, measured = [], 0
+    for task_name in STRUCTURED_TASKS:
+        name = f"format_compliance_{task_name}"
+        value = metrics.get(name)
+        if value is None:
+            if metrics.get(f"n_{task_name}") == 0:
+                continue  # the evaluation set has no examples of this task
+            reasons.append(f"{name} was not measured")
+        elif value < minimum:
+            reasons.append(f"{name} {value:.3f} < {minimum}")
+        measured += value is not None
+    if not measured and not reasons:
+        reasons.append(f"no structured task ({', '.join(STRUCTURED_TASKS)}) was evaluated: format compliance "
+                       "was not measured")
+    return reasons
+
+
+def gate_inputs(row: dict[str, Any]) -> dict[str, Any]:
+    """What the size and latency gates compare, from the selected variant's quantize report row: the
+    measured IR size (``ir_bytes``) and the probe's P95 single-request latency; None when not measured."""
+    ir_bytes = row.get("ir_bytes")
+    return {"size_mb": ir_bytes / 1e6 if isinstance(ir_bytes, (int, float)) else None,
+            "latency_ms": row.get("latency_p95_ms"),
+            "measured": {"variant": row.get("variant"), "size": "ir_bytes: openvino_model.xml + .bin",
+                         "latency": row.get("latency_measured")}}
 
 
 def gate_version(registry_cfg: RegistryConfig, version: str, size_mb: float | None = None,
@@ -148,6 +241,8 @@ def gate_version(registry_cfg: RegistryConfig, version: str, size_mb: float | No
     reasons = check_gates(candidate, champion_metrics, registry_cfg.gates, size_mb, latency_ms)
     client.set_model_version_tag(name, version, "gate_status", "failed" if reasons else "passed")
     client.set_model_version_tag(name, version, "gate_reasons", json.dumps(reasons))
+    client.set_model_version_tag(name, version, "gate_inputs",
+                                 json.dumps({"size_mb": size_mb, "latency_ms": latency_ms}))
     result = RegisteredVersion(name, version, "", f"models:/{name}/{version}", gate_reasons=reasons)
     if reasons:
         log.warning("version %s failed the promotion gates: %s", version, "; ".join(reasons))
@@ -215,6 +310,11 @@ def aliases(name: str) -> dict[str, str]:
         return {alias: str(v) for alias, v in mlflow.MlflowClient().get_registered_model(name).aliases.items()}
     except mlflow.exceptions.MlflowException:
         return {}
+
+
+def version_aliases(name: str, version: str) -> list[str]:
+    """The aliases pointing at ``version`` now, sorted."""
+    return sorted(alias for alias, v in aliases(name).items() if v == str(version))
 
 
 def version_metrics(name: str, version: str) -> dict[str, float]:

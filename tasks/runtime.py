@@ -3,7 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
+
+
+def torch_device(choice: str = "auto") -> str:
+    """The torch device a config asks for: ``cpu``; ``gpu``/``cuda`` = this process's GPU
+    (``cuda:<LOCAL_RANK>``, so each DDP rank gets its own); ``auto`` = a GPU when torch sees one."""
+    if choice == "cpu":
+        return "cpu"
+    if choice == "auto":
+        import torch
+
+        if not torch.cuda.is_available():
+            return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
 
 
 @contextlib.contextmanager
@@ -20,13 +34,6 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def torch_device() -> str:
-    """``cuda`` when torch sees a GPU, else ``cpu`` (never hard-code the CPU: configs/gpu.yaml runs on CUDA)."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def bf16_fast(device: str | None = None) -> bool:
     """Whether bfloat16 matmuls run natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX.
 
@@ -36,7 +43,7 @@ def bf16_fast(device: str | None = None) -> bool:
     import torch
 
     device = device or torch_device()
-    if device == "cuda":
+    if device.startswith("cuda"):
         return bool(torch.cuda.is_bf16_supported())
     cpu = getattr(torch, "cpu", None)
     checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]

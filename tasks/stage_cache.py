@@ -1,8 +1,11 @@
 """Content-addressed results of pipeline stages, so a re-run resumes at the stage that failed.
 
 Each stage's result is stored under ``<home>/pipeline/cache/<stage>-<key>.json`` where ``key``
-hashes everything the stage's output depends on (config section, upstream versions, code
-recipe). A stored result is reused only while every path it names still exists.
+hashes everything the stage's output depends on: its config sections, the keys of the stages it
+builds on, and the hash of the source files that compute it (:mod:`tasks.code_hash`). A stored
+result is reused only while every path it names still exists (and ``still_valid`` agrees). Each
+result records the git commit and code hash it was computed with, so lineage names the code that
+made an artefact, not the code that happened to be checked out when it was reused.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.files import atomic_write_text
+from tasks.tracking import code_commit
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +31,8 @@ def stage_key(stage: str, inputs: dict[str, Any]) -> str:
 
 
 def cached_stage(home: Path, stage: str, inputs: dict[str, Any], run: Callable[[], dict[str, Any]],
-                 path_keys: tuple[str, ...] = ()) -> tuple[dict[str, Any], bool]:
+                 path_keys: tuple[str, ...] = (),
+                 still_valid: Callable[[dict[str, Any]], bool] | None = None) -> tuple[dict[str, Any], bool]:
     """Return the stored result for these inputs, or run the stage and store its result.
 
     Args:
@@ -36,21 +41,28 @@ def cached_stage(home: Path, stage: str, inputs: dict[str, Any], run: Callable[[
         inputs: everything the result depends on (JSON-serialisable, ``str()`` used otherwise).
         run: computes the result (a JSON-serialisable dict).
         path_keys: result keys holding paths that must still exist for the result to be reused.
+        still_valid: a further check of a stored result (e.g. that a registered version still
+            exists in the registry); False means run the stage again.
 
     Returns:
-        (result, reused)
+        (result, reused); the result carries ``code_commit`` and ``code_hash`` (``inputs["code"]``)
+        of the run that computed it.
     """
     key = stage_key(stage, inputs)
     file = Path(home) / "pipeline" / "cache" / f"{stage}-{key}.json"
     stored = _read(file)
     if stored is not None and all(stored.get(k) and Path(stored[k]).exists() for k in path_keys):
-        log.info("stage %s: reusing result %s (inputs unchanged)", stage, key)
-        _progress(home, stage, "reused", key)
-        return stored, True
+        if still_valid is None or still_valid(stored):
+            log.info("stage %s: reusing result %s (inputs unchanged)", stage, key)
+            _progress(home, stage, "reused", key)
+            return stored, True
+        log.info("stage %s: stored result %s is no longer valid; running again", stage, key)
     _progress(home, stage, "running", key)
     started = time.perf_counter()
+    commit = code_commit()  # before running: the code this process loads for the stage
     result = run()
     result = json.loads(json.dumps(result, default=str))
+    result["code_commit"], result["code_hash"] = commit, inputs.get("code")
     result["stage_seconds"] = round(time.perf_counter() - started, 1)
     _write_atomic(file, result)
     _progress(home, stage, "done", key)

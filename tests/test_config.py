@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from configs.schema import PRESETS_DIR, ConfigError, LmforgeConfig, load
+from configs.schema import PRESETS_DIR, ConfigError, load
 
 PRESETS = sorted(PRESETS_DIR.glob("*.yaml"))
 
@@ -30,11 +31,32 @@ def test_the_three_required_presets_exist():
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_every_preset_loads(preset):
+    """Every value the preset file sets is the value the loaded config holds (nothing dropped or renamed)."""
     cfg = load(preset)
-    assert isinstance(cfg, LmforgeConfig)
     assert cfg.name == preset.stem
+    loaded = cfg.model_dump(mode="json")
+    leaves = list(_leaves(yaml.safe_load(preset.read_text())))
+    assert len(leaves) > 3
+    for path, value in leaves:
+        got = loaded
+        for key in path:
+            got = got[key]
+        where = f"{preset.name}: {'.'.join(map(str, path))}"
+        assert got == value, f"{where} is {got!r} after loading, the file says {value!r}"
     # Each preset starts with a comment giving the command that runs it (torchtune style).
     assert preset.read_text().startswith("#")
+
+
+def _leaves(node, path=()):
+    """(path, value) of every scalar in a parsed YAML tree."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, (*path, key))
+    elif isinstance(node, list) and any(isinstance(item, (dict, list)) for item in node):
+        for index, item in enumerate(node):
+            yield from _leaves(item, (*path, index))
+    else:
+        yield path, node
 
 
 def test_preset_by_name_and_values_from_yaml():

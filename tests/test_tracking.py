@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
+import pytest
 from mlflow import MlflowClient
 
 from tasks.tracking import DATA_VERSION_TAG, STAGE_TAG, create_run, flat_params, is_metric, mark_failed
@@ -46,3 +48,51 @@ def test_mark_failed_ends_the_run_and_never_raises(tmp_path, mlflow_uri, caplog)
 def test_is_metric_takes_finite_numbers_only():
     assert is_metric(1) and is_metric(0.5) and is_metric(-3)
     assert not any(is_metric(v) for v in (True, math.nan, math.inf, "1", None, [1]))
+
+
+def test_ui_stopped_with_sigterm_leaves_no_mlflow_server_or_workers(tmp_path):
+    """`lmforge ui` runs `mlflow server` (a web server with worker processes); a SIGTERM to lmforge
+    must stop all of them, as a service manager or `kill` would expect."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import psutil
+
+    from tests.conftest import REPO
+    from tests.serving_helpers import free_port
+
+    port = free_port()
+    env = {**os.environ, "LMFORGE_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "-c", "tiny", "--port", str(port)], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    descendants: list[psutil.Process] = []
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            assert proc.poll() is None, f"lmforge ui exited with {proc.returncode}"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the MLflow UI never answered")
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+        assert len(descendants) >= 2, f"expected the server and its workers: {descendants}"
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        _, alive = psutil.wait_procs(descendants, timeout=15)
+        assert alive == [], f"still running after lmforge ui got SIGTERM: {[p.cmdline() for p in alive]}"
+        assert code == 128 + signal.SIGTERM
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+    finally:
+        for child in [*descendants, psutil.Process(proc.pid)] if proc.poll() is None else descendants:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        proc.wait(timeout=30)

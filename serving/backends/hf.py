@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.backends.base import BackendError, BackendInputError, Chunk, SamplingParams, StopMatcher
+from serving.imports import import_names
 
 
 class HFBackend:
@@ -38,7 +39,9 @@ class HFBackend:
 
     def _load_sync(self, model_dir: Path) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        names = import_names("transformers", "AutoModelForCausalLM", "AutoTokenizer")
+        AutoModelForCausalLM, AutoTokenizer = names  # noqa: N806 - the classes, as imported
 
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -62,8 +65,8 @@ class HFBackend:
 
     async def generate(self, prompt: str, params: SamplingParams) -> AsyncIterator[Chunk]:
         import torch
-        from transformers import TextIteratorStreamer
 
+        (TextIteratorStreamer,) = import_names("transformers", "TextIteratorStreamer")  # noqa: N806
         if self._model is None:
             raise BackendError("backend is not loaded")
         if params.adapter:

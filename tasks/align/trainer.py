@@ -24,6 +24,7 @@ from configs.schema import AlignConfig, AlignStageConfig
 from tasks.align.data import prompt_rows, rows_needed, stage_tasks
 from tasks.files import atomic_write_text, swap_into_place
 from tasks.rewards import WeightSchedule, build_reward_funcs
+from tasks.runtime import torch_device
 from tasks.tracking import is_metric
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,9 @@ class AlignModelError(ValueError):
 
 
 # --------------------------------------------------------------------------- policy
-def load_policy(model_dir: Path, adapter_dir: Path, method: str):
-    """The base (NF4 4-bit for ``qlora``, fp32 for ``lora``) with ``adapter_dir`` as the trainable adapter.
+def load_policy(model_dir: Path, adapter_dir: Path, method: str, device: str = "cpu"):
+    """The base (NF4 4-bit for ``qlora``, quantised on ``device``; fp32 for ``lora``) with ``adapter_dir``
+    as the trainable adapter.
 
     Raises:
         AlignModelError: missing model or adapter directory.
@@ -51,7 +53,7 @@ def load_policy(model_dir: Path, adapter_dir: Path, method: str):
     if not (adapter_dir / "adapter_config.json").is_file():
         raise AlignModelError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
     try:
-        base = load_base(Path(model_dir), method)
+        base = load_base(Path(model_dir), method, device)
     except SFTModelError as err:
         raise AlignModelError(str(err)) from None
     for param in base.parameters():
@@ -112,9 +114,9 @@ def grpo_args(cfg: AlignConfig, stage: AlignStageConfig, out_dir: Path):
         generation_kwargs={"use_cache": True},
         disable_dropout=True,  # dropout would make the policy and reference log-probs disagree by noise
         gradient_checkpointing=cfg.gradient_checkpointing,
-        bf16=False,
+        bf16=cfg.bf16,
         fp16=False,
-        use_cpu=True,
+        use_cpu=torch_device(cfg.accelerator) == "cpu",
         logging_steps=1,
         save_strategy="no",
         report_to=[],
@@ -221,7 +223,7 @@ def run_stage(
     schedule = WeightSchedule.from_config(stage, cfg)
     funcs = build_reward_funcs(list(stage.reward_weights), cfg, judge=judge, schedule=schedule)
     callback = _trainer_callback_class()(schedule, stage_index, stage.name, step_offset, sink)
-    policy = load_policy(model_dir, adapter_in, method)
+    policy = load_policy(model_dir, adapter_in, method, torch_device(cfg.accelerator))
     work = Path(adapter_out).parent / "trainer"
     trainer = GRPOTrainer(
         model=policy, reward_funcs=funcs, args=grpo_args(cfg, stage, work),

@@ -1,4 +1,5 @@
-"""Measure one IR variant in a fresh process: peak RSS when loaded, a chat answer, tokens/s.
+"""Measure one IR variant in a fresh process: peak RSS when loaded, a chat answer, tokens/s, and the
+P50/P95 latency of single requests (what the registry's ``max_latency_ms`` gate compares).
 
 Run as ``python -m tasks.quantize.probe IR_DIR --concurrency 1 8 ...``; prints one JSON object on
 the last line of stdout. A separate process is the only honest way to get the memory a model costs
@@ -32,8 +33,11 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(ir_dir: Path, concurrency: list[int], max_new_tokens: int, cache_gb: float, adapter: Path | None) -> dict:
-    """Load, answer one chat prompt, then time greedy generation at each concurrency level."""
+def measure(ir_dir: Path, concurrency: list[int], max_new_tokens: int, cache_gb: float, adapter: Path | None,
+            latency_requests: int = 20) -> dict:
+    """Load, answer one chat prompt, time greedy generation at each concurrency level, then time
+    ``latency_requests`` single requests one after another (concurrency 1) for P50/P95 latency."""
+    import numpy as np
     import openvino_genai as og
 
     baseline = _rss_mb()
@@ -71,6 +75,12 @@ def measure(ir_dir: Path, concurrency: list[int], max_new_tokens: int, cache_gb:
         elapsed = time.perf_counter() - started
         generated = sum(len(r.m_generation_ids[0]) for r in results)
         tokens_per_s[str(n)] = round(generated / elapsed, 2)
+    latencies_ms = []
+    for i in range(latency_requests):
+        started = time.perf_counter()
+        cb.generate([prompts[i % len(prompts)]], [bench])
+        latencies_ms.append((time.perf_counter() - started) * 1000)
+    lengths = [int(prompt.get_shape()[-1]) for prompt in prompts[:latency_requests]]
     return {
         "baseline_rss_mb": round(baseline, 1),
         "peak_rss_mb": round(peak_loaded, 1),
@@ -78,6 +88,12 @@ def measure(ir_dir: Path, concurrency: list[int], max_new_tokens: int, cache_gb:
         "load_seconds": round(load_seconds, 2),
         "chat_answer": answer_text,
         "tokens_per_s": tokens_per_s,
+        "latency_p50_ms": round(float(np.percentile(latencies_ms, 50)), 2),
+        "latency_p95_ms": round(float(np.percentile(latencies_ms, 95)), 2),
+        "latency_measured": (f"{latency_requests} single requests one after another (concurrency 1) to "
+                             f"ContinuousBatchingPipeline on CPU after warm-up, {max_new_tokens} new tokens each "
+                             f"(ignore_eos), prompts of {min(lengths)}-{max(lengths)} tokens; "
+                             "wall time of each generate call, no HTTP"),
     }
 
 
@@ -88,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--cache-gb", type=float, default=1.0)
     parser.add_argument("--adapter", type=Path, default=None)
+    parser.add_argument("--latency-requests", type=int, default=20)
     args = parser.parse_args(argv)
-    result = measure(args.ir_dir, args.concurrency, args.max_new_tokens, args.cache_gb, args.adapter)
+    result = measure(args.ir_dir, args.concurrency, args.max_new_tokens, args.cache_gb, args.adapter,
+                     args.latency_requests)
     sys.stdout.write("\n" + json.dumps(result) + "\n")
     return 0
 

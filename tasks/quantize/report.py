@@ -23,10 +23,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # --------------------------------------------------------------------------- measuring
 def probe_variant(ir_dir: Path, cfg: QuantizeConfig, adapter: Path | None = None,
                   timeout_s: float = 900) -> dict[str, Any]:
-    """Peak RSS, load time, a chat answer and tokens/s of one IR, measured in a fresh subprocess."""
+    """Peak RSS, load time, a chat answer, tokens/s and single-request latency (P50/P95) of one IR,
+    measured in a fresh subprocess."""
     command = [sys.executable, "-m", "tasks.quantize.probe", str(ir_dir),
                "--max-new-tokens", str(cfg.bench_max_new_tokens), "--cache-gb", str(cfg.bench_cache_gb),
-               "--concurrency", *map(str, cfg.bench_concurrency)]
+               "--latency-requests", str(cfg.bench_latency_requests), "--concurrency", *map(str, cfg.bench_concurrency)]
     if adapter:
         command += ["--adapter", str(adapter)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}

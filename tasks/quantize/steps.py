@@ -1,7 +1,8 @@
 """The quantize stage as plain steps (tests call these) plus thin Prefect task wrappers (the flow wires those).
 
 Layout: ``<home>/exports/<export_id>/<variant>/`` where ``export_id`` hashes everything that decides
-the artefacts (base weights, adapter, the artefact-relevant quantize settings, calibration texts).
+the artefacts (base weights, adapter, the artefact-relevant quantize settings, calibration texts and
+the hash of the quantize stage's source files, so a code change never reuses an old export).
 Re-running with the same inputs reuses every complete variant and rebuilds only missing ones, so an
 interrupted run resumes where it stopped.
 """
@@ -22,6 +23,7 @@ from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from configs.schema import EvaluateConfig, QuantizeConfig
+from tasks.code_hash import stage_code_hash
 from tasks.files import atomic_write_text, read_pointer, sha256_dir, write_pointer
 from tasks.quantize.validate import AdapterError, AdapterInfo, validate_adapter
 from tasks.quantize.variants import (
@@ -85,6 +87,7 @@ def plan_export(home: Path, base_dir: Path, adapter_dir: Path, cfg: QuantizeConf
     digest.update(info.sha256.encode())
     digest.update(json.dumps({k: getattr(cfg, k) for k in _ARTEFACT_FIELDS}, sort_keys=True).encode())
     digest.update(json.dumps(calibration_texts(samples, cfg)).encode())
+    digest.update(stage_code_hash("quantize").encode())
     inputs = digest.hexdigest()
     root = Path(home) / "exports" / inputs[:12]
     sweep_stale(root)
@@ -255,21 +258,26 @@ def curated_inputs(home: Path, version: str | None) -> tuple[list[tuple[str, str
 
 
 def resolve_adapter(home: Path, adapter: Path | None) -> Path:
-    """The adapter to export: the given path, else the newest SFT run's ``adapter/`` (``runs/sft/LATEST``)."""
+    """The adapter to export: the given path, else the newest aligned adapter (``runs/align/LATEST``,
+    which names finished runs only), else the newest SFT run's ``adapter/`` (``runs/sft/LATEST``)."""
     if adapter is not None:
         return Path(adapter)
-    latest = Path(home) / "runs" / "sft" / "LATEST"
-    name = read_pointer(latest)
-    if name is not None:
+    for stage, what in (("align", "alignment"), ("sft", "fine-tuning")):
+        latest = Path(home) / "runs" / stage / "LATEST"
+        name = read_pointer(latest)
+        if name is None:
+            continue
         run = Path(name) if Path(name).is_absolute() else latest.parent / name
         if (run / "adapter").is_dir():
+            log.info("no adapter given: using the newest %s run's, %s", what, run / "adapter")
             return run / "adapter"
         if (run / "adapter_config.json").is_file():
             return run
-        raise AdapterError(f"the newest fine-tuning run {run} has no adapter/ yet (still training, or it failed); "
+        raise AdapterError(f"the newest {what} run {run} has no adapter/ yet (still training, or it failed); "
                            "wait for it, or pass --adapter PATH")
-    raise AdapterError(f"no adapter given and no fine-tuning run found ({latest} is missing); "
-                       "run `lmforge finetune` first or pass --adapter PATH")
+    runs = Path(home) / "runs"
+    raise AdapterError(f"no adapter given and no fine-tuning run found (neither {runs / 'align' / 'LATEST'} "
+                       f"nor {runs / 'sft' / 'LATEST'} exists); run `lmforge finetune` first or pass --adapter PATH")
 
 
 # --------------------------------------------------------------------------- helpers

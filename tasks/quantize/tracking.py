@@ -45,7 +45,7 @@ def log_export(summary: dict[str, Any], tracking_uri: str, experiment: str, arti
             name = row["variant"]
             values = {"ir_mb": (row.get("ir_bytes") or 0) / 1e6 or None, "dir_mb": (row.get("dir_bytes") or 0) / 1e6,
                       "peak_rss_mb": row.get("peak_rss_mb"), "model_rss_mb": row.get("model_rss_mb")}
-            values |= {k: v for k, v in row.items() if k.startswith("tok_s_")}
+            values |= {k: v for k, v in row.items() if k.startswith(("tok_s_", "latency_p"))}
             values |= {k: v for k, v in row.get("metrics", {}).items() if isinstance(v, (int, float))}
             values["latency_ms_p95"] = row.get("latency_ms_p95")
             # The paired intervals vs fp32 the selection was made on: <variant>.<task>.diff / .low / .high / .drop_ub

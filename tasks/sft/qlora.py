@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from configs.schema import SFTConfig
+from tasks.runtime import torch_device
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,9 @@ def check_target_modules(model, targets: list[str]) -> None:
         )
 
 
-def load_base(model_dir: Path, method: str, compute_dtype: str = "float32"):
-    """Load the frozen base model: NF4 + double quantisation for 'qlora', fp32 for 'lora'.
+def load_base(model_dir: Path, method: str, device: str = "cpu", compute_dtype: str = "float32"):
+    """Load the frozen base model: NF4 + double quantisation for 'qlora' (quantised on ``device``),
+    fp32 for 'lora' (the trainer moves it).
 
     ``compute_dtype`` is what the NF4 weights are dequantised to for each matmul ('bfloat16' where
     bf16 is native, see :func:`tasks.runtime.bf16_fast`).
@@ -69,7 +71,7 @@ def load_base(model_dir: Path, method: str, compute_dtype: str = "float32"):
             # The LM head is tied to the embeddings; quantising it would untie and duplicate it.
             llm_int8_skip_modules=["lm_head"],
         )
-        kwargs["device_map"] = "cpu"
+        kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     model.config.use_cache = False  # no KV cache while training
     return model
@@ -90,7 +92,7 @@ def build_peft_model(model_dir: Path, cfg: SFTConfig, gradient_checkpointing: bo
     """
     from peft import LoraConfig, get_peft_model
 
-    base = load_base(model_dir, cfg.method, compute_dtype)
+    base = load_base(model_dir, cfg.method, torch_device(cfg.accelerator), compute_dtype)
     check_target_modules(base, cfg.target_modules)
     for param in base.parameters():
         param.requires_grad_(False)
