@@ -116,7 +116,7 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
           max_new_tokens=96, rpc_method="extract_entities", labels=["PER", "ORG", "LOC", "MISC"],
           label_words={"PER": "person", "ORG": "organization", "LOC": "location", "MISC": "other"}),
     _spec("summarization", "text", "Summarize the dialogue in one or two sentences.",
-          ["{input}"],
+          ["{input}", "Dialogue:\n{input}"],
           max_new_tokens=80, rpc_method="summarize", max_words=60),
     _spec("generation", "text", "Write the next line of the conversation.",
           ["{input}", "Continue this dialogue with one short reply.\n{input}"],

@@ -118,7 +118,7 @@ class Judge:
                 self.stats["failures"] += 1
         self._down_until = time.monotonic() + self.cfg.cooldown_s
         log.warning(
-            "judge %s (model %s) failed %d time(s): %s; using the rule-based instruction score for %d "
+            "judge %s (model %s) failed %d time(s): %s; using the rule-based format score for %d "
             "completion(s) and skipping the judge for %.0fs",
             self.cfg.url, self.cfg.model, self.cfg.retries + 1, _short(error), len(completions), self.cfg.cooldown_s,
         )

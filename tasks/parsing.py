@@ -66,12 +66,12 @@ def parse_completion(task: str | TaskSpec, text: str | None) -> tuple[Any, bool]
         UnknownTaskError: ``task`` is not in the registry.
     """
     spec = spec_of(task)
-    text = "" if text is None else _TEMPLATE_TOKENS.sub("", str(text))
+    text = "" if text is None else str(text)
     if spec.output == "label":
         return _parse_label(spec, text)
     if spec.output == "entities":
         return _parse_entities(spec, text)
-    cleaned = text.strip()
+    cleaned = _TEMPLATE_TOKENS.sub("", text).strip()
     return cleaned, bool(cleaned)
 
 
@@ -115,7 +115,7 @@ def _parse_label(spec: TaskSpec, text: str) -> tuple[str | None, bool]:
     if stripped in labels:
         return labels[stripped], True
     prefix = re.compile(rf"^\s*(?:{re.escape(spec.name)}|label|answer)\s*[:=\-]\s*", re.IGNORECASE)
-    candidate = prefix.sub("", text, count=1).strip(_EDGE_NOISE).lower()
+    candidate = prefix.sub("", _TEMPLATE_TOKENS.sub("", text), count=1).strip(_EDGE_NOISE).lower()
     if candidate in labels:
         return labels[candidate], False
     return None, False
