@@ -501,6 +501,10 @@ class ServeConfig(Section):
     """Extra arguments for the managed vLLM server."""
     vllm_startup_timeout_s: float = Field(300.0, gt=0)
     """How long a managed vLLM server may take to become ready."""
+    database_url: str | None = Field(None, exclude=True)
+    """State shared by replicas (API keys, rate-limit buckets, request log, feedback), as a SQLAlchemy URL
+    (postgresql+psycopg://user@host/db); None = SQLite files under <home>/serving. Set it with
+    LMFORGE_DATABASE_URL so a password never sits in YAML; excluded from dumps and fingerprints."""
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:
@@ -607,6 +611,11 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
     # Precedence for the state directory: explicit override > LMFORGE_HOME > preset > default.
     if os.environ.get("LMFORGE_HOME") and not any(o.startswith("home=") for o in overrides or []):
         raw["home"] = os.environ["LMFORGE_HOME"]
+    # The shared state database's URL usually carries a password: it comes from the environment.
+    if os.environ.get("LMFORGE_DATABASE_URL") and not any(o.startswith("serve.database_url=") for o in overrides or []):
+        serve = raw.setdefault("serve", {})
+        if isinstance(serve, dict):
+            serve["database_url"] = os.environ["LMFORGE_DATABASE_URL"]
     try:
         return LmforgeConfig.model_validate(raw)
     except ValidationError as err:

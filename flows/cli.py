@@ -108,5 +108,6 @@ else:
 
     # Imported last, as each command module imports the shared pieces above and registers its
     # commands on `app`; `lmforge --help` lists them in this order.
-    for _module in ("stage_commands", "serving_commands", "pipeline_commands", "registry_commands", "models_commands"):
+    for _module in ("stage_commands", "serving_commands", "pipeline_commands", "registry_commands", "models_commands",
+                    "stack_commands"):
         importlib.import_module(f"flows.{_module}")

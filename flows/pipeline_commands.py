@@ -37,6 +37,7 @@ def run_cmd(
 
 def _serve_after_run(cfg, registered: dict, config: str | None, overrides: list[str]) -> None:
     from serving.auth import KeyStore
+    from serving.db import state_locations
 
     # Asked of the registry, not the run's (possibly reused) result: aliases move after registration.
     if not _any_champion(cfg):
@@ -45,7 +46,7 @@ def _serve_after_run(cfg, registered: dict, config: str | None, overrides: list[
         fail(f"{registered['name']} v{registered['version']} {why}; see the report above, or "
              f"`lmforge promote {registered['version']}{' --force' if registered.get('gate_reasons') else ''}`")
     if cfg.serve.auth:
-        store = KeyStore(cfg.home / "serving" / "keys.sqlite")
+        store = KeyStore(state_locations(cfg.serve.database_url, cfg.home)[0])
         if not any(k.revoked_at is None for k in store.list()):
             # A first run has no keys yet: make one so the gateway is usable right away (shown once).
             key, record = store.add("make-run", admin=True)
@@ -74,19 +75,22 @@ def deploy_cmd(
     cron: Annotated[str, typer.Option("--cron", help='Cron schedule, e.g. "0 2 * * *" (02:00 daily).')],
     name: Annotated[str, typer.Option("--name", help="Deployment name.")] = "nightly",
     stage: Annotated[str, typer.Option("--stage", help="What to run: pipeline or curate.")] = "pipeline",
+    pool: Annotated[str, typer.Option("--pool", help="Process work pool (created when missing).")] = "lmforge",
     config: ConfigOption = None,
     overrides: Overrides = None,
 ) -> None:
-    """Register the pipeline as a Prefect deployment with a cron schedule and serve it.
+    """Register the pipeline as a cron deployment on a Prefect server's process work pool.
 
-    This process stays up and executes scheduled runs, and runs started from the Prefect UI or
-    `prefect deployment run 'scheduled-pipeline/NAME'`. Set PREFECT_API_URL to use a real server.
+    Needs PREFECT_API_URL pointing at a real Prefect server (its scheduler creates the runs) and a
+    worker of the pool to execute them: `prefect worker start --pool lmforge --type process`
+    (`lmforge stack up` starts both). Runs can also be started from the Prefect UI or with
+    `prefect deployment run 'scheduled-pipeline/NAME'`.
     """
     from datetime import datetime
 
     from cronsim import CronSim, CronSimError  # the cron parser Prefect itself uses
 
-    from flows.deploy import build_deployment
+    from flows.deploy import NoPrefectServer, deploy_scheduled, prefect_api_url
 
     if stage not in ("pipeline", "curate"):
         fail(f"--stage must be 'pipeline' or 'curate', got {stage!r}", code=2)
@@ -95,9 +99,14 @@ def deploy_cmd(
     except CronSimError:
         fail(f"--cron {cron!r} is not a valid cron expression (e.g. '0 2 * * *')", code=2)
     load_or_exit(config, overrides)  # a bad config fails now, not at 02:00
+    try:
+        prefect_api_url()
+    except NoPrefectServer as err:
+        fail(str(err), code=2)
     config_path = str(Path(config).resolve()) if config and Path(config).exists() else config
-    deployment = build_deployment(name, cron, config_path, list(overrides or []), stage)  # type: ignore[arg-type]
-    from prefect import serve
-
-    console.print(f"serving deployment scheduled-pipeline/{name} on cron {cron!r}; Ctrl-C to stop")
-    serve(deployment)
+    try:
+        deployment_id = deploy_scheduled(name, cron, config_path, list(overrides or []), stage, pool)  # type: ignore[arg-type]
+    except NoPrefectServer as err:
+        fail(str(err))
+    console.print(f"deployment scheduled-pipeline/{name} ({deployment_id}) on cron {cron!r}, work pool {pool!r}; "
+                  f"runs execute on its workers: prefect worker start --pool {pool} --type process")

@@ -41,16 +41,17 @@ def keys_cmd(
     burst: Annotated[int | None, typer.Option(help="Bucket size for a new key (default: serve config).")] = None,
     admin: Annotated[bool, typer.Option(help="May use the /admin API.")] = False,
 ) -> None:
-    """Manage gateway API keys (stored hashed in <home>/serving/keys.sqlite).
+    """Manage gateway API keys (stored hashed in <home>/serving/keys.sqlite, or LMFORGE_DATABASE_URL's database).
 
     lmforge keys add alice [--priority high] [--rate 120] [--admin]; lmforge keys revoke <id|name>; lmforge keys list
     """
     import time
 
     from serving.auth import KeyStore
+    from serving.db import state_locations
 
     cfg = load_or_exit(config, None)
-    store = KeyStore(cfg.home / "serving" / "keys.sqlite")
+    store = KeyStore(state_locations(cfg.serve.database_url, cfg.home)[0])
     if action == "add":
         if not target:
             fail("keys add needs a name: lmforge keys add <name>", code=2)
@@ -90,13 +91,14 @@ def ab_cmd(
     Success = feedback score > 0. Each variant is compared with the reference by a two-proportion
     z-test (Fisher's exact test when a cell has < 5), plus Mann-Whitney U on the raw scores.
     """
+    from serving.db import state_locations
     from serving.feedback import ab_report
 
     if action != "report":
         fail(f"unknown action {action!r}: use report", code=2)
     cfg = load_or_exit(config, None)
-    db = cfg.home / "serving" / "feedback.sqlite"
-    if not db.is_file():
+    db = state_locations(cfg.serve.database_url, cfg.home)[1]
+    if not cfg.serve.database_url and not db.is_file():
         fail(f"no feedback database at {db}: serve traffic and POST /v1/feedback first")
     report = ab_report(db, reference)
     if as_json:

@@ -1,4 +1,4 @@
-"""Durable request log and feedback (SQLite, WAL), and the per-variant A/B report.
+"""Durable request log and feedback (the state database, serving/db.py), and the per-variant A/B report.
 
 Every served response is logged (id, variant, model version, user) so ``POST /v1/feedback`` can
 attach a score to it later and the report can group outcomes by variant. Request rows are
@@ -15,43 +15,43 @@ on the raw scores is reported beside it for graded feedback.
 from __future__ import annotations
 
 import math
-import sqlite3
 import threading
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any
 
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS requests (
-        request_id TEXT PRIMARY KEY, variant TEXT NOT NULL, version TEXT, user TEXT, key_id TEXT,
-        route TEXT, status INTEGER, latency_s REAL, created_at REAL NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS feedback (
-        id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL, score REAL NOT NULL,
-        comment TEXT, created_at REAL NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS feedback_request ON feedback(request_id)",
-)
+import sqlalchemy as sa
+
+from serving import db
 
 
 class UnknownRequestError(KeyError):
     """Feedback names a request id this gateway never served."""
 
 
-class FeedbackStore:
-    """Request log + feedback in one SQLite file."""
+def _insert_ignoring_duplicates(engine: sa.Engine):
+    """INSERT that skips a request id already logged (a replayed or retried request)."""
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(db.requests_log).on_conflict_do_nothing(index_elements=["request_id"])
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+class FeedbackStore:
+    """Request log + feedback in the state database (shared by every replica on PostgreSQL)."""
+
+    _FIELDS = ("request_id", "variant", "version", "user", "key_id", "route", "status", "latency_s", "created_at")
+
+    def __init__(self, location: str | Path):
+        """Args: location: a database URL, or the path of a SQLite file."""
+        self.engine = db.engine(location)
+        self._insert = _insert_ignoring_duplicates(self.engine)
         self._lock = threading.Lock()
         # A deque, drained by popleft: appends from the event loop never race the flush thread
         # (swapping a list could drop a row appended to the old list after it was written).
         self._buffer: deque[tuple] = deque()
-        self._conn = sqlite3.connect(self.path, timeout=10, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        for statement in _SCHEMA:
-            self._conn.execute(statement)
 
     def log_request(self, request_id: str, variant: str, version: str | None, user: str | None,
                     key_id: str | None, route: str, status: int, latency_s: float) -> None:
@@ -68,42 +68,46 @@ class FeedbackStore:
         with self._lock:
             rows = [self._buffer.popleft() for _ in range(len(self._buffer))]
             if rows:
-                self._conn.executemany("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                with self.engine.begin() as conn:
+                    conn.execute(self._insert, [dict(zip(self._FIELDS, row)) for row in rows])
         return len(rows)
 
     def add_feedback(self, request_id: str, score: float, comment: str | None = None) -> str:
         """Store a score for a served request; returns the request's variant."""
         self.flush()
-        with self._lock:
-            row = self._conn.execute("SELECT variant FROM requests WHERE request_id = ?", (request_id,)).fetchone()
-            if row is None:
+        with self._lock, self.engine.begin() as conn:
+            variant = conn.execute(sa.select(db.requests_log.c.variant)
+                                   .where(db.requests_log.c.request_id == request_id)).scalar()
+            if variant is None:
                 raise UnknownRequestError(request_id)
-            self._conn.execute("INSERT INTO feedback (request_id, score, comment, created_at) VALUES (?, ?, ?, ?)",
-                               (request_id, float(score), comment, time.time()))
-        return row[0]
+            conn.execute(db.feedback.insert().values(request_id=request_id, score=float(score), comment=comment,
+                                                     created_at=time.time()))
+        return variant
 
     def close(self) -> None:
         self.flush()
-        self._conn.close()
 
 
-def ab_report(path: Path, reference: str | None = None, since: float | None = None) -> dict[str, Any]:
+def ab_report(location: str | Path, reference: str | None = None, since: float | None = None) -> dict[str, Any]:
     """Per-variant outcomes and significance tests against ``reference`` (default: most requests).
+
+    Args:
+        location: the state database (URL, or the SQLite file's path).
 
     Returns:
         ``{"variants": [{variant, requests, feedback, mean_score, success_rate, ...}],
         "reference": name, "tests": [{variant, z, p_value, test, mann_whitney_p, significant}]}``
     """
-    conn = sqlite3.connect(Path(path), timeout=10)
-    try:
-        where, args = ("WHERE r.created_at >= ?", (since,)) if since else ("", ())
-        counts = dict(conn.execute(f"SELECT variant, COUNT(*) FROM requests r {where} GROUP BY variant", args))
+    requests, feedback = db.requests_log, db.feedback
+    window = [requests.c.created_at >= since] if since else []
+    with db.engine(location).connect() as conn:
+        counts = dict(conn.execute(sa.select(requests.c.variant, sa.func.count()).where(*window)
+                                   .group_by(requests.c.variant)).fetchall())
         scores: dict[str, list[float]] = {}
-        query = (f"SELECT r.variant, f.score FROM feedback f JOIN requests r ON r.request_id = f.request_id {where}")
-        for variant, score in conn.execute(query, args):
+        joined = sa.select(requests.c.variant, feedback.c.score).select_from(
+            feedback.join(requests, requests.c.request_id == feedback.c.request_id)).where(*window)
+        for variant, score in conn.execute(joined):
             scores.setdefault(variant, []).append(score)
-    finally:
-        conn.close()
     names = sorted(set(counts) | set(scores))
     rows = []
     for name in names:

@@ -31,6 +31,8 @@ class Metrics:
         self.tokens = Counter("lmforge_tokens", "Tokens processed.", ["variant", "kind"], registry=r)
         self.inflight = Gauge("lmforge_inflight_requests", "Requests generating now.", ["variant"], registry=r)
         self.queue_depth = Gauge("lmforge_queue_depth", "Requests waiting for an engine slot.", registry=r)
+        # The alert on queue saturation divides by this (serve.max_queue), so it holds for any config.
+        self.queue_limit = Gauge("lmforge_queue_limit", "Most requests that may wait (serve.max_queue).", registry=r)
         self.shed = Counter("lmforge_shed", "Requests refused before generation.", ["reason"], registry=r)
         self.fallbacks = Counter("lmforge_fallbacks", "Requests moved to the fallback variant.",
                                  ["variant", "fallback"], registry=r)

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from configs.schema import ServeConfig
-from serving.auth import ApiKey, AuthError, KeyStore, RateLimiter
+from serving.auth import ApiKey, AuthError, KeyStore, RateLimiter, SqlRateLimiter
 from serving.backends import pick_kind
 from serving.backends.base import Backend, BackendError, BackendInputError, Chunk, SamplingParams
+from serving.db import state_locations
 from serving.engine import VariantPool, VariantUnavailable
 from serving.errors import APIError
 from serving.feedback import FeedbackStore
@@ -56,6 +57,7 @@ class Admission:
         self.cfg, self.metrics = cfg, metrics
         self._sem = asyncio.Semaphore(cfg.max_concurrency)
         self.waiting = 0
+        metrics.queue_limit.set(cfg.max_queue)
 
     @contextlib.asynccontextmanager
     async def slot(self, priority: str):
@@ -94,9 +96,12 @@ class Gateway:
         self.metrics = Metrics()
         self.pool = VariantPool(cfg, self.kind, self.metrics, tracking_uri, state / "models")
         self.router = ABRouter([(v.name, v.weight) for v in cfg.variants])
-        self.keys = KeyStore(state / "keys.sqlite")
-        self.limiter = RateLimiter(cfg.rate_limit_per_minute, cfg.rate_limit_burst)
-        self.feedback = FeedbackStore(state / "feedback.sqlite")
+        keys_at, feedback_at = state_locations(cfg.database_url, self.home)
+        self.keys = KeyStore(keys_at)
+        # Replicas sharing a database share each key's bucket; alone, a bucket in memory is enough.
+        self.limiter = (SqlRateLimiter(cfg.database_url, cfg.rate_limit_per_minute, cfg.rate_limit_burst)
+                        if cfg.database_url else RateLimiter(cfg.rate_limit_per_minute, cfg.rate_limit_burst))
+        self.feedback = FeedbackStore(feedback_at)
         self.admission = Admission(cfg, self.metrics)
         self.draining = False
         self._tasks: list[asyncio.Task] = []

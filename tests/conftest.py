@@ -86,3 +86,42 @@ def read_artifact(key: str):
             task_run_filter=TaskRunFilter(), sort=ArtifactSort.CREATED_DESC, limit=1, offset=0,
         )
     return found[0] if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory):
+    """A real PostgreSQL 15 server in a temp dir for the session; yields a SQLAlchemy URL to a fresh database."""
+    import secrets
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    from deploy import postgres
+    from tests.serving_helpers import free_port
+
+    if not shutil.which("initdb"):
+        pytest.skip("PostgreSQL's initdb is not on PATH")
+    owner = tmp_path_factory.mktemp("pg-owner")
+    data, password, port = postgres.data_dir(owner), secrets.token_urlsafe(16), free_port()
+    shutil.rmtree(data, ignore_errors=True)
+    postgres.init_cluster(data, password)
+    log = open(owner / "postgres.log", "wb")
+    proc = subprocess.Popen([*postgres.run_as(), *postgres.server_argv(data, port)], stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    dsn = f"postgresql://{postgres.SUPERUSER}:{password}@127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not postgres.ready(f"{dsn}/postgres"):
+            assert proc.poll() is None and time.monotonic() < deadline, (owner / "postgres.log").read_text()
+            time.sleep(0.3)
+        postgres.create_databases(f"{dsn}/postgres", ("lmforge_test",))
+        yield f"postgresql+psycopg://{postgres.SUPERUSER}:{password}@127.0.0.1:{port}/lmforge_test"
+    finally:
+        from serving import db
+
+        db.dispose_all()
+        os.killpg(proc.pid, signal.SIGINT)  # fast shutdown
+        proc.wait(30)
+        log.close()
+        shutil.rmtree(data, ignore_errors=True)

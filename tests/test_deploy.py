@@ -1,46 +1,131 @@
-"""Scheduled runs: a cron deployment is registered on a real Prefect API and a run of it executes.
-
-TODO(issue 23): this does not show that the *scheduler* creates the 02:00 run: Prefect's temporary
-test server runs no scheduler service, so the run below is created by hand in the state the
-scheduler would give it. Proving the schedule fires needs a real `prefect server start` with its
-scheduler (issue 23 owns that test).
-"""
+"""Scheduled runs for real: `lmforge deploy --cron` on a real Prefect server (its scheduler creates the
+run) with a process worker that executes it; on Prefect's temporary server the command refuses."""
 
 from __future__ import annotations
 
-import asyncio
-from datetime import datetime, timezone
+import os
+import subprocess
+import sys
+import time
 
-from flows.deploy import build_deployment
+import httpx
+import pytest
+
 from tests.conftest import REPO
+from tests.serving_helpers import free_port
 
 
-def test_cron_deployment_is_registered_and_a_run_of_it_executes(prefect_harness, tmp_path):
-    from prefect.client.orchestration import get_client
-    from prefect.runner import Runner
-    from prefect.states import Scheduled
+def _prefect_env(tmp_path, url: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    if url:
+        env["PREFECT_API_URL"] = url
+    return env
 
+
+@pytest.fixture()
+def prefect_server(tmp_path):
+    """`prefect server start` (SQLite in tmp_path) with a fast scheduler loop; yields its API URL.
+
+    Started through deploy.prefect_server, as the stack starts it: on SQLAlchemy 2.1 the plain
+    `prefect server start` scheduler fails every loop and the run below never appears.
+    """
+    port = free_port()
+    env = _prefect_env(tmp_path, None) | {
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
+        # The scheduler looks for schedules to fill every 60 s by default; the test cannot wait that long.
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+    }
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "deploy.prefect_server", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise TimeoutError("prefect server did not start")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def _lmforge(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_deploy_refuses_the_temporary_server_and_says_what_to_start(tmp_path):
+    result = _lmforge(["deploy", "--cron", "0 2 * * *", "-c", "tiny"], _prefect_env(tmp_path, None))
+    assert result.returncode == 2, result.stderr
+    assert "temporary" in result.stderr and "prefect worker start --pool lmforge" in result.stderr
+    assert "prefect server start" in result.stderr
+
+
+def test_deploy_names_a_server_that_does_not_answer(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/api"
+    result = _lmforge(["deploy", "--cron", "0 2 * * *", "-c", "tiny"], _prefect_env(tmp_path, url))
+    assert result.returncode == 1
+    assert "does not answer" in result.stderr
+
+
+def test_a_cron_deployment_fires_by_itself_through_a_process_worker(prefect_server, tmp_path):
     home = tmp_path / "home"
-    deployment = build_deployment("nightly-test", "0 2 * * *", str(REPO / "configs" / "tiny.yaml"),
-                                  [f"home={home}"], stage="curate")
+    env = _prefect_env(tmp_path, prefect_server)
+    # Every minute: the server's scheduler creates the run; nothing in this test creates one.
+    result = _lmforge(["deploy", "--cron", "* * * * *", "--stage", "curate", "--name", "every-minute",
+                       "-c", "tiny", f"home={home}"], env)
+    assert result.returncode == 0, result.stderr
+    assert "work pool 'lmforge'" in result.stdout
 
-    async def scenario():
-        runner = Runner(name="lmforge-test-runner", query_seconds=1)
-        deployment_id = await runner.add_deployment(deployment)
-        async with get_client() as client:
-            stored = await client.read_deployment(deployment_id)
-            crons = [s.schedule.cron for s in stored.schedules]
-            # What Prefect's scheduler would create at 02:00, made by hand (see the TODO above).
-            run = await client.create_flow_run_from_deployment(
-                deployment_id, state=Scheduled(scheduled_time=datetime.now(timezone.utc)))
-            await runner.start(run_once=True)
-            finished = await client.read_flow_run(run.id)
-        return stored, crons, finished
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
 
-    stored, crons, finished = asyncio.run(scenario())
-    assert stored.name == "nightly-test"
-    assert crons == ["0 2 * * *"]
-    assert stored.parameters["stage"] == "curate"
-    assert finished.state.is_completed(), finished.state
-    # The scheduled run did real work: the curated data set exists in the configured home.
+    with SyncPrefectClient(prefect_server) as client:
+        pool = client.read_work_pool("lmforge")
+        assert pool.type == "process"
+        deployment = client.read_deployment_by_name("scheduled-pipeline/every-minute")
+        assert [s.schedule.cron for s in deployment.schedules] == ["* * * * *"]
+        assert deployment.work_pool_name == "lmforge"
+
+    worker_log = open(tmp_path / "worker.log", "wb")
+    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "lmforge",
+                               "--type", "process", "--prefetch-seconds", "5"],
+                              env=env | {"PREFECT_WORKER_QUERY_SECONDS": "2"}, cwd=tmp_path,
+                              stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240  # next minute boundary + a curate run
+        finished = None
+        with SyncPrefectClient(prefect_server) as client:
+            while time.monotonic() < deadline and finished is None:
+                # Every paging field given: Prefect 3.8's server rejects the nulls the client sends otherwise.
+                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
+                    name=DeploymentFilterName(any_=["every-minute"])), sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+                    limit=20, offset=0)
+                done = [r for r in runs if r.state and r.state.is_final()]
+                if done:
+                    finished = done[0]
+                assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+                time.sleep(2)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        worker_log.close()
+    assert finished is not None, (tmp_path / "worker.log").read_text()[-3000:]
+    assert finished.state.is_completed(), (finished.state, (tmp_path / "worker.log").read_text()[-3000:])
+    # Created by the scheduler from the cron schedule, not by hand, and run by the worker: real work done.
+    assert finished.auto_scheduled
+    assert finished.work_pool_name == "lmforge"
     assert (home / "data" / "LATEST").is_file()
