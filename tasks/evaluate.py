@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -200,16 +201,25 @@ def max_new_tokens(task_name: str, cfg: EvaluateConfig) -> int:
 def _generate_all(generate: Generator, selected: list[dict[str, Any]], cfg: EvaluateConfig) -> list[str]:
     # One call per task (each has its own length limit); within a task, similar prompt lengths share
     # a batch so padding wastes little compute. Order is restored after.
+    from tqdm.auto import tqdm
+
     outputs: list[str | None] = [None] * len(selected)
-    for name in dict.fromkeys(r["task"] for r in selected):
-        order = sorted((i for i, r in enumerate(selected) if r["task"] == name), key=lambda i: len(selected[i]["prompt"]))
-        for start in range(0, len(order), cfg.batch_size):
-            chunk = order[start : start + cfg.batch_size]
-            result = list(generate([selected[i]["prompt"] for i in chunk], max_new_tokens(name, cfg)))
-            if len(result) != len(chunk):
-                raise ValueError(f"generator returned {len(result)} completions for {len(chunk)} prompts")
-            for i, text in zip(chunk, result, strict=True):
-                outputs[i] = text
+    # A bar per evaluation (stderr): a 300-per-task evaluation takes minutes, and a pipeline run holds
+    # several. Redrawn at most every 5 s when stderr is a log file, not a terminal.
+    with tqdm(total=len(selected), desc="evaluate", unit="ex", mininterval=0.5 if sys.stderr.isatty() else 5,
+              disable=not selected) as bar:
+        for name in dict.fromkeys(r["task"] for r in selected):
+            bar.set_postfix_str(name)
+            order = sorted((i for i, r in enumerate(selected) if r["task"] == name),
+                           key=lambda i: len(selected[i]["prompt"]))
+            for start in range(0, len(order), cfg.batch_size):
+                chunk = order[start : start + cfg.batch_size]
+                result = list(generate([selected[i]["prompt"] for i in chunk], max_new_tokens(name, cfg)))
+                if len(result) != len(chunk):
+                    raise ValueError(f"generator returned {len(result)} completions for {len(chunk)} prompts")
+                for i, text in zip(chunk, result, strict=True):
+                    outputs[i] = text
+                bar.update(len(chunk))
     return [o or "" for o in outputs]
 
 
