@@ -9,22 +9,26 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-Task = Literal["sentiment", "ner", "summarization", "generation"]
-TASKS: tuple[str, ...] = ("sentiment", "ner", "summarization", "generation")
+
+from configs.tasks import BUILTIN_TASKS, TemplateConfig, check_task_name, task_names, tasks_of_kind
+
+Task = Annotated[str, AfterValidator(check_task_name)]
+"""A task name from the registry (configs/tasks.py)."""
+TASKS: tuple[str, ...] = task_names()
 RegexFlag = Literal["IGNORECASE", "MULTILINE", "DOTALL", "ASCII", "VERBOSE"]
 # Replacements that need more than a regex template; the cleaning module implements them.
 REPLACEMENT_FUNCTIONS: tuple[str, ...] = ("@html_unescape", "@fix_mojibake", "@lower", "@nfkc", "@luhn_id")
-# Which task each built-in loader can produce; jsonl/csv can feed any task.
-FORMAT_TASKS: dict[str, tuple[str, ...]] = {
-    "sst2": ("sentiment",),
-    "conll": ("ner",),
-    "dialogsum": ("summarization", "generation"),
-    "jsonl": TASKS,
-    "csv": TASKS,
+# Which kind of task each built-in loader can produce; jsonl/csv can feed any task.
+FORMAT_KINDS: dict[str, tuple[str, ...]] = {
+    "sst2": ("label",),
+    "conll": ("entities",),
+    "dialogsum": ("text",),
+    "jsonl": ("label", "entities", "text"),
+    "csv": ("label", "entities", "text"),
 }
 
 
@@ -42,13 +46,17 @@ class SourceConfig(_Section):
     """Task the records of this source are for."""
     format: Literal["sst2", "conll", "dialogsum", "jsonl", "csv"]
     """Reader: 'sst2' (sentence<TAB>0|1), 'conll' (token ... TAG lines, blank line between sentences,
-    IOB2), 'dialogsum' (JSONL with dialogue/summary; task generation = next dialogue turn), or generic
+    IOB2), 'dialogsum' (JSONL with dialogue/summary; see dialogue_target), or generic
     'jsonl'/'csv' with the field mapping below."""
     path: Path
     """File path, relative to `data.raw_dir` unless absolute."""
     split: Literal["train", "eval", "all"] = "all"
     """Which splits it feeds: 'train' only, 'eval' (halved into validation and test), or 'all'
     (carved by `validation_fraction` / `test_fraction`)."""
+    validation_fraction: float | None = Field(None, ge=0, lt=1)
+    """split='all': share of this source's groups held out for validation; None = data.validation_fraction."""
+    test_fraction: float | None = Field(None, ge=0, lt=1)
+    """split='all': share of this source's groups held out for test; None = data.test_fraction."""
     weight: float = Field(1.0, ge=0)
     """Relative share of `train_examples` this source gets; share a short source cannot fill goes to the others."""
     cap: int | None = Field(None, ge=0)
@@ -64,6 +72,8 @@ class SourceConfig(_Section):
     label_map: dict[str, str] = {}
     """Raw label -> record label, e.g. {'1': 'positive', '0': 'negative'}; sentiment labels must map to
     'positive' or 'negative'. Empty = use raw labels as they are (sst2 always maps 1/0)."""
+    dialogue_target: Literal["summary", "next_turn"] = "summary"
+    """dialogsum: what a record asks for: the dialogue's summary, or the next turn after a prefix of it."""
     tag_column: int = -1
     """conll: column (0-based, negative from the end) holding the IOB2 entity tag."""
     delimiter: str = Field(",", min_length=1, max_length=1)
@@ -71,8 +81,9 @@ class SourceConfig(_Section):
 
     @model_validator(mode="after")
     def _format_fits_task(self) -> SourceConfig:
-        if self.task not in FORMAT_TASKS[self.format]:
-            allowed = ", ".join(FORMAT_TASKS[self.format])
+        kinds = FORMAT_KINDS[self.format]
+        if BUILTIN_TASKS[self.task].output not in kinds:
+            allowed = ", ".join(t for kind in kinds for t in tasks_of_kind(kind))
             raise ValueError(f"source {self.name!r}: format {self.format!r} produces {allowed}, not {self.task!r}")
         return self
 
@@ -224,63 +235,8 @@ class DedupConfig(_Section):
     """MinHash permutations (more = fewer missed candidates, slower)."""
 
 
-class TemplateConfig(_Section):
-    """How one task is put to the model; the paraphrase used is a stable function of the record id."""
-
-    system: str
-    """System message."""
-    instructions: list[str] = Field(min_length=1)
-    """Paraphrased user messages; each contains '{input}' where the input text goes."""
-
-    @field_validator("instructions")
-    @classmethod
-    def _has_input_slot(cls, value: list[str]) -> list[str]:
-        for index, text in enumerate(value):
-            if "{input}" not in text:
-                raise ValueError(f"instruction {index} has no '{{input}}' placeholder: {text[:60]!r}")
-        return value
-
-
-_NER_FORMAT = ('as a JSON list of objects with keys "text" and "type" (PER, ORG, LOC or MISC), '
-               "in order of appearance. Answer [] if there are none.")
-
-DEFAULT_TEMPLATES: dict[str, TemplateConfig] = {
-    "sentiment": TemplateConfig(
-        system="You are a careful text classifier. Answer with exactly one word: positive or negative.",
-        instructions=[
-            "Is the sentiment of this movie review positive or negative?\n\nReview: {input}",
-            "Classify the sentiment of the following text as positive or negative.\n\nText: {input}",
-            "Read the review and say whether the reviewer's opinion is positive or negative.\n\n{input}",
-            "Sentiment (positive or negative) of this sentence?\n\n{input}",
-        ],
-    ),
-    "ner": TemplateConfig(
-        system="You extract named entities and answer with JSON only.",
-        instructions=[
-            "List the named entities in the text " + _NER_FORMAT + "\n\nText: {input}",
-            "Find every person (PER), organisation (ORG), location (LOC) and other named entity (MISC) in "
-            "this sentence. Output them " + _NER_FORMAT + "\n\n{input}",
-            "Extract the named entities from the sentence below " + _NER_FORMAT + "\n\nSentence: {input}",
-        ],
-    ),
-    "summarization": TemplateConfig(
-        system="You write short, faithful summaries.",
-        instructions=[
-            "Summarize the following conversation in one or two sentences.\n\n{input}",
-            "Write a brief summary of this dialogue.\n\n{input}",
-            "What happens in this conversation? Answer with a short summary.\n\n{input}",
-        ],
-    ),
-    "generation": TemplateConfig(
-        system="You continue conversations naturally and briefly.",
-        instructions=[
-            "Write the next line of this conversation. Reply with that line only.\n\n{input}",
-            "Continue the dialogue below with one short reply from the next speaker.\n\n{input}",
-            "Here is the start of a conversation. What does the other person say next? "
-            "Give only their words.\n\n{input}",
-        ],
-    ),
-}
+DEFAULT_TEMPLATES: dict[str, TemplateConfig] = {name: spec.template for name, spec in BUILTIN_TASKS.items()}
+"""Each task's default template, from the task registry."""
 
 DEFAULT_SOURCES: list[SourceConfig] = [
     SourceConfig(name="sst2", task="sentiment", format="sst2", path=Path("sst2/train.tsv"), split="train", weight=0.4),
@@ -289,10 +245,11 @@ DEFAULT_SOURCES: list[SourceConfig] = [
                  weight=0.35, tag_column=1),
     SourceConfig(name="conll-valid", task="ner", format="conll", path=Path("conll2003/valid.txt"), split="eval",
                  tag_column=1),
+    # DialogSum ships 500 dialogues: a third goes to validation so it holds >= 150 summaries.
     SourceConfig(name="dialogsum", task="summarization", format="dialogsum", path=Path("dialogsum/dev.jsonl"),
-                 weight=0.15),
+                 weight=0.15, validation_fraction=0.34, test_fraction=0.2),
     SourceConfig(name="dialogsum-reply", task="generation", format="dialogsum", path=Path("dialogsum/dev.jsonl"),
-                 weight=0.1, cap=300),
+                 dialogue_target="next_turn", weight=0.1, cap=300, validation_fraction=0.34, test_fraction=0.2),
 ]
 
 
@@ -346,6 +303,16 @@ class DataConfig(_Section):
                 raise ValueError(f"cleaning rule {rule.name!r} names unknown sources: {', '.join(unknown)}")
         if self.validation_fraction + self.test_fraction >= 1:
             raise ValueError("validation_fraction + test_fraction must leave room for training (sum < 1)")
+        fractions: dict[str, tuple[float, float]] = {}
+        for source in self.sources:
+            pair = (self.validation_fraction if source.validation_fraction is None else source.validation_fraction,
+                    self.test_fraction if source.test_fraction is None else source.test_fraction)
+            if sum(pair) >= 1:
+                raise ValueError(f"source {source.name!r}: validation_fraction + test_fraction must be < 1")
+            # Sources reading one file share its groups (a dialogue feeds two tasks): they must split alike.
+            if fractions.setdefault(str(source.path), pair) != pair:
+                raise ValueError(f"sources reading {source.path} must use the same validation/test fractions, "
+                                 f"or one group could be validation for one task and training for another")
         return self
 
     def active_rules(self) -> list[CleaningRule]:

@@ -4,8 +4,9 @@
     lmforge finetune --config configs/pipeline.yaml --resume   # continue the newest run
 
 Steps: import (or reuse) the base model -> prepare the run (select records, run dir) -> open the
-MLflow run (params, data version) -> train (Lightning, subprocess; per-step metrics to MLflow) ->
-evaluate base and tuned on the validation split -> log results and the adapter.
+MLflow run (params, data version) -> train (Lightning, subprocess; per-step metrics to MLflow, adapter
+snapshots for the learning curve) -> evaluate base and tuned on the validation split -> score the
+learning curve -> log results and the adapter.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tasks.evaluate import evaluate_task
 from tasks.models import import_base_model
 from tasks.sft import tracking
 from tasks.sft.data import validation_records
-from tasks.sft.run import log_results_task, prepare_run_task, start_tracking_task, train_task
+from tasks.sft.run import curve_task, log_results_task, prepare_run_task, start_tracking_task, train_task
 from tasks.runtime import torch_threads
 from tasks.tracking import mark_failed
 from tasks.sft.train import SFTInterrupted, TrainSpec, cpu_threads
@@ -66,6 +67,7 @@ def finetune_flow(cfg: LmforgeConfig, resume: bool = False, data_version: str | 
         raise
 
     evaluations: dict[str, dict[str, float]] = {}
+    tables: dict[str, str] = {}
     if cfg.sft.evaluate:
         records = validation_records(cfg.home, run["data_version"], cfg.sft.tasks)
         eval_cfg = cfg.evaluate
@@ -78,7 +80,11 @@ def finetune_flow(cfg: LmforgeConfig, resume: bool = False, data_version: str | 
                 result = evaluate_task(model_dir, eval_cfg, out / prefix, records=records, adapter_dir=adapter,
                                        max_length=cfg.model.max_seq_len, artifact_key=f"sft-{prefix}",
                                        cache_dir=cfg.home / "cache" / "eval")
-                evaluations[prefix] = result["metrics"]
+                evaluations[prefix], tables[prefix] = result["metrics"], result["table_json"]
+            if cfg.sft.curve_points:
+                curve_task(run["run_dir"], model_dir, records, eval_cfg, cfg.sft.curve_samples_per_task,
+                           tables.get("base"), tables.get("tuned"), summary["steps"], summary["train_seconds"],
+                           cfg.model.max_seq_len, cfg.tracking_uri(), run_id)
     log_results_task(cfg.tracking_uri(), run_id, summary, run["run_dir"], evaluations)
     return {
         "adapter_dir": summary["adapter_dir"], "run_dir": run["run_dir"], "run_name": run["name"],

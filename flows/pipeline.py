@@ -46,7 +46,7 @@ def pipeline_flow(cfg: LmforgeConfig) -> dict[str, Any]:
 
     sft, reused["finetune"] = cached_stage(
         cfg.home, "finetune", inputs["finetune"],
-        lambda: finetune_flow(cfg, data_version=data["version"], progress_bar=False), path_keys=("adapter_dir",))
+        lambda: finetune_flow(cfg, data_version=data["version"]), path_keys=("adapter_dir",))
     aligned, reused["align"] = cached_stage(
         cfg.home, "align", inputs["align"],
         lambda: align_flow(cfg, sft_adapter=Path(sft["adapter_dir"]), data_version=data["version"]),
@@ -70,6 +70,8 @@ def pipeline_flow(cfg: LmforgeConfig) -> dict[str, Any]:
         "quant_format": exported["selected"], "sft_method": cfg.sft.method,
         "curate_run_id": data.get("mlflow_run_id") or "", "sft_run_id": sft.get("mlflow_run_id") or "",
         "align_run_id": aligned.get("mlflow_run_id") or "", "quantize_run_id": exported.get("mlflow_run_id") or "",
+        # Why this variant: per task, its paired 95% interval against the fp32 IR (empty when fp32 won).
+        "quality_vs_fp32": json.dumps(exported.get("selection", {}).get("compare", {}).get(exported["selected"], {})),
     }
     artifacts = {"openvino": Path(exported["selected_path"]), "adapter": Path(aligned["adapter_dir"])}
     merged = Path(exported["root"]) / "merged_hf"

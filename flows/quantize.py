@@ -17,7 +17,7 @@ from prefect import flow
 from configs.schema import LmforgeConfig
 from tasks.models import import_base_model
 from tasks.quantize.steps import (
-    build_variant_task, measure_variant_task, plan_task, report_task, resolve_adapter, validate_task,
+    build_variant_task, measure_variant_task, merge_check_task, plan_task, report_task, resolve_adapter, validate_task,
 )
 from tasks.quantize.tracking import log_export_task, publish_markdown_task
 
@@ -38,7 +38,8 @@ def quantize_flow(
         adapter_dir: PEFT adapter; None = the newest aligned adapter, else the newest SFT run's.
         data_version: curated data version for calibration/QAT/evaluation; None = LATEST.
         samples: (prompt, completion) pairs to use instead of the curated train split.
-        eval_records: records to score instead of the curated validation split.
+        eval_records: records to score instead of the curated validation split (of the trained tasks,
+            ``sft.tasks``: the model is tuned for them).
         log_mlflow: record the export as an MLflow run.
 
     Returns:
@@ -53,12 +54,14 @@ def quantize_flow(
 
         curated_samples, curated_records = curated_inputs(cfg.home, data_version)
         samples = curated_samples if samples is None else samples
-        eval_records = curated_records if eval_records is None else eval_records
+        if eval_records is None:
+            eval_records = [r for r in curated_records if cfg.sft.tasks is None or r["task"] in cfg.sft.tasks]
     plan, info = plan_task(cfg.home, base_dir, adapter, cfg.quantize, samples, info)
     for name in plan.variants:
         build_variant_task(plan, name, cfg.quantize, samples, info)
     rows = [measure_variant_task(plan, name, cfg.quantize, cfg.evaluate, eval_records) for name in plan.variants]
-    summary = report_task(plan, rows, cfg.quantize)
+    merge = merge_check_task(plan, rows, cfg.evaluate, eval_records, cfg.home / "cache" / "eval")
+    summary = report_task(plan, rows, cfg.quantize, merge)
     publish_markdown_task(summary["markdown"], plan.export_id)
     run_id = None
     if log_mlflow:

@@ -1,29 +1,26 @@
-"""Task evaluation: generate on curated records with fixed decoding and score the outputs exactly.
+"""Task evaluation: generate on curated records with the shared decoding spec and score the outputs exactly.
 
-Every later stage (SFT, alignment, quantisation, promotion) calls :func:`evaluate_records` with
-its own :data:`Generator` (prompts -> completions): :func:`hf_generator` for Hugging Face weights
-(+ optional PEFT adapter); an OpenVINO generator plugs in the same way.
+Every stage (SFT, alignment, quantisation, promotion) calls :func:`evaluate_records` with a
+:data:`~tasks.generators.Generator`; :func:`open_generator` gives the configured engine: OpenVINO
+(the serving engine: the base IR with the adapter applied at runtime) or Hugging Face.
 
-Metrics (all fractions in 0..1 except perplexity and counts; see :mod:`tasks.metrics` for the
-exact conventions):
+Metrics come from the task registry (:mod:`configs.tasks`): each task reports its kind's metrics as
+``<task>_<metric>`` (fractions in 0..1), only for tasks present in the records:
 
 =====================  ===================================================================
 ``n_examples``         examples scored; ``n_<task>`` per task (0 when the task is absent)
-``sentiment_accuracy`` share of sentiment outputs whose parsed label equals the gold label
-``sentiment_macro_f1`` macro-F1 over positive/negative (unparseable = wrong)
-``ner_precision``      micro precision of exact (text, type) entity matches
-``ner_recall``         micro recall of the same
-``ner_f1``             harmonic mean of the two
-``summarization_rougeL``  mean ROUGE-L F of summaries against the reference
-``generation_rougeL``  mean ROUGE-L F of generation outputs against the reference text
+label tasks            ``_accuracy``, ``_macro_f1`` (unparseable = wrong)
+entity tasks           ``_precision``, ``_recall``, ``_f1``: micro, exact (text, type) matches
+text tasks             ``_rougeL``: mean ROUGE-L F against the reference
 ``format_compliance``  share of outputs with ``format_ok`` (:func:`tasks.parsing.parse_completion`);
                        ``format_compliance_<task>`` per task
 ``perplexity``         corpus perplexity of the reference completions (+ end-of-turn token)
-                       given the prompts; only when a scorer is passed
+                       given the prompts; only when a scorer is passed (Hugging Face engine)
 ``eval_seconds``       wall time of generation + scoring
 =====================  ===================================================================
 
-Task metrics appear only for tasks present in the records.
+The per-example table keeps what paired comparisons need (``score``; for entity tasks the
+``matched``/``n_pred``/``n_gold`` counts), see :mod:`tasks.stats`.
 """
 
 from __future__ import annotations
@@ -37,6 +34,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -46,17 +44,17 @@ from typing import Any, Protocol
 from prefect import task
 
 from configs.schema import EvaluateConfig
+from configs.tasks import get_task, task_names
 from tasks import metrics as M
 from tasks.files import atomic_write_text, sha256_dir
-from tasks.generators import Generator, HFGenerator, hf_generator, stop_token_ids
-from tasks.parsing import TASKS, coerce_label, parse_completion
-from tasks.runtime import torch_device
+from tasks.generators import Generator, HFGenerator, OpenVINOGenerator, hf_generator, stop_token_ids
+from tasks.parsing import UnknownTaskError, coerce_label, format_target, parse_completion
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CompletionScorer", "EvalResult", "Generator", "HFGenerator", "aggregate", "evaluate_model",
-    "evaluate_records", "evaluate_task", "hf_generator", "stop_token_ids", "write_results",
+    "CompletionScorer", "EvalResult", "Generator", "HFGenerator", "OpenVINOGenerator", "aggregate", "evaluate_model",
+    "evaluate_records", "evaluate_task", "hf_generator", "open_generator", "stop_token_ids", "write_results",
 ]
 
 REQUIRED_KEYS = ("id", "task", "prompt", "label")
@@ -108,28 +106,23 @@ def evaluate_records(
     """
     started = time.perf_counter()
     selected = _select(records, cfg.max_samples_per_task)
-    prompts = [r["prompt"] for r in selected]
-    outputs = _generate_all(generate, prompts, cfg.batch_size)
+    outputs = _generate_all(generate, selected, cfg)
 
     table = []
     for record, output in zip(selected, outputs, strict=True):
         parsed, format_ok = parse_completion(record["task"], output)
-        table.append(
-            {
-                "id": record["id"],
-                "task": record["task"],
-                "input": record.get("input", ""),
-                "prompt": record["prompt"],
-                "output": output,
-                "label": record["label"],
-                "parsed": parsed,
-                "format_ok": format_ok,
-                "score": _example_score(record["task"], record["label"], parsed),
-            }
-        )
+        row = {
+            "id": record["id"], "task": record["task"], "input": record.get("input", ""),
+            "prompt": record["prompt"], "output": output, "label": record["label"], "parsed": parsed,
+            "format_ok": format_ok, "score": _example_score(record["task"], record["label"], parsed),
+        }
+        if get_task(record["task"]).output == "entities":
+            row["matched"], row["n_pred"], row["n_gold"] = M.entity_counts(record["label"], parsed)
+        table.append(row)
     metrics = aggregate(table)
 
     if perplexity_model is not None and selected:
+        prompts = [r["prompt"] for r in selected]
         completions = [_reference_completion(r) for r in selected]
         nlls = perplexity_model.completion_nll(prompts, completions)
         for row, (nll, n) in zip(table, nlls, strict=True):
@@ -141,21 +134,24 @@ def evaluate_records(
 
 def aggregate(table: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Metrics from per-example rows that carry ``task``, ``label``, ``parsed`` and ``format_ok``."""
-    by_task: dict[str, list[dict[str, Any]]] = {t: [] for t in TASKS}
+    by_task: dict[str, list[dict[str, Any]]] = {t: [] for t in task_names()}
     for row in table:
-        by_task[row["task"]].append(row)
+        by_task.setdefault(row["task"], []).append(row)
     out: dict[str, float] = {"n_examples": len(table)}
     for name, rows in by_task.items():
         out[f"n_{name}"] = len(rows)
-    if rows := by_task["sentiment"]:
-        s = M.sentiment_scores([r["label"] for r in rows], [r["parsed"] for r in rows])
-        out["sentiment_accuracy"], out["sentiment_macro_f1"] = s["accuracy"], s["macro_f1"]
-    if rows := by_task["ner"]:
-        n = M.ner_scores([r["label"] for r in rows], [r["parsed"] for r in rows])
-        out["ner_precision"], out["ner_recall"], out["ner_f1"] = n["precision"], n["recall"], n["f1"]
-    for name in ("summarization", "generation"):
-        if rows := by_task[name]:
-            out[f"{name}_rougeL"] = M.mean_rouge_l([r["label"] for r in rows], [r["parsed"] for r in rows])
+    for name, rows in by_task.items():
+        if not rows:
+            continue
+        spec = get_task(name)
+        gold, parsed = [r["label"] for r in rows], [r["parsed"] for r in rows]
+        if spec.output == "label":
+            scores = M.label_scores(gold, parsed, spec.labels)
+        elif spec.output == "entities":
+            scores = M.entity_scores(gold, parsed)
+        else:
+            scores = {"rougeL": M.mean_rouge_l(gold, parsed)}
+        out.update({f"{name}_{metric}": value for metric, value in scores.items()})
     out["format_compliance"] = M.compliance_rate([r["format_ok"] for r in table])
     for name, rows in by_task.items():
         if rows:
@@ -165,26 +161,30 @@ def aggregate(table: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 def _example_score(task_name: str, label: Any, parsed: Any) -> float:
     """Per-example score shown in the table: correct (0/1), entity F1, or ROUGE-L F."""
-    if task_name == "sentiment":
+    kind = get_task(task_name).output
+    if kind == "label":
         return float(parsed == label)
-    if task_name == "ner":
+    if kind == "entities":
         return M.prf(*M.entity_counts(label, parsed))["f1"]
     return M.rouge_l(label, parsed)
 
 
 def _select(records: Iterable[dict[str, Any]], per_task: int) -> list[dict[str, Any]]:
-    counts = {t: 0 for t in TASKS}
+    counts: dict[str, int] = {}
     selected = []
     for index, record in enumerate(records):
         missing = [k for k in REQUIRED_KEYS if k not in record]
         if missing:
             raise ValueError(f"record #{index} ({record.get('id', '?')}): missing key(s) {', '.join(missing)}")
         name = record["task"]
-        if name not in counts:
-            raise ValueError(f"record {record['id']}: unknown task {name!r} (expected one of {', '.join(TASKS)})")
-        if counts[name] >= per_task:
+        try:
+            get_task(name)
+        except KeyError:
+            raise ValueError(f"record {record['id']}: unknown task {name!r} (expected one of "
+                             f"{', '.join(task_names())})") from None
+        if counts.get(name, 0) >= per_task:
             continue
-        counts[name] += 1
+        counts[name] = counts.get(name, 0) + 1
         try:
             label = coerce_label(name, record["label"])
         except ValueError as err:
@@ -193,25 +193,38 @@ def _select(records: Iterable[dict[str, Any]], per_task: int) -> list[dict[str, 
     return selected
 
 
-def _generate_all(generate: Generator, prompts: list[str], batch_size: int) -> list[str]:
-    # Similar lengths share a batch so left padding wastes little compute; order is restored after.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    outputs: list[str | None] = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        result = list(generate([prompts[i] for i in chunk]))
-        if len(result) != len(chunk):
-            raise ValueError(f"generator returned {len(result)} completions for {len(chunk)} prompts")
-        for i, text in zip(chunk, result, strict=True):
-            outputs[i] = text
+def max_new_tokens(task_name: str, cfg: EvaluateConfig) -> int:
+    """Answer length limit for a task: ``evaluate.max_new_tokens`` when set, else the task's own."""
+    return cfg.max_new_tokens or get_task(task_name).max_new_tokens
+
+
+def _generate_all(generate: Generator, selected: list[dict[str, Any]], cfg: EvaluateConfig) -> list[str]:
+    # One call per task (each has its own length limit); within a task, similar prompt lengths share
+    # a batch so padding wastes little compute. Order is restored after.
+    from tqdm.auto import tqdm
+
+    outputs: list[str | None] = [None] * len(selected)
+    # A bar per evaluation (stderr): a 300-per-task evaluation takes minutes, and a pipeline run holds
+    # several. Redrawn at most every 5 s when stderr is a log file, not a terminal.
+    with tqdm(total=len(selected), desc="evaluate", unit="ex", mininterval=0.5 if sys.stderr.isatty() else 5,
+              disable=not selected) as bar:
+        for name in dict.fromkeys(r["task"] for r in selected):
+            bar.set_postfix_str(name)
+            order = sorted((i for i, r in enumerate(selected) if r["task"] == name),
+                           key=lambda i: len(selected[i]["prompt"]))
+            for start in range(0, len(order), cfg.batch_size):
+                chunk = order[start : start + cfg.batch_size]
+                result = list(generate([selected[i]["prompt"] for i in chunk], max_new_tokens(name, cfg)))
+                if len(result) != len(chunk):
+                    raise ValueError(f"generator returned {len(result)} completions for {len(chunk)} prompts")
+                for i, text in zip(chunk, result, strict=True):
+                    outputs[i] = text
+                bar.update(len(chunk))
     return [o or "" for o in outputs]
 
 
 def _reference_completion(record: dict[str, Any]) -> str:
-    if "completion" in record:
-        return record["completion"]
-    label = record["label"]
-    return json.dumps(label, ensure_ascii=False) if record["task"] == "ner" else str(label)
+    return record["completion"] if "completion" in record else format_target(record["task"], record["label"])
 
 
 # --------------------------------------------------------------------------- artifacts + task
@@ -249,7 +262,10 @@ def evaluate_model(
     max_length: int = 2048,
     cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate an HF model (+ adapter) on curated records and write the results to ``out_dir``.
+    """Evaluate an imported model (+ adapter) on curated records and write the results to ``out_dir``.
+
+    The engine is ``cfg.engine`` (:func:`open_generator`): on OpenVINO the model's IR with the adapter
+    applied at runtime, as the gateway serves it; on Hugging Face the merged weights (and perplexity).
 
     Records are ``records`` when given, else ``split`` of ``tasks.data.load_curated(data_home,
     data_version)``. With ``cache_dir``, results are stored there by content (model, adapter,
@@ -275,9 +291,10 @@ def evaluate_model(
         if cached is not None:
             log.info("evaluation of %s (adapter %s) reused from %s", model_dir, adapter_dir, entry)
             return {"metrics": cached.metrics, **write_results(cached, out_dir), "cached": True}
-    generator = hf_generator(model_dir, adapter_dir, cfg.max_new_tokens, cfg.batch_size, max_length,
-                             device=torch_device(cfg.device))
-    result = evaluate_records(selected, generator, cfg, perplexity_model=generator)
+    with tempfile.TemporaryDirectory(prefix="lmforge-eval-") as scratch:
+        generator = open_generator(cfg, model_dir, adapter_dir, max_length, Path(scratch))
+        scorer = generator if isinstance(generator, HFGenerator) else None
+        result = evaluate_records(selected, generator, cfg, perplexity_model=scorer)
     paths = write_results(result, out_dir)
     if entry is not None:
         _write_cached(entry, result)
@@ -287,7 +304,39 @@ def evaluate_model(
 
 
 # Bump when decoding or scoring changes, so cached evaluations are not reused across recipes.
-EVAL_RECIPE = "hf-greedy-merged-lora-v1"
+EVAL_RECIPE = "per-task-max-tokens-v2"
+
+
+def resolve_engine(engine: str) -> str:
+    """``auto`` -> Hugging Face on a CUDA machine, else OpenVINO (the engine that serves on CPUs)."""
+    if engine != "auto":
+        return engine
+    from tasks.runtime import torch_device
+
+    return "hf" if torch_device().startswith("cuda") else "openvino"
+
+
+def open_generator(cfg: EvaluateConfig, model_dir: str | Path, adapter_dir: str | Path | None = None,
+                   max_length: int = 2048, scratch: Path | None = None) -> Generator:
+    """The configured engine as a :data:`Generator` over an imported model and an optional PEFT adapter.
+
+    OpenVINO: the model's fp32 IR (exported once, :func:`tasks.models.openvino_ir`) with the adapter
+    converted for runtime LoRA into ``scratch``; Hugging Face: the weights with the adapter merged.
+    """
+    engine = resolve_engine(cfg.engine)
+    if engine == "hf":
+        return hf_generator(model_dir, adapter_dir, cfg.batch_size, max_length, device=cfg.device)
+    from tasks.models import openvino_ir
+
+    adapter_file = None
+    if adapter_dir is not None:
+        from tasks.quantize.merge import write_genai_adapter
+        from tasks.quantize.validate import validate_adapter
+
+        info = validate_adapter(Path(adapter_dir), Path(model_dir), allow_name_mismatch=True)
+        adapter_file = Path(scratch or tempfile.mkdtemp(prefix="lmforge-adapter-")) / "adapter_model.safetensors"
+        write_genai_adapter(info, adapter_file)
+    return OpenVINOGenerator(openvino_ir(Path(model_dir)), adapter_file, cfg.batch_size, cfg.cache_gb)
 
 
 def _cache_key(model_dir: str | Path, adapter_dir: str | Path | None, selected: list[dict[str, Any]],
@@ -296,7 +345,7 @@ def _cache_key(model_dir: str | Path, adapter_dir: str | Path | None, selected: 
         "recipe": EVAL_RECIPE, "model": _content_fingerprint(Path(model_dir)),
         "adapter": _content_fingerprint(Path(adapter_dir)) if adapter_dir is not None else None,
         "records": [[r["id"], r["task"], r["prompt"], r["label"]] for r in selected],
-        "settings": cfg.model_dump(mode="json"), "max_length": max_length,
+        "settings": cfg.model_dump(mode="json"), "engine": resolve_engine(cfg.engine), "max_length": max_length,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 

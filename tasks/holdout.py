@@ -18,10 +18,10 @@ def evaluate_holdout(home: Path, ir_dir: Path, data_version: str, eval_cfg: Eval
     """Metrics of the IR at ``ir_dir`` on the test split of ``data_version``."""
     from tasks.data import load_curated
     from tasks.evaluate import evaluate_records
-    from tasks.quantize.report import openvino_generator
+    from tasks.generators import OpenVINOGenerator
 
     test = list(load_curated(home, data_version)["test"])
-    generate = openvino_generator(ir_dir, max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size)
+    generate = OpenVINOGenerator(ir_dir, batch_size=eval_cfg.batch_size, cache_gb=eval_cfg.cache_gb)
     result = evaluate_records(test, generate, eval_cfg)
     return {"metrics": result.metrics, "ir_dir": str(ir_dir), "split": "test"}
 

@@ -9,7 +9,7 @@ of 0..10 scores, which become 0..1 rewards. Calls are
 * **cached** in memory and, given a path, in SQLite (key: sha256 of rubric version, judge model,
   prompt and completion), so a repeated completion never costs a request.
 
-When no URL is configured the rule-based :func:`tasks.rewards.instruction_score` is the score (the
+When no URL is configured the rule-based :func:`tasks.rewards.format_score` is the score (the
 stage runs offline). When the endpoint fails a batch after its retries, that batch gets the
 rule-based score with a logged warning, and the endpoint is skipped for ``cooldown_s`` so a dead
 judge does not stall every training step. Fallback scores are never cached.
@@ -29,7 +29,7 @@ from typing import Any
 
 from configs.schema import JudgeConfig
 from tasks.parsing import first_json_list
-from tasks.rewards import instruction_score
+from tasks.rewards import format_score
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +53,10 @@ class Judge:
         cfg: the ``align.judge`` section.
         cache_path: SQLite file for the persistent cache (e.g. ``<home>/cache/judge.sqlite``);
             None keeps the cache in memory only.
-        max_words: length limits passed to the rule-based fallback score.
     """
 
-    def __init__(self, cfg: JudgeConfig, cache_path: str | Path | None = None,
-                 max_words: dict[str, int] | None = None):
+    def __init__(self, cfg: JudgeConfig, cache_path: str | Path | None = None):
         self.cfg = cfg
-        self.max_words = max_words
         self.cache_path = Path(cache_path) if cache_path is not None and cfg.cache else None
         self._memory: dict[str, float] = {}
         self._client = None
@@ -121,7 +118,7 @@ class Judge:
                 self.stats["failures"] += 1
         self._down_until = time.monotonic() + self.cfg.cooldown_s
         log.warning(
-            "judge %s (model %s) failed %d time(s): %s; using the rule-based instruction score for %d "
+            "judge %s (model %s) failed %d time(s): %s; using the rule-based format score for %d "
             "completion(s) and skipping the judge for %.0fs",
             self.cfg.url, self.cfg.model, self.cfg.retries + 1, _short(error), len(completions), self.cfg.cooldown_s,
         )
@@ -160,7 +157,7 @@ class Judge:
 
     # ------------------------------------------------------------------ cache + fallback
     def _rule(self, task_name: str | None, completion: str) -> float:
-        return instruction_score(task_name, completion, self.max_words)
+        return format_score(task_name, completion)
 
     def _key(self, prompt: str, completion: str) -> str:
         payload = json.dumps([RUBRIC_VERSION, self.cfg.model, prompt, completion], ensure_ascii=False)

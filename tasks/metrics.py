@@ -2,9 +2,9 @@
 
 Conventions (hand-checkable, and the same ones the rewards use per sample):
 
-* sentiment: an unparseable prediction (``None``) is simply wrong; it counts as a miss for the
+* label tasks: an unparseable prediction (``None``) is simply wrong; it counts as a miss for the
   gold class in macro-F1 (it is never a predicted class of its own).
-* ner: entities are matched exactly on (text, type) as multisets, micro-averaged over the whole
+* entity tasks: entities are matched exactly on (text, type) as multisets, micro-averaged over the whole
   set (sum of matches over sum of predictions / gold). With nothing predicted precision is 0
   unless there was also nothing to find, in which case P = R = F1 = 1 (nothing asked, nothing wrong).
 * ROUGE-L: ``rouge_score`` F-measure with the Porter stemmer, averaged per example.
@@ -19,17 +19,18 @@ from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Any
 
-from tasks.parsing import SENTIMENT_LABELS, entity_key
+from tasks.parsing import entity_key
 
 _INVALID = "<invalid>"
 
 
-def sentiment_scores(gold: Sequence[str], pred: Sequence[str | None]) -> dict[str, float]:
-    """Accuracy and macro-F1 over the two sentiment labels (scikit-learn).
+def label_scores(gold: Sequence[str], pred: Sequence[str | None], labels: Sequence[str]) -> dict[str, float]:
+    """Accuracy and macro-F1 over ``labels`` (scikit-learn).
 
     Args:
-        gold: gold labels, each ``positive`` or ``negative``.
+        gold: gold labels, each one of ``labels``.
         pred: parsed predictions; ``None`` (unparseable) counts as wrong.
+        labels: the task's label set (the classes macro-F1 averages over).
 
     Returns:
         ``{"accuracy": ..., "macro_f1": ...}``; both 0.0 for empty input.
@@ -37,14 +38,14 @@ def sentiment_scores(gold: Sequence[str], pred: Sequence[str | None]) -> dict[st
     from sklearn.metrics import accuracy_score, f1_score
 
     if len(gold) != len(pred):
-        raise ValueError(f"sentiment: {len(gold)} gold labels but {len(pred)} predictions")
+        raise ValueError(f"{len(gold)} gold labels but {len(pred)} predictions")
     if not gold:
         return {"accuracy": 0.0, "macro_f1": 0.0}
     y_pred = [p if p is not None else _INVALID for p in pred]
     return {
         "accuracy": float(accuracy_score(gold, y_pred)),
-        # labels= fixes the averaged classes to the two real ones: <invalid> only costs recall.
-        "macro_f1": float(f1_score(gold, y_pred, labels=list(SENTIMENT_LABELS), average="macro", zero_division=0)),
+        # labels= fixes the averaged classes to the real ones: <invalid> only costs recall.
+        "macro_f1": float(f1_score(gold, y_pred, labels=list(labels), average="macro", zero_division=0)),
     }
 
 
@@ -65,7 +66,7 @@ def prf(matched: int, n_pred: int, n_gold: int) -> dict[str, float]:
     return {"precision": precision, "recall": recall, "f1": f1}
 
 
-def ner_scores(gold: Sequence[list[dict[str, Any]]], pred: Sequence[list[dict[str, Any]]]) -> dict[str, float]:
+def entity_scores(gold: Sequence[list[dict[str, Any]]], pred: Sequence[list[dict[str, Any]]]) -> dict[str, float]:
     """Micro precision/recall/F1 over all examples' entities (exact span and type).
 
     Args:
@@ -73,7 +74,7 @@ def ner_scores(gold: Sequence[list[dict[str, Any]]], pred: Sequence[list[dict[st
         pred: per example, the parsed predicted entity list (``[]`` for invalid JSON).
     """
     if len(gold) != len(pred):
-        raise ValueError(f"ner: {len(gold)} gold lists but {len(pred)} predictions")
+        raise ValueError(f"{len(gold)} gold entity lists but {len(pred)} predictions")
     if not gold:
         return {"precision": 0.0, "recall": 0.0, "f1": 0.0}
     totals = [0, 0, 0]

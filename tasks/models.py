@@ -115,6 +115,38 @@ def import_model(spec: str, home: Path, model_cfg: ModelConfig | None = None, fo
     return {**manifest, "path": str(target), "skipped": False}
 
 
+def openvino_ir(model_path: Path) -> Path:
+    """The fp32 OpenVINO IR of a Hugging Face model directory, exported once beside it and reused.
+
+    Keyed by the import manifest's source hash and dtype (or the directory's content), so a
+    re-import gets a fresh IR. Evaluation applies adapters to it at runtime, as the gateway does.
+    """
+    import os
+    import shutil
+
+    from tasks.quantize.export import export_ir
+
+    model_path = Path(model_path).resolve()
+    manifest = read_manifest(model_path) or {}
+    fingerprint = (f"{manifest['source_sha256']}:{manifest.get('dtype')}" if manifest.get("source_sha256")
+                   else sha256_dir(model_path))
+    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
+    target = model_path.parent / f"{model_path.name}.openvino-{digest}"
+    if (target / "openvino_model.xml").is_file():
+        return target
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=model_path.parent))
+    try:
+        log.info("exporting %s to an OpenVINO IR (once) at %s", model_path, target)
+        export_ir(model_path, staging)
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process exported it first: use theirs
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 @task(name="import-base-model", retries=1)
 def import_base_model(spec: str, home: Path, model_cfg: ModelConfig) -> dict[str, Any]:
     """Prefect wrapper: import (or reuse) the base model and return its manifest."""

@@ -1,27 +1,25 @@
-"""Turn model outputs back into structured labels, and say whether the output followed the format.
+"""Answers <-> structured labels, by the task's output kind (:mod:`configs.tasks`).
 
-The contract (shared by evaluation, rewards and serving checks)::
+Two directions, shared by curation, training, evaluation, rewards and serving::
 
-    parse_completion(task, text) -> (label, format_ok)
+    format_target(task, label) -> str              # what the model is trained to answer
+    parse_completion(task, text) -> (label, ok)    # what an answer means, and whether it obeyed
 
-``label`` has the structured form of the curated record schema (sentiment: ``"positive"`` |
-``"negative"`` | None; ner: list of ``{"text", "type"}``; summarization/generation: str) and
-``format_ok`` says whether the output is *exactly* what the instruction asked for.
+``label`` has the structured form of the curated record (label: one of the task's labels or None;
+entities: a list of ``{"text", "type"}``; text: str) and ``ok`` says whether the output is *exactly*
+what the instruction asked for. Accuracy should measure understanding and ``ok`` obedience, and
+neither should hide the other:
 
-Decisions (why: accuracy should measure understanding, ``format_ok`` should measure obedience,
-and neither should hide the other):
-
-* **sentiment**: the label word alone, case- and whitespace-insensitive -> ``(label, True)``.
-  A recoverable near miss -> ``(label, False)``: one leading ``Sentiment:``/``Label:``/``Answer:``
-  prefix, surrounding quotes, or trailing punctuation (``"Sentiment: Positive."``). Anything else,
-  including text that names both labels -> ``(None, False)``.
-* **ner**: the output must be a JSON list of ``{"text": non-empty str, "type": PER|ORG|LOC|MISC}``
-  and nothing else -> ``(items, True)``. Otherwise the first JSON list found anywhere in the text
-  is used (e.g. after a chatty preamble or inside a code fence); invalid items are dropped and
-  ``format_ok`` is False. No list at all (invalid JSON) -> ``([], False)``. Types are matched
-  exactly (upper case): a lower-case ``"per"`` is an invalid item, not a PER.
-* **summarization / generation**: the stripped text is the label; ``format_ok`` is False only
-  when it is empty.
+* **label**: the label word alone, case- and whitespace-insensitive -> ``(label, True)``. A
+  recoverable near miss -> ``(label, False)``: one leading ``Label:``/``Answer:``/``<task>:`` prefix,
+  surrounding quotes, or trailing punctuation (``"Sentiment: Positive."``). Anything else, including
+  text naming two labels -> ``(None, False)``.
+* **entities**: ``none``, or one ``- text (word)`` line per entity, the word being the one the task
+  writes for a type (``person`` for PER) -> ``(items, True)``. Lines that do not parse are dropped and
+  make ``ok`` False; so does a type code in place of its word (``(PER)``). An answer with no such
+  line but a JSON list of ``{"text", "type"}`` objects (what chat users and older models write) is
+  read from the list, ``ok`` False.
+* **text**: the stripped text; ``ok`` is False only when it is empty.
 """
 
 from __future__ import annotations
@@ -30,62 +28,71 @@ import json
 import re
 from typing import Any
 
-TASKS = ("sentiment", "ner", "summarization", "generation")
-SENTIMENT_LABELS = ("positive", "negative")
-NER_TYPES = ("PER", "ORG", "LOC", "MISC")
+from configs.tasks import NO_ENTITIES, TaskSpec, get_task
 
-_SENTIMENT_PREFIX = re.compile(r"^\s*(?:sentiment|label|answer)\s*[:=\-]\s*", re.IGNORECASE)
 _EDGE_NOISE = "\"'`*.!,;:()[]{} \t\r\n"
 # Chat-template leftovers a generator may emit when it does not strip special tokens.
 _TEMPLATE_TOKENS = re.compile(r"<\|im_(?:start|end)\|>|<\|endoftext\|>|</s>")
+_ENTITY_LINE = re.compile(r"^\s*-\s*(.+?)\s*\(\s*([A-Za-z]+)\s*\)\s*$")
 
 
 class UnknownTaskError(ValueError):
-    """A record names a task this module has no parser for."""
+    """A record names a task the registry does not know."""
 
 
-def parse_completion(task: str, text: str) -> tuple[Any, bool]:
-    """Parse one model output into ``(label, format_ok)`` for ``task``.
+def spec_of(task: str | TaskSpec) -> TaskSpec:
+    """The spec for a task name (or the spec itself)."""
+    if isinstance(task, TaskSpec):
+        return task
+    try:
+        return get_task(task)
+    except KeyError as err:
+        raise UnknownTaskError(str(err.args[0])) from None
 
-    Args:
-        task: one of ``sentiment``, ``ner``, ``summarization``, ``generation``.
-        text: the raw completion (assistant content, without the prompt).
 
-    Returns:
-        The structured label (see module docstring) and whether the output followed the format.
+def format_target(task: str | TaskSpec, label: Any) -> str:
+    """The answer text for a structured label (the assistant turn the model is trained on)."""
+    spec = spec_of(task)
+    if spec.output == "entities":
+        items = coerce_label(spec, label)
+        return "\n".join(f"- {e['text']} ({spec.word_of(e['type'])})" for e in items) if items else NO_ENTITIES
+    return str(label)
+
+
+def parse_completion(task: str | TaskSpec, text: str | None) -> tuple[Any, bool]:
+    """Parse one model output into ``(label, format_ok)`` (see the module docstring).
 
     Raises:
-        UnknownTaskError: ``task`` is not one of :data:`TASKS`.
+        UnknownTaskError: ``task`` is not in the registry.
     """
+    spec = spec_of(task)
     text = "" if text is None else str(text)
-    if task == "sentiment":
-        return _parse_sentiment(text)
-    if task == "ner":
-        return _parse_ner(text)
-    if task in ("summarization", "generation"):
-        cleaned = _TEMPLATE_TOKENS.sub("", text).strip()
-        return cleaned, bool(cleaned)
-    raise UnknownTaskError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
+    if spec.output == "label":
+        return _parse_label(spec, text)
+    if spec.output == "entities":
+        return _parse_entities(spec, text)
+    cleaned = _TEMPLATE_TOKENS.sub("", text).strip()
+    return cleaned, bool(cleaned)
 
 
-def coerce_label(task: str, label: Any) -> Any:
+def coerce_label(task: str | TaskSpec, label: Any) -> Any:
     """Bring a record's ``label`` into its structured form.
 
     Datasets store one column for all tasks, so curated data may carry the label JSON-encoded
     (``'[{"text": ...}]'``, ``'"positive"'``); TRL passes such columns through unchanged.
-    Structured values pass through as they are.
 
     Raises:
-        ValueError: an NER label that is neither a list nor a JSON list.
+        ValueError: an entities label that is neither a list nor a JSON list.
     """
-    if task == "ner":
+    spec = spec_of(task)
+    if spec.output == "entities":
         if isinstance(label, str):
             try:
                 label = json.loads(label) if label.strip() else []
             except json.JSONDecodeError as err:
-                raise ValueError(f"ner label is not valid JSON: {label[:80]!r} ({err.msg})") from None
+                raise ValueError(f"{spec.name} label is not valid JSON: {label[:80]!r} ({err.msg})") from None
         if not isinstance(label, list):
-            raise ValueError(f"ner label must be a list of entities, got {type(label).__name__}")
+            raise ValueError(f"{spec.name} label must be a list of entities, got {type(label).__name__}")
         return [{"text": str(e["text"]), "type": str(e["type"])} for e in label if isinstance(e, dict)]
     if isinstance(label, str) and label.startswith('"') and label.endswith('"') and len(label) >= 2:
         try:
@@ -101,38 +108,49 @@ def entity_key(entity: dict[str, Any]) -> tuple[str, str]:
     return (str(entity.get("text", "")), str(entity.get("type", "")))
 
 
-# --------------------------------------------------------------------------- sentiment
-def _parse_sentiment(text: str) -> tuple[str | None, bool]:
+# --------------------------------------------------------------------------- label
+def _parse_label(spec: TaskSpec, text: str) -> tuple[str | None, bool]:
+    labels = {label.lower(): label for label in spec.labels}
     stripped = text.strip().lower()
-    if stripped in SENTIMENT_LABELS:
-        return stripped, True
-    candidate = _TEMPLATE_TOKENS.sub("", text)
-    candidate = _SENTIMENT_PREFIX.sub("", candidate, count=1).strip(_EDGE_NOISE).lower()
-    if candidate in SENTIMENT_LABELS:
-        return candidate, False
+    if stripped in labels:
+        return labels[stripped], True
+    prefix = re.compile(rf"^\s*(?:{re.escape(spec.name)}|label|answer)\s*[:=\-]\s*", re.IGNORECASE)
+    candidate = prefix.sub("", _TEMPLATE_TOKENS.sub("", text), count=1).strip(_EDGE_NOISE).lower()
+    if candidate in labels:
+        return labels[candidate], False
     return None, False
 
 
-# --------------------------------------------------------------------------- ner
-def _parse_ner(text: str) -> tuple[list[dict[str, str]], bool]:
+# --------------------------------------------------------------------------- entities
+def _parse_entities(spec: TaskSpec, text: str) -> tuple[list[dict[str, str]], bool]:
     stripped = text.strip()
-    whole = _load_list(stripped)
-    if whole is not None:
-        items, all_valid = _valid_entities(whole)
-        return items, all_valid
+    if stripped.lower() == NO_ENTITIES:
+        return [], True
+    types = {spec.word_of(t).lower(): t for t in spec.labels}
+    items: list[dict[str, str]] = []
+    all_ok = bool(stripped)
+    for line in stripped.splitlines():
+        if not line.strip():
+            continue
+        match = _ENTITY_LINE.match(line)
+        word = match[2] if match else ""
+        if match and word.lower() in types:
+            items.append({"text": match[1], "type": types[word.lower()]})
+            all_ok = all_ok and word == spec.word_of(types[word.lower()])
+        elif match and word in spec.labels:  # the code instead of its word: readable, not obedient
+            items.append({"text": match[1], "type": word})
+            all_ok = False
+        else:
+            all_ok = False
+    if items:
+        return items, all_ok
     found = first_json_list(stripped)
     if found is None:
         return [], False
-    items, _ = _valid_entities(found)
-    return items, False
-
-
-def _load_list(text: str) -> list | None:
-    try:
-        value = json.loads(text)
-    except (json.JSONDecodeError, ValueError):
-        return None
-    return value if isinstance(value, list) else None
+    valid = [{"text": e["text"], "type": e["type"]} for e in found
+             if isinstance(e, dict) and isinstance(e.get("text"), str) and e["text"].strip()
+             and e.get("type") in spec.labels]
+    return valid, False
 
 
 def first_json_list(text: str) -> list | None:
@@ -148,16 +166,3 @@ def first_json_list(text: str) -> list | None:
             return value
         start = text.find("[", start + 1)
     return None
-
-
-def _valid_entities(items: list) -> tuple[list[dict[str, str]], bool]:
-    valid = []
-    for item in items:
-        if (
-            isinstance(item, dict)
-            and isinstance(item.get("text"), str)
-            and item["text"].strip()
-            and item.get("type") in NER_TYPES
-        ):
-            valid.append({"text": item["text"], "type": item["type"]})
-    return valid, len(valid) == len(items)

@@ -5,31 +5,31 @@ Every reward function has the TRL signature ``f(prompts, completions, **kwargs) 
 structured object or JSON-encoded: both work). Completions may be plain strings or conversational
 (``[{"role": "assistant", "content": ...}]``).
 
-**Not applicable -> None.** A reward that does not apply to a row (the sentiment reward on an NER
-row) returns ``None``. TRL 1.16 ``GRPOTrainer._calculate_rewards`` turns ``None`` into NaN and
-aggregates with ``nansum`` over ``reward_weights``, so the row is scored by the rewards that do
-apply, and a row no reward applies to gets zero advantage (with a warning). :func:`combine` mirrors
-exactly that arithmetic.
+**Not applicable -> None.** A reward scores the tasks of its output kind (:mod:`configs.tasks`) and
+returns ``None`` for the others. TRL 1.16 ``GRPOTrainer._calculate_rewards`` turns ``None`` into NaN
+and aggregates with ``nansum`` over ``reward_weights``, so a row is scored by the rewards that apply,
+and a row no reward applies to gets zero advantage (with a warning). :func:`combine` mirrors that.
 
-Per-sample definitions (before clipping to ``AlignConfig.reward_clip``):
+Each reward separates good from bad completions of the tasks it scores (a group whose completions
+all score alike has no advantage, so no gradient). Per-sample definitions, before clipping:
 
-=============== ======== ===================================================================
-name            range    value
-=============== ======== ===================================================================
-sentiment       -1 .. 1  +1 parsed label == gold; -1 wrong label or unparseable. Per-sample
-                         surrogate for accuracy/macro-F1 (batch F1 does not decompose): the
-                         batch mean is ``2*accuracy - 1``, and on the class-balanced SST-2 data
-                         maximising accuracy maximises macro-F1.
-ner             0 .. 1   entity F1 of this sample (exact (text, type) multiset match). Gold
-                         ``[]``: 1 for a well-formed ``[]``, 0 for anything else (so junk is
-                         never rewarded as "found nothing").
-ner_recall      0 .. 1   matched / gold entities (gold ``[]``: as for ``ner``).
-ner_precision   0 .. 1   matched / predicted entities (nothing predicted: as for ``ner``).
-instruction     0 .. 1   rule-based format score, every task: see :func:`instruction_score`.
-rouge           0 .. 1   ROUGE-L F against the reference; summarization rows only.
-judge           0 .. 1   instruction quality from the judge (:mod:`tasks.judge`), falling back
-                         to ``instruction`` when no judge is configured or it is down.
-=============== ======== ===================================================================
+================ ======== ==================================================================
+name             range    value
+================ ======== ==================================================================
+label_match      -1 .. 1  +1 parsed label == gold; -1 wrong label or unparseable. The batch
+                          mean is ``2*accuracy - 1``.
+entity_f1        0 .. 1   entity F1 of this sample (exact (text, type) multiset match). Gold
+                          empty: 1 for a well-formed ``none``, 0 for anything else.
+entity_recall    0 .. 1   matched / gold entities (gold empty: as for entity_f1).
+entity_precision 0 .. 1   matched / predicted entities (nothing predicted: as for entity_f1).
+rouge_l          0 .. 1   ROUGE-L F against the reference text (text tasks).
+format           0 .. 1   rule-based format score, every task: see :func:`format_score`. It only
+                          separates malformed from well-formed answers, so it is a small term
+                          beside a quality reward, not a stage of its own.
+judge            0 .. 1   instruction quality from an LLM judge (:mod:`tasks.judge`); only when
+                          ``align.judge.url`` is configured, falling back to ``format`` while the
+                          endpoint is down.
+================ ======== ==================================================================
 """
 
 from __future__ import annotations
@@ -40,23 +40,31 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from configs.schema import AlignConfig, AlignStageConfig
+from configs.tasks import get_task
 from tasks import metrics as M
 from tasks.parsing import coerce_label, first_json_list, parse_completion
 
 RewardFunc = Callable[..., list[float | None]]
 
 REWARD_RANGES: dict[str, tuple[float, float]] = {
-    "sentiment": (-1.0, 1.0),
-    "ner": (0.0, 1.0),
-    "ner_recall": (0.0, 1.0),
-    "ner_precision": (0.0, 1.0),
-    "instruction": (0.0, 1.0),
-    "rouge": (0.0, 1.0),
+    "label_match": (-1.0, 1.0),
+    "entity_f1": (0.0, 1.0),
+    "entity_recall": (0.0, 1.0),
+    "entity_precision": (0.0, 1.0),
+    "rouge_l": (0.0, 1.0),
+    "format": (0.0, 1.0),
     "judge": (0.0, 1.0),
 }
 """Natural range of each reward before clipping (used to measure saturation)."""
 
-DEFAULT_MAX_WORDS = {"summarization": 60, "generation": 150}
+REWARD_KINDS: dict[str, tuple[str, ...]] = {
+    "label_match": ("label",),
+    "entity_f1": ("entities",),
+    "entity_recall": ("entities",),
+    "entity_precision": ("entities",),
+    "rouge_l": ("text",),
+}
+"""Output kinds each task-specific reward scores; format and judge score every task."""
 
 
 # --------------------------------------------------------------------------- per-sample scores
@@ -73,51 +81,51 @@ def completion_text(completion: Any) -> str:
     return "" if completion is None else str(completion)
 
 
-def sentiment_score(text: str, label: str) -> float:
+def label_score(task: str, text: str, label: str) -> float:
     """+1 when the parsed label equals ``label``, else -1 (wrong or unparseable)."""
-    parsed, _ = parse_completion("sentiment", text)
+    parsed, _ = parse_completion(task, text)
     return 1.0 if parsed is not None and parsed == label else -1.0
 
 
-def ner_score(text: str, label: list[dict[str, Any]], kind: str = "f1") -> float:
+def entity_score(task: str, text: str, label: list[dict[str, Any]], kind: str = "f1") -> float:
     """Per-sample entity ``f1`` | ``recall`` | ``precision`` against the structured ``label``."""
-    parsed, format_ok = parse_completion("ner", text)
+    parsed, format_ok = parse_completion(task, text)
     if not label and not parsed:
         return 1.0 if format_ok else 0.0
     return M.prf(*M.entity_counts(label, parsed))[kind]
 
 
-def rouge_score(text: str, reference: str) -> float:
+def rouge_score(task: str, text: str, reference: str) -> float:
     """ROUGE-L F of the parsed output against the reference."""
-    parsed, _ = parse_completion("summarization", text)
+    parsed, _ = parse_completion(task, text)
     return M.rouge_l(reference, parsed)
 
 
-def instruction_score(task: str | None, text: str, max_words: dict[str, int] | None = None) -> float:
-    """Rule-based instruction-format score in 0..1 (no model, no network).
+def format_score(task: str | None, text: str) -> float:
+    """Rule-based format score in 0..1 (no model, no network), by the task's output kind.
 
-    * sentiment: 1 for exactly an allowed label word; 0.5 for a recoverable near miss
-      (``"Sentiment: positive."``); 0 otherwise.
-    * ner: 1 for exactly a JSON list of valid ``{"text","type"}`` items with allowed types;
-      0.5 when a list is present but wrapped in other text or has invalid items; 0 without a list.
-    * summarization / generation (and unknown tasks, held to the generation limit): 0 when
-      empty; 1 within ``max_words[task]`` words; beyond it ``limit / words`` (longer is worse).
+    * label: 1 for exactly an allowed label; 0.5 for a recoverable near miss (``"Sentiment: positive."``);
+      0 otherwise.
+    * entities: 1 for well-formed ``TYPE: text`` lines (or ``none``); 0.5 when some entity could be
+      read (a malformed line beside good ones, a JSON list); 0 otherwise.
+    * text (and unknown tasks): 0 when empty; 1 within the task's ``max_words``; beyond it
+      ``limit / words`` (longer is worse).
     """
-    limits = {**DEFAULT_MAX_WORDS, **(max_words or {})}
-    if task == "sentiment":
-        parsed, ok = parse_completion(task, text)
+    spec = get_task(task) if task else None
+    if spec is not None and spec.output == "label":
+        parsed, ok = parse_completion(spec, text)
         return 1.0 if ok else 0.5 if parsed is not None else 0.0
-    if task == "ner":
-        parsed, ok = parse_completion(task, text)
+    if spec is not None and spec.output == "entities":
+        parsed, ok = parse_completion(spec, text)
         if ok:
             return 1.0
-        return 0.5 if first_json_list(text) is not None else 0.0
-    cleaned, ok = parse_completion("generation", text)
-    if not ok:
+        return 0.5 if parsed or first_json_list(text) is not None else 0.0
+    cleaned = text.strip()
+    if not cleaned:
         return 0.0
-    limit = limits.get(task or "generation", limits["generation"])
+    limit = spec.max_words if spec is not None else None
     words = len(cleaned.split())
-    return 1.0 if words <= limit else limit / words
+    return 1.0 if limit is None or words <= limit else limit / words
 
 
 # --------------------------------------------------------------------------- TRL reward functions
@@ -130,49 +138,42 @@ def _rows(completions: Sequence[Any], kwargs: dict[str, Any]) -> list[tuple[str,
     return [(completion_text(c), t, lab) for c, t, lab in zip(completions, tasks, labels, strict=True)]
 
 
-def sentiment_reward(prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
-    """+1 / -1 per sentiment row (see module docstring); None for other tasks."""
-    return [
-        sentiment_score(text, coerce_label(task, label)) if task == "sentiment" else None
-        for text, task, label in _rows(completions, kwargs)
-    ]
+def _applies(name: str, task: str | None) -> bool:
+    return task is not None and get_task(task).output in REWARD_KINDS[name]
 
 
-def _ner_reward(kind: str) -> RewardFunc:
+def label_match_reward(prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
+    """+1 / -1 per label-task row (see module docstring); None for other tasks."""
+    return [label_score(task, text, coerce_label(task, label)) if _applies("label_match", task) else None
+            for text, task, label in _rows(completions, kwargs)]
+
+
+def _entity_reward(kind: str) -> RewardFunc:
+    name = f"entity_{kind}"
+
     def reward(prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
-        return [
-            ner_score(text, coerce_label(task, label), kind) if task == "ner" else None
-            for text, task, label in _rows(completions, kwargs)
-        ]
+        return [entity_score(task, text, coerce_label(task, label), kind) if _applies(name, task) else None
+                for text, task, label in _rows(completions, kwargs)]
 
-    reward.__name__ = "ner" if kind == "f1" else f"ner_{kind}"
-    reward.__doc__ = f"Per-sample entity {kind} for NER rows; None for other tasks."
+    reward.__name__ = name
+    reward.__doc__ = f"Per-sample entity {kind} for entity-task rows; None for other tasks."
     return reward
 
 
-ner_reward = _ner_reward("f1")
-ner_recall_reward = _ner_reward("recall")
-ner_precision_reward = _ner_reward("precision")
+entity_f1_reward = _entity_reward("f1")
+entity_recall_reward = _entity_reward("recall")
+entity_precision_reward = _entity_reward("precision")
 
 
-def rouge_reward(prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
-    """ROUGE-L F for summarization rows; None for other tasks."""
-    return [
-        rouge_score(text, coerce_label(task, label)) if task == "summarization" else None
-        for text, task, label in _rows(completions, kwargs)
-    ]
+def rouge_l_reward(prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
+    """ROUGE-L F for text-task rows; None for other tasks."""
+    return [rouge_score(task, text, coerce_label(task, label)) if _applies("rouge_l", task) else None
+            for text, task, label in _rows(completions, kwargs)]
 
 
-def make_instruction_reward(max_words: dict[str, int] | None = None) -> RewardFunc:
-    """The rule-based instruction reward with the configured length limits (applies to every row)."""
-
-    def instruction(prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
-        return [instruction_score(task, text, max_words) for text, task, _ in _rows(completions, kwargs)]
-
-    return instruction
-
-
-instruction_reward = make_instruction_reward()
+def format_reward(prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
+    """The rule-based format score (applies to every row)."""
+    return [format_score(task, text) for text, task, _ in _rows(completions, kwargs)]
 
 
 def make_judge_reward(judge) -> RewardFunc:
@@ -219,19 +220,25 @@ def build_reward_funcs(
 
     Args:
         names: reward names (keys of a stage's ``reward_weights``).
-        cfg: the ``align`` section (clip range, length limits).
-        judge: the judge for ``judge``; None = the rule-based instruction score under that name.
+        cfg: the ``align`` section (clip range).
+        judge: the judge for ``judge`` (required when ``judge`` is named).
         schedule: when given, it observes every batch of rewards (for the saturation schedule).
+
+    Raises:
+        ValueError: an unknown reward, or ``judge`` without a judge.
     """
     table: dict[str, RewardFunc] = {
-        "sentiment": sentiment_reward,
-        "ner": ner_reward,
-        "ner_recall": ner_recall_reward,
-        "ner_precision": ner_precision_reward,
-        "rouge": rouge_reward,
-        "instruction": make_instruction_reward(cfg.format_max_words),
-        "judge": make_judge_reward(judge) if judge is not None else make_instruction_reward(cfg.format_max_words),
+        "label_match": label_match_reward,
+        "entity_f1": entity_f1_reward,
+        "entity_recall": entity_recall_reward,
+        "entity_precision": entity_precision_reward,
+        "rouge_l": rouge_l_reward,
+        "format": format_reward,
     }
+    if judge is not None:
+        table["judge"] = make_judge_reward(judge)
+    elif "judge" in names:
+        raise ValueError("the 'judge' reward needs a judge endpoint: set align.judge.url (or drop the reward)")
     unknown = [n for n in names if n not in table]
     if unknown:
         raise ValueError(f"unknown reward(s) {', '.join(unknown)}; known: {', '.join(table)}")

@@ -46,12 +46,13 @@ def _stage(weights: dict[str, float], steps: int = 2, **extra) -> AlignStageConf
 
 # --------------------------------------------------------------------------- prompts
 def test_stage_tasks_follow_the_rewards():
-    assert stage_tasks(_stage({"judge": 1.0})) == ["sentiment", "ner", "summarization", "generation"]
-    assert stage_tasks(_stage({"sentiment": 0.5, "ner": 0.3, "instruction": 0.2})) == ["sentiment", "ner"]
-    assert stage_tasks(_stage({"sentiment": 0.5, "ner_recall": 0.3, "rouge": 0.2})) == [
-        "sentiment", "ner", "summarization"]
-    assert stage_tasks(_stage({"sentiment": 1.0, "rouge": 0.0})) == ["sentiment"]  # zero weight: not sampled
-    assert stage_tasks(_stage({"instruction": 1.0}, tasks=["generation"])) == ["generation"]
+    assert stage_tasks(_stage({"format": 1.0})) == ["sentiment", "ner", "summarization", "generation"]
+    assert stage_tasks(_stage({"label_match": 0.5, "entity_f1": 0.3, "format": 0.2})) == ["sentiment", "ner"]
+    # rouge_l scores every text task with a reference
+    assert stage_tasks(_stage({"label_match": 0.5, "entity_recall": 0.3, "rouge_l": 0.2})) == [
+        "sentiment", "ner", "summarization", "generation"]
+    assert stage_tasks(_stage({"label_match": 1.0, "rouge_l": 0.0})) == ["sentiment"]  # zero weight: not sampled
+    assert stage_tasks(_stage({"format": 1.0}, tasks=["generation"])) == ["generation"]
 
 
 def test_prompt_rows_take_turns_over_tasks_and_encode_labels(tokenizer):
@@ -73,7 +74,7 @@ def test_grpo_config_comes_from_the_align_section(tmp_path):
 
     cfg = _cfg(num_generations=3, batch_size=2, kl_beta=0.1, clip_epsilon=0.3, learning_rate=2e-6,
                max_completion_length=20, num_iterations=2, temperature=0.7)
-    stage = _stage({"sentiment": 0.5, "ner": 0.3, "instruction": 0.2}, steps=7)
+    stage = _stage({"label_match": 0.5, "entity_f1": 0.3, "format": 0.2}, steps=7)
     args = grpo_args(cfg, stage, tmp_path)
     # 2 prompts x 3 generations = 6 completions per step, one generation batch, in micro-batches of 3
     assert args.num_generations == 3 and args.generation_batch_size == 6
@@ -91,16 +92,19 @@ def test_grpo_config_comes_from_the_align_section(tmp_path):
 # --------------------------------------------------------------------------- real GRPO steps
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_stage_runs_two_real_steps_changes_the_adapter_and_logs_every_step(
-        method, tiny_model_dir, sft_adapter, tokenizer, tmp_path):
-    """Two optimiser steps on summaries; short word limits make the instruction score differ between
-    completions of one prompt, so advantages are non-zero and the adapter must move."""
+        method, tiny_model_dir, sft_adapter, tokenizer, tmp_path, monkeypatch):
+    """Two optimiser steps on summaries; a 2-word limit makes the format score of the random model's
+    completions differ within a group, so advantages are non-zero and the adapter must move."""
     import torch
     from bitsandbytes.nn import Linear4bit
 
+    from configs.tasks import BUILTIN_TASKS
     from tasks.align.trainer import adapter_tensors, load_policy, run_stage
 
-    cfg = _cfg(format_max_words={"summarization": 2, "generation": 2})
-    stage = _stage({"instruction": 0.7, "rouge": 0.3})
+    monkeypatch.setitem(BUILTIN_TASKS, "summarization",
+                        BUILTIN_TASKS["summarization"].model_copy(update={"max_words": 2}))
+    cfg = _cfg()
+    stage = _stage({"format": 0.3, "rouge_l": 0.7}, tasks=["summarization"])
     rows = prompt_rows(records(tokenizer, copies=2), stage_tasks(stage))
     steps: list[tuple[int, dict]] = []
     out = tmp_path / "stage" / "adapter"
@@ -120,37 +124,37 @@ def test_stage_runs_two_real_steps_changes_the_adapter_and_logs_every_step(
     per_step = [(s, m) for s, m in steps if "kl" in m]
     assert [s for s, _ in per_step] == [11, 12]  # global steps continue after the earlier stages
     for _, m in per_step:
-        for key in ("rewards/instruction/mean", "rewards/instruction/std", "rewards/rouge/mean", "reward",
-                    "kl", "clip_ratio/region_mean", "completions/mean_length", "loss", "weight/instruction"):
+        for key in ("rewards/format/mean", "rewards/format/std", "rewards/rouge_l/mean", "reward",
+                    "kl", "clip_ratio/region_mean", "completions/mean_length", "loss", "weight/format"):
             assert key in m, key
         assert m["stage"] == 1.0
         # The aggregated reward is the configured weighted sum (both rewards apply to every summary row).
         assert m["reward"] == pytest.approx(
-            0.7 * m["rewards/instruction/mean"] + 0.3 * m["rewards/rouge/mean"], abs=1e-5)
-    assert any(m["rewards/instruction/std"] > 0 for _, m in per_step)
+            0.3 * m["rewards/format/mean"] + 0.7 * m["rewards/rouge_l/mean"], abs=1e-5)
+    assert any(m["rewards/format/std"] > 0 for _, m in per_step)
     assert any("s/train_runtime" in m for _, m in steps)
 
 
 def test_saturation_schedule_shifts_weight_off_a_saturated_reward(tiny_model_dir, sft_adapter, tokenizer, tmp_path):
-    """Any non-empty summary within 1000 words scores instruction 1.0 (saturated) while ROUGE of
-    random text stays low: after the first step the instruction weight drops to its floor."""
+    """Any non-empty summary within the task's word limit scores format 1.0 (saturated) while ROUGE of
+    random text stays low: after the first step the format weight drops to its floor."""
     from tasks.align.trainer import run_stage
 
     cfg = _cfg(weight_schedule="saturation", saturation_momentum=0.0, saturation_threshold=0.9,
-               saturation_min_fraction=0.1, format_max_words={"summarization": 1000})
-    stage = _stage({"instruction": 0.5, "rouge": 0.5})
+               saturation_min_fraction=0.1)
+    stage = _stage({"format": 0.5, "rouge_l": 0.5})
     rows = prompt_rows(records(tokenizer), ["summarization"])
     summary = run_stage(tiny_model_dir, sft_adapter, tmp_path / "a", rows, cfg, stage, "lora")
 
     first = summary["weight_history"][0]
-    assert first["running"]["instruction"] == pytest.approx(1.0)
-    assert first["running"]["rouge"] < 0.9
+    assert first["running"]["format"] == pytest.approx(1.0)
+    assert first["running"]["rouge_l"] < 0.9
     low = 0.05 / (0.05 + 0.5)  # floor 0.1 * 0.5, then rescaled to the configured total of 1.0
     # weights_final is read back from the trainer's reward_weights tensor, in its reward order.
-    assert list(summary["weights_final"]) == ["instruction", "rouge"]
-    assert summary["weights_final"]["instruction"] == pytest.approx(low, abs=1e-6)
-    assert summary["weights_final"]["rouge"] == pytest.approx(1 - low, abs=1e-6)
+    assert list(summary["weights_final"]) == ["format", "rouge_l"]
+    assert summary["weights_final"]["format"] == pytest.approx(low, abs=1e-6)
+    assert summary["weights_final"]["rouge_l"] == pytest.approx(1 - low, abs=1e-6)
     # The second step's aggregated reward already used the shifted weights.
     second = [h for h in summary["history"] if "reward" in h][1]
     assert second["reward"] == pytest.approx(
-        low * second["rewards/instruction/mean"] + (1 - low) * second["rewards/rouge/mean"], abs=1e-5)
+        low * second["rewards/format/mean"] + (1 - low) * second["rewards/rouge_l/mean"], abs=1e-5)

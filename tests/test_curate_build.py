@@ -16,7 +16,7 @@ from tasks.data.build import allocate, build_dataset
 from tasks.data.dedup import exact_key, jaccard, shingles
 from tasks.data.store import SPLITS, compute_version, tokenizer_fingerprint
 from tasks.models import load_tokenizer
-from tasks.parsing import parse_completion
+from tasks.parsing import format_target, parse_completion
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def test_record_schema_and_rendering(shipped, tiny_model_dir):
         assert assistant["content"] == row["completion"]
         assert row["prompt"] == tokenizer.apply_chat_template(row["messages"][:2], tokenize=False,
                                                               add_generation_prompt=True)
-        expected = json.dumps(row["label"], ensure_ascii=False) if row["task"] == "ner" else row["label"]
+        expected = format_target(row["task"], row["label"])
         assert row["completion"] == expected
         assert "<|im_end|>" not in row["completion"]
     # Several paraphrases are in use per task, not one phrasing.

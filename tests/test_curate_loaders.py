@@ -113,7 +113,7 @@ def test_dialogsum_summary_and_reply(tmp_path):
     assert [(r.id, r.label) for r in records] == [("src-d1", "Two people greet.")]
     assert _reasons(rejected) == {(2, "empty_text"), (3, "empty_text"), (4, "invalid_json")}
 
-    reply = summ.model_copy(update={"name": "reply", "task": "generation"})
+    reply = summ.model_copy(update={"name": "reply", "task": "generation", "dialogue_target": "next_turn"})
     records, rejected = load_source(reply, tmp_path)
     (record,) = records
     turns = rows[0]["dialogue"].split("\n")

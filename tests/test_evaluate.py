@@ -13,6 +13,7 @@ import pytest
 from configs.schema import EvaluateConfig
 from tasks import metrics as M
 from tasks.evaluate import EvalResult, evaluate_records, evaluate_task, hf_generator, write_results
+from tasks.parsing import format_target
 
 POS, NEG = "positive", "negative"
 
@@ -25,7 +26,7 @@ def rec(i, task, label, prompt=None, **extra):
 def table_generator(outputs: dict[str, str], calls: list[int] | None = None):
     """A Generator answering each prompt from a fixed table (hand-made predictions)."""
 
-    def generate(prompts: list[str]) -> list[str]:
+    def generate(prompts: list[str], max_new_tokens: int = 64) -> list[str]:
         if calls is not None:
             calls.append(len(prompts))
         return [outputs[p] for p in prompts]
@@ -47,10 +48,10 @@ def hand_made():
     outputs = {
         "<sentiment 1>": "positive", "<sentiment 2>": "negative", "<sentiment 3>": "Negative",
         "<sentiment 4>": "no idea", "<sentiment 5>": "Sentiment: positive",
-        "<ner 1>": '[{"text": "John", "type": "PER"}, {"text": "Paris", "type": "ORG"}]',
+        "<ner 1>": "- John (person)\n- Paris (organization)",
         "<ner 2>": "EU is an organisation",
-        "<ner 3>": "[]",
-        "<ner 4>": '[{"text": "Bob", "type": "PER"}]',
+        "<ner 3>": "none",
+        "<ner 4>": "- Bob (person)",
         "<summarization 1>": "the cat sat",
         "<summarization 2>": "",
     }
@@ -72,7 +73,7 @@ def test_metrics_equal_hand_computed_values():
     assert m["ner_f1"] == pytest.approx(0.5)
     # ROUGE-L: LCS 3 of 3 predicted / 6 reference tokens -> F 2/3; empty -> 0; mean 1/3.
     assert m["summarization_rougeL"] == pytest.approx(1 / 3)
-    # format ok: 3 sentiment + 3 ner ("[]" is a valid empty list) + 1 summary = 7 of 11.
+    # format ok: 3 sentiment + 3 ner ("none" is the valid empty answer) + 1 summary = 7 of 11.
     assert m["format_compliance"] == pytest.approx(7 / 11)
     assert m["format_compliance_sentiment"] == pytest.approx(0.6)
     assert m["format_compliance_ner"] == pytest.approx(0.75)
@@ -83,6 +84,8 @@ def test_metrics_equal_hand_computed_values():
     rows = {r["id"]: r for r in result.table}
     assert set(rows["ner-1"]) >= {"id", "task", "input", "prompt", "output", "label", "parsed", "format_ok", "score"}
     assert rows["ner-1"]["score"] == pytest.approx(0.5)
+    # entity rows keep the counts paired comparisons resample (tasks.stats)
+    assert (rows["ner-1"]["matched"], rows["ner-1"]["n_pred"], rows["ner-1"]["n_gold"]) == (1, 2, 2)
     assert rows["ner-2"]["label"] == [{"text": "EU", "type": "ORG"}]
     assert rows["ner-2"]["parsed"] == [] and rows["ner-2"]["format_ok"] is False
     assert rows["ner-3"]["score"] == 1.0
@@ -90,6 +93,24 @@ def test_metrics_equal_hand_computed_values():
     assert rows["summarization-1"]["score"] == pytest.approx(2 / 3)
     # the table keeps the input order even though prompts were batched by length
     assert [r["id"] for r in result.table] == [r["id"] for r in records]
+
+
+def test_each_task_is_generated_with_its_own_length_limit_unless_one_is_configured():
+    from configs.tasks import get_task
+
+    records, outputs = hand_made()
+    seen: dict[int, int] = {}
+
+    def generate(prompts, max_new_tokens):
+        seen[max_new_tokens] = seen.get(max_new_tokens, 0) + len(prompts)
+        return [outputs[p] for p in prompts]
+
+    evaluate_records(records, generate, EvaluateConfig())
+    assert seen == {get_task("sentiment").max_new_tokens: 5, get_task("ner").max_new_tokens: 4,
+                    get_task("summarization").max_new_tokens: 2}
+    seen.clear()
+    evaluate_records(records, generate, EvaluateConfig(max_new_tokens=7))
+    assert seen == {7: 11}
 
 
 def test_max_samples_per_task_takes_the_first_of_each_task():
@@ -107,7 +128,7 @@ def test_bad_records_and_generators_fail_clearly():
     with pytest.raises(ValueError, match="unknown task 'qa'"):
         evaluate_records([rec(1, "qa", "a")], table_generator({}), cfg)
     with pytest.raises(ValueError, match="returned 0 completions for 1 prompts"):
-        evaluate_records([rec(1, "sentiment", POS)], lambda prompts: [], cfg)
+        evaluate_records([rec(1, "sentiment", POS)], lambda prompts, n: [], cfg)
 
 
 def test_metric_edge_cases():
@@ -115,7 +136,7 @@ def test_metric_edge_cases():
     assert M.prf(0, 0, 3) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
     assert M.perplexity([(2.0, 1), (4.0, 3)]) == pytest.approx(math.exp(1.5))
     assert math.isnan(M.perplexity([]))
-    assert M.sentiment_scores([POS, NEG], [None, None]) == {"accuracy": 0.0, "macro_f1": 0.0}
+    assert M.label_scores([POS, NEG], [None, None], [POS, NEG]) == {"accuracy": 0.0, "macro_f1": 0.0}
     assert M.rouge_l("Cats are sitting", "cat sits") > 0  # Porter stemmer: cats ~ cat, sitting ~ sits
 
 
@@ -144,14 +165,14 @@ def chat_records(tokenizer):
     ner_label = [{"text": "Paris", "type": "LOC"}]
     return [
         rec(1, "sentiment", POS, prompt("Classify the sentiment.", "a moving, funny film"), completion=POS),
-        rec(2, "ner", ner_label, prompt("List the named entities as JSON.", "She flew to Paris."),
-            completion=json.dumps(ner_label)),
+        rec(2, "ner", ner_label, prompt("List the named entities.", "She flew to Paris."),
+            completion=format_target("ner", ner_label)),
     ]
 
 
 @pytest.fixture(scope="module")
 def tiny_generator(tiny_model_dir):
-    return hf_generator(tiny_model_dir, max_new_tokens=12, batch_size=2)
+    return hf_generator(tiny_model_dir, batch_size=2)
 
 
 def test_hf_generator_is_deterministic_and_scores_perplexity(tiny_generator):
@@ -193,7 +214,7 @@ def test_trained_model_answers_exactly_and_evaluates_perfectly(tiny_model_dir):
     must parse, score 1.0, and the reference perplexity must drop."""
     import torch
 
-    gen = hf_generator(tiny_model_dir, max_new_tokens=16, batch_size=2)
+    gen = hf_generator(tiny_model_dir, batch_size=2)
     records = chat_records(gen.tokenizer)
     cfg = EvaluateConfig(batch_size=2, max_new_tokens=16)
     before = evaluate_records(records, gen, cfg, perplexity_model=gen).metrics["perplexity"]
@@ -222,7 +243,7 @@ def test_trained_model_answers_exactly_and_evaluates_perfectly(tiny_model_dir):
     gen.model.eval()
 
     after = evaluate_records(records, gen, cfg, perplexity_model=gen)
-    assert [r["output"] for r in after.table] == [POS, json.dumps([{"text": "Paris", "type": "LOC"}])]
+    assert [r["output"] for r in after.table] == [POS, "- Paris (location)"]
     assert after.metrics["sentiment_accuracy"] == 1.0 and after.metrics["ner_f1"] == 1.0
     assert after.metrics["format_compliance"] == 1.0
     assert after.metrics["perplexity"] < 1.5 < before
@@ -250,7 +271,7 @@ def test_evaluate_task_publishes_artifacts(prefect_harness, tiny_model_dir, tmp_
 
     @flow
     def run():
-        return evaluate_task(tiny_model_dir, EvaluateConfig(batch_size=2, max_new_tokens=4), tmp_path / "out",
+        return evaluate_task(tiny_model_dir, EvaluateConfig(batch_size=2, max_new_tokens=4, engine="hf"), tmp_path / "out",
                              records=records, artifact_key="test-eval")
 
     out = run()
@@ -275,9 +296,9 @@ def test_merged_adapter_scores_like_the_peft_wrapper(tiny_model_dir, random_adap
     """Folding the LoRA weights in (the fast path evaluation uses) must not change the model's function."""
     import torch
 
-    merged = hf_generator(tiny_model_dir, random_adapter, max_new_tokens=8, batch_size=2)
-    wrapped = hf_generator(tiny_model_dir, random_adapter, max_new_tokens=8, batch_size=2, merge_adapter=False)
-    base = hf_generator(tiny_model_dir, max_new_tokens=8, batch_size=2)
+    merged = hf_generator(tiny_model_dir, random_adapter, batch_size=2)
+    wrapped = hf_generator(tiny_model_dir, random_adapter, batch_size=2, merge_adapter=False)
+    base = hf_generator(tiny_model_dir, batch_size=2)
     assert not hasattr(merged.model, "peft_config") and hasattr(wrapped.model, "peft_config")
     ids = torch.tensor([merged._encode("<|im_start|>user\nname a city<|im_end|>\n<|im_start|>assistant\n")])
     with torch.no_grad():
@@ -292,24 +313,24 @@ def test_evaluation_cache_reuses_only_the_same_evaluation(tiny_model_dir, random
     from tasks.models import load_tokenizer
 
     records = chat_records(load_tokenizer(tiny_model_dir))
-    cfg = EvaluateConfig(batch_size=2, max_new_tokens=6)
+    cfg = EvaluateConfig(batch_size=2, max_new_tokens=6, engine="hf")
     cache = tmp_path / "cache"
     first = evaluate_model(tiny_model_dir, cfg, tmp_path / "a", records=records, cache_dir=cache)
     assert first["cached"] is False and len(list(cache.iterdir())) == 1
 
-    real_generator = E.hf_generator
+    real_generator = E.open_generator
 
     def no_generation(*args, **kwargs):
         raise AssertionError("a cached evaluation must not load or run the model")
 
-    monkeypatch.setattr(E, "hf_generator", no_generation)
+    monkeypatch.setattr(E, "open_generator", no_generation)
     again = evaluate_model(tiny_model_dir, cfg, tmp_path / "b", records=records, cache_dir=cache)
     assert again["cached"] is True
     assert again["metrics"]["perplexity"] == first["metrics"]["perplexity"]
     assert json.loads(open(again["table_json"]).read()) == json.loads(open(first["table_json"]).read())
 
     # A different adapter, settings or record set is a different evaluation: it must run.
-    monkeypatch.setattr(E, "hf_generator", real_generator)
+    monkeypatch.setattr(E, "open_generator", real_generator)
     tuned = evaluate_model(tiny_model_dir, cfg, tmp_path / "c", records=records, adapter_dir=random_adapter,
                            cache_dir=cache)
     shorter = evaluate_model(tiny_model_dir, cfg.model_copy(update={"max_new_tokens": 3}), tmp_path / "d",
@@ -318,3 +339,22 @@ def test_evaluation_cache_reuses_only_the_same_evaluation(tiny_model_dir, random
     assert [tuned["cached"], shorter["cached"], fewer["cached"]] == [False, False, False]
     assert len(list(cache.iterdir())) == 4
     assert tuned["metrics"]["perplexity"] != first["metrics"]["perplexity"]
+
+
+def test_openvino_engine_with_runtime_lora_answers_like_hf_with_the_merged_adapter(tiny_model_dir, random_adapter,
+                                                                                   tmp_path):
+    """The default CPU engine (base IR + adapter at runtime, as the gateway serves) must be the same model
+    as Hugging Face with the adapter merged: same greedy answers on the same prompts."""
+    from tasks.evaluate import evaluate_model
+    from tasks.models import load_tokenizer
+
+    records = chat_records(load_tokenizer(tiny_model_dir)) * 3
+    records = [{**r, "id": f"{r['id']}-{i}", "prompt": r["prompt"].replace("film", f"film {i}")}
+               for i, r in enumerate(records)]
+    outputs = {}
+    for engine in ("hf", "openvino"):
+        out = evaluate_model(tiny_model_dir, EvaluateConfig(batch_size=4, max_new_tokens=8, engine=engine),
+                             tmp_path / engine, records=records, adapter_dir=random_adapter)
+        outputs[engine] = [row["output"] for row in json.loads(open(out["table_json"]).read())]
+    assert outputs["openvino"] == outputs["hf"]
+    assert any(outputs["hf"])  # the random adapter's model says something, so equality is not vacuous

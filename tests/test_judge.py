@@ -14,7 +14,7 @@ import pytest
 
 from configs.schema import JudgeConfig
 from tasks.judge import Judge, JudgeError, judge_cache_path, parse_scores
-from tasks.rewards import instruction_score
+from tasks.rewards import format_score
 
 
 class JudgeServer:
@@ -77,7 +77,7 @@ def closed_port_url() -> str:
 
 
 PROMPTS = [f"prompt {i}" for i in range(5)]
-REPLIES = ["positive", "Positive.", "positive", "nope", "[]"]
+REPLIES = ["positive", "Positive.", "positive", "nope", "none"]
 TASKS = ["sentiment", "sentiment", "sentiment", "sentiment", "ner"]
 
 
@@ -117,10 +117,10 @@ def test_dead_endpoint_falls_back_quickly_with_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="tasks.judge"):
         scores = judge.score(PROMPTS, REPLIES, TASKS)
     elapsed = time.perf_counter() - started
-    assert scores == [instruction_score(t, r) for t, r in zip(TASKS, REPLIES)] == [1.0, 0.5, 1.0, 0.0, 1.0]
+    assert scores == [format_score(t, r) for t, r in zip(TASKS, REPLIES)] == [1.0, 0.5, 1.0, 0.0, 1.0]
     assert elapsed < 3.0  # 3 refused connections + 0.25 s + 0.5 s backoff
     assert judge.stats["failures"] == 3 and judge.stats["fallback"] == 5
-    assert any("rule-based instruction score" in r.getMessage() and cfg.url in r.getMessage() for r in caplog.records)
+    assert any("rule-based format score" in r.getMessage() and cfg.url in r.getMessage() for r in caplog.records)
 
     # Within the cooldown the dead judge is not even tried, and fallbacks were not cached.
     started = time.perf_counter()

@@ -8,7 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tasks.parsing import NER_TYPES, UnknownTaskError, coerce_label, parse_completion
+from configs.tasks import get_task
+from tasks.parsing import UnknownTaskError, coerce_label, format_target, parse_completion
+
+NER_TYPES = tuple(get_task("ner").labels)
 
 
 @pytest.mark.parametrize(
@@ -39,28 +42,34 @@ LOC = {"text": "Paris", "type": "LOC"}
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        (json.dumps([PER, LOC]), ([PER, LOC], True)),
-        ("  []  ", ([], True)),
-        # extra keys are tolerated but not carried into the label
-        ('[{"text": "Paris", "type": "LOC", "start": 3}]', ([LOC], True)),
-        # a chatty preamble or code fence: the list is recovered, the format is not OK
+        ("- John Smith (person)\n- Paris (location)", ([PER, LOC], True)),
+        ("  none  ", ([], True)),
+        ("None", ([], True)),
+        # spaces around the parts are tolerated
+        ("-  Paris  ( location )\n", ([LOC], True)),
+        # an entity whose text has parentheses keeps them
+        ("- Paris (France) (location)", ([{"text": "Paris (France)", "type": "LOC"}], True)),
+        # a type code instead of its word: read, but the format was not followed
+        ("- Paris (LOC)", ([LOC], False)),
+        # a malformed line beside a good one: the good one is kept, the format is not OK
+        ("- Paris (location)\nand then some", ([LOC], False)),
+        ("- Paris (location)\n- x (date)", ([LOC], False)),
+        # no parsable line, but a JSON list (chat users, older models): read from the list, not OK
+        (json.dumps([PER, LOC]), ([PER, LOC], False)),
         ('Entities: [{"text": "Paris", "type": "LOC"}] done', ([LOC], False)),
-        ('```json\n[{"text": "John Smith", "type": "PER"}]\n```', ([PER], False)),
-        # partially valid: valid items kept, format not OK
-        ('[{"text": "Paris", "type": "LOC"}, {"text": "x", "type": "DATE"}, {"name": "y"}, "z"]', ([LOC], False)),
         ('[{"text": "Paris", "type": "loc"}]', ([], False)),
-        ('[{"text": "", "type": "PER"}]', ([], False)),
-        # invalid JSON -> no entities
-        ('[{"text": "Paris", "type": "LOC"', ([], False)),
-        ("Paris (LOC)", ([], False)),
-        ('{"text": "Paris", "type": "LOC"}', ([], False)),
+        ("Paris is a city", ([], False)),
         ("", ([], False)),
-        # the first *list* wins, even after a bracket that is not JSON
-        ('[see below] [{"text": "Paris", "type": "LOC"}]', ([LOC], False)),
     ],
 )
 def test_ner(text, expected):
     assert parse_completion("ner", text) == expected
+
+
+def test_ner_target_is_one_line_per_entity_span_first():
+    assert format_target("ner", [PER, LOC]) == "- John Smith (person)\n- Paris (location)"
+    assert format_target("ner", []) == "none"
+    assert format_target("ner", json.dumps([LOC])) == "- Paris (location)"  # JSON-encoded labels as stored
 
 
 def test_free_text_tasks():
@@ -85,17 +94,16 @@ def test_coerce_label_accepts_structured_or_json_encoded():
         coerce_label("ner", "[{oops")
 
 
-entities = st.lists(
-    st.fixed_dictionaries({"text": st.text(min_size=1).filter(str.strip), "type": st.sampled_from(NER_TYPES)}),
-    max_size=5,
-)
+# Entity texts as curation leaves them: one line, no edge whitespace (cleaning collapses whitespace).
+entity_text = st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1).map(
+    lambda t: " ".join(t.split())).filter(bool)
+entities = st.lists(st.fixed_dictionaries({"text": entity_text, "type": st.sampled_from(NER_TYPES)}), max_size=5)
 
 
 @given(entities)
 def test_ner_round_trip(label):
     """What the curation writes as the assistant content parses back to the same label."""
-    assert parse_completion("ner", json.dumps(label, ensure_ascii=False)) == (label, True)
-    assert parse_completion("ner", json.dumps(label)) == (label, True)
+    assert parse_completion("ner", format_target("ner", label)) == (label, True)
 
 
 @given(st.sampled_from(["positive", "negative"]), st.sampled_from(["", " ", "\n", "\t "]))

@@ -30,7 +30,7 @@ from tasks.stage_cache import read_progress, stage_key
 from tests.conftest import REPO
 
 LINEAGE_TAGS = {"data_version", "config_hash", "code_commit", "stage_code", "base_model", "base_sha256",
-                "quant_format", "curate_run_id", "sft_run_id", "align_run_id", "quantize_run_id"}
+                "quant_format", "curate_run_id", "sft_run_id", "align_run_id", "quantize_run_id", "quality_vs_fp32"}
 STAGES = ("finetune", "align", "quantize", "evaluate", "register")
 # The schema's default threshold; tiny.yaml lowers it to 0 so its demo has something to serve.
 DEFAULT_GATES = [f"registry.gates.min_format_compliance={PromotionGates().min_format_compliance}"]
@@ -108,6 +108,9 @@ def test_pipeline_resumes_gates_and_registers_only_what_the_registry_confirms(pr
     assert version.tags["code_commit"] == exported["code_commit"]
     assert json.loads(version.tags["stage_code"])["finetune"]["code_hash"] == inputs["finetune"]["code"]
     assert float(version.tags["metric.format_compliance_sentiment"]) < 0.9
+    intervals = json.loads(version.tags["quality_vs_fp32"])  # the selected variant's paired intervals
+    assert intervals == exported["selection"]["compare"].get(exported["selected"], {})
+    assert all({"difference", "low", "high", "drop_upper", "n"} <= set(c) for c in intervals.values())
     report = result["report"]
     assert f"registered **{cfg.registry.model_name} v{registered['version']}**" in report
     assert "aliases: none; gates failed: format_compliance_sentiment" in report

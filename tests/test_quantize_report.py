@@ -5,78 +5,110 @@ from __future__ import annotations
 import pytest
 
 from configs.schema import QuantizeConfig
-from tasks.quantize.report import metric_drops, render_chart, render_markdown, select_variant
+import json
+
+from tasks.quantize.report import compare_to_reference, render_chart, render_markdown, select_variant
 from tasks.quantize.variants import finish_variant, is_complete, read_variant, staged_variant, sweep_stale
 
-
-def _row(name, ir_mb, acc=None, f1=None, tok8=100.0):
-    metrics = {k: v for k, v in {"sentiment_accuracy": acc, "ner_f1": f1}.items() if v is not None}
-    return {"variant": name, "ir_bytes": int(ir_mb * 1e6), "tok_s_1": tok8 / 4, "tok_s_8": tok8,
-            "peak_rss_mb": 300.0, "model_rss_mb": 200.0, "metrics": metrics}
+N = 300  # examples per task, as in the default preset's validation split
 
 
-ROWS = [
-    _row("fp32_ir", 540, acc=0.900, f1=0.700, tok8=200),
-    _row("int8", 136, acc=0.895, f1=0.698, tok8=430),
-    _row("int4", 90, acc=0.870, f1=0.690, tok8=500),   # 3 points of accuracy lost
-    _row("qat_int4", 91, acc=0.905, f1=0.695, tok8=495),
-]
+def _table(wrong_sentiment: int, missed_entities: int) -> list[dict]:
+    """An evaluation table: sentiment examples 0..wrong-1 answered wrong; NER examples each with one gold
+    entity, the first ``missed_entities`` of them not found."""
+    rows = [{"id": f"s{i}", "task": "sentiment", "score": 0.0 if i < wrong_sentiment else 1.0} for i in range(N)]
+    rows += [{"id": f"n{i}", "task": "ner", "matched": 0 if i < missed_entities else 1, "n_pred": 1, "n_gold": 1}
+             for i in range(N)]
+    return rows
 
 
-def test_smallest_within_one_point_wins():
-    choice = select_variant(ROWS, QuantizeConfig())
-    assert choice["variant"] == "qat_int4"  # int4 is smaller but lost 3 points
-    assert choice["drops"]["int4"]["sentiment_accuracy"] == pytest.approx(3.0)
-    assert "int4" not in choice["eligible"] and "fp32_ir" in choice["eligible"]
-    assert "sentiment_accuracy" in choice["reason"] and "ner_f1" in choice["reason"]
+def _row(tmp_path, name, ir_mb, table=None, tok8=100.0):
+    row = {"variant": name, "ir_bytes": int(ir_mb * 1e6), "tok_s_1": tok8 / 4, "tok_s_8": tok8,
+           "peak_rss_mb": 300.0, "latency_ms_p95": 50.0, "metrics": {}}
+    if table is not None:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(table))
+        sentiment = [r["score"] for r in table if r["task"] == "sentiment"]
+        matched = sum(r["matched"] for r in table if r["task"] == "ner")
+        row["metrics"] = {"sentiment_accuracy": sum(sentiment) / len(sentiment), "ner_f1": matched / N,
+                          "format_compliance_sentiment": 1.0, "format_compliance_ner": 1.0}
+        row["eval_table"] = str(path)
+    return row
 
 
-def test_looser_gate_admits_the_smaller_variant():
-    assert select_variant(ROWS, QuantizeConfig(max_metric_drop=3.5))["variant"] == "int4"
+@pytest.fixture
+def rows(tmp_path):
+    return [
+        _row(tmp_path, "fp32_ir", 540, _table(30, 90), tok8=200),
+        _row(tmp_path, "int8", 136, _table(30, 90), tok8=430),   # the same answers
+        _row(tmp_path, "int4", 90, _table(39, 90), tok8=500),    # 9 more sentiment errors of 300: -3 points
+    ]
 
 
-def test_fastest_policy():
-    assert select_variant(ROWS, QuantizeConfig(selection="fastest"))["variant"] == "qat_int4"
-    assert select_variant(ROWS, QuantizeConfig(selection="fastest", max_metric_drop=5))["variant"] == "int4"
+def test_the_smallest_variant_whose_drop_bound_is_within_one_point_wins(rows):
+    choice = select_variant(rows, QuantizeConfig())
+    assert choice["variant"] == "int8"
+    int4 = choice["compare"]["int4"]["sentiment"]
+    assert int4["difference"] == pytest.approx(-3.0) and int4["drop_upper"] > 3.0  # paired: never below the loss
+    assert choice["compare"]["int8"]["ner"]["drop_upper"] == 0.0
+    assert "int4" not in choice["eligible"] and {"fp32_ir", "int8"} <= set(choice["eligible"])
+    assert "one-sided 95% upper bound" in choice["reason"]
 
 
-def test_nothing_passes_falls_back_to_the_reference():
-    rows = [_row("fp32_ir", 540, acc=0.9), _row("int8", 136, acc=0.7), _row("int4", 90, acc=0.6)]
-    assert select_variant(rows, QuantizeConfig())["variant"] == "fp32_ir"
+def test_a_single_flipped_example_in_300_is_noise_not_a_failure(tmp_path, rows):
+    rows[1] = _row(tmp_path, "int8", 136, _table(31, 90))  # 1 of 300 = 0.33 points, bound ~1 point
+    compare = compare_to_reference(rows)["int8"]["sentiment"]
+    assert compare["difference"] == pytest.approx(-1 / 3, abs=1e-3)
+    assert 0.3 < compare["drop_upper"] <= 1.0
+    assert select_variant(rows, QuantizeConfig())["variant"] == "int8"
 
 
-def test_without_metrics_no_gate_is_applied_and_says_so():
-    rows = [_row("fp32_ir", 540), _row("int8", 136), _row("int4", 90)]
+def test_looser_threshold_admits_the_smaller_variant(rows):
+    assert select_variant(rows, QuantizeConfig(max_metric_drop=6.0))["variant"] == "int4"
+
+
+def test_fastest_policy(rows):
+    assert select_variant(rows, QuantizeConfig(selection="fastest"))["variant"] == "int8"
+    assert select_variant(rows, QuantizeConfig(selection="fastest", max_metric_drop=6.0))["variant"] == "int4"
+
+
+def test_nothing_passes_falls_back_to_the_reference(tmp_path):
+    rows = [_row(tmp_path, "fp32_ir", 540, _table(0, 0)), _row(tmp_path, "int8", 136, _table(60, 0)),
+            _row(tmp_path, "int4", 90, _table(0, 120))]
+    choice = select_variant(rows, QuantizeConfig())
+    assert choice["variant"] == "fp32_ir" and choice["eligible"] == ["fp32_ir"]
+
+
+def test_an_unscored_variant_is_not_eligible_when_the_reference_was_scored(tmp_path, rows):
+    rows[2] = _row(tmp_path, "int4", 90)  # no evaluation table
+    assert "int4" not in select_variant(rows, QuantizeConfig())["eligible"]
+
+
+def test_without_metrics_no_gate_is_applied_and_says_so(tmp_path):
+    rows = [_row(tmp_path, "fp32_ir", 540), _row(tmp_path, "int8", 136), _row(tmp_path, "int4", 90)]
     choice = select_variant(rows, QuantizeConfig())
     assert choice["variant"] == "int4" and "no quality gate" in choice["reason"]
 
 
-def test_only_configured_metrics_gate():
-    rows = [_row("fp32_ir", 540, acc=0.9, f1=0.9), _row("int4", 90, acc=0.9, f1=0.5)]
-    assert select_variant(rows, QuantizeConfig())["variant"] == "fp32_ir"
-    assert select_variant(rows, QuantizeConfig(selection_metrics=["sentiment_accuracy"]))["variant"] == "int4"
-    assert metric_drops(rows[1], rows[0], ["ner_f1", "missing"]) == {"ner_f1": pytest.approx(40.0)}
-
-
-def test_selection_requires_the_reference_row():
+def test_selection_requires_the_reference_row(tmp_path):
     with pytest.raises(ValueError, match="fp32_ir"):
-        select_variant([_row("int8", 136)], QuantizeConfig())
+        select_variant([_row(tmp_path, "int8", 136)], QuantizeConfig())
 
 
-def test_markdown_and_chart(tmp_path):
+def test_markdown_and_chart_show_intervals(tmp_path, rows):
     cfg = QuantizeConfig()
-    rows = [*ROWS, {"variant": "merged_hf", "dir_bytes": 270_000_000, "metrics": {}}]
+    rows = [*rows, {"variant": "merged_hf", "dir_bytes": 270_000_000, "metrics": {}}]
     choice = select_variant(rows, cfg)
-    text = render_markdown(rows, choice, cfg)
+    text = render_markdown(rows, choice, cfg, notes=["the base is dequantised from a Q4_1 GGUF"])
     lines = text.splitlines()
-    header = next(line for line in lines if line.startswith("| variant"))
-    assert "tok/s @1" in header and "tok/s @8" in header and "sentiment_accuracy" in header
-    int8 = next(line for line in lines if line.startswith("| int8 "))
-    assert "| 136.0 | 25.2% |" in int8 and "0.895" in int8
-    assert "| qat_int4 **(selected)** |" in text and "| merged_hf | 270.0 | - |" in text
-    assert "int4: ner_f1 -1.0, sentiment_accuracy -3.0" in text
-    assert "qat_int4: ner_f1 -0.5, sentiment_accuracy +0.5" in text
-    png = render_chart(rows, cfg, tmp_path / "report.png")
+    header = next(line for line in lines if line.startswith("| variant | IR MB"))
+    assert "tok/s @1" in header and "tok/s @8" in header and "P95 ms" in header
+    int8 = next(line for line in lines if line.startswith("| int8 **(selected)** |"))
+    assert "| 136.0 | 25.2% |" in int8
+    int4 = [line for line in lines if line.startswith("| int4 |")][-1]  # the metrics table's row
+    assert "0.870 (-3.0 [" in int4 and "drop <=" in int4
+    assert "| merged_hf | 270.0 | - |" in text and "- the base is dequantised from a Q4_1 GGUF" in text
+    png = render_chart(rows, cfg, tmp_path / "report.png", choice["compare"])
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
     assert not list(tmp_path.glob(".tmp-*"))
 

@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from configs.data_schema import DEFAULT_TEMPLATES
+from configs.tasks import BUILTIN_TASKS
 from serving import protocol
 from serving.errors import APIError
 from serving.protocol import new_id
@@ -27,9 +27,9 @@ from tasks.parsing import parse_completion
 
 router = APIRouter()
 
-METHODS = {"classify_sentiment": "sentiment", "extract_entities": "ner", "summarize": "summarization",
-           "generate": "generation"}
-DEFAULT_MAX_TOKENS = {"sentiment": 4, "ner": 128, "summarization": 96, "generation": 96}
+# Every registered task is a method (configs/tasks.py): e.g. classify_sentiment, extract_entities, summarize.
+METHODS = {spec.rpc_method: name for name, spec in BUILTIN_TASKS.items()}
+DEFAULT_MAX_TOKENS = {name: spec.max_new_tokens for name, spec in BUILTIN_TASKS.items()}
 MAX_BATCH = 64
 PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, SERVER_ERROR = -32700, -32600, -32601, -32602, -32000
 
@@ -42,7 +42,7 @@ class RPCError(Exception):
 
 def task_messages(task: str, text: str, templates: dict[str, Any] | None = None) -> list[dict[str, str]]:
     """System + user messages for ``task`` exactly as curation renders them (first paraphrase)."""
-    template = (templates or {}).get(task) or DEFAULT_TEMPLATES[task]
+    template = (templates or {}).get(task) or BUILTIN_TASKS[task].template
     # str.replace, not format: the NER instruction contains JSON braces (same as tasks.data.templates).
     return [{"role": "system", "content": template.system},
             {"role": "user", "content": template.instructions[0].replace("{input}", text)}]

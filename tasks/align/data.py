@@ -14,16 +14,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from configs.schema import AlignStageConfig
-from tasks.parsing import TASKS
-
-# Rewards that only apply to some tasks (the rest, instruction and judge, score every task).
-REWARD_TASKS: dict[str, tuple[str, ...]] = {
-    "sentiment": ("sentiment",),
-    "ner": ("ner",),
-    "ner_recall": ("ner",),
-    "ner_precision": ("ner",),
-    "rouge": ("summarization",),
-}
+from configs.tasks import task_names, tasks_of_kind
+from tasks.rewards import REWARD_KINDS
 
 
 class AlignDataError(ValueError):
@@ -33,13 +25,14 @@ class AlignDataError(ValueError):
 def stage_tasks(stage: AlignStageConfig) -> list[str]:
     """The curated tasks whose prompts ``stage`` trains on.
 
-    ``stage.tasks`` when set; otherwise the tasks of its task-specific rewards with a positive
-    weight; a stage with only task-agnostic rewards (instruction, judge) trains on every task.
+    ``stage.tasks`` when set; otherwise the tasks of the kinds its task-specific rewards score (with a
+    positive weight); a stage with only task-agnostic rewards (format, judge) trains on every task.
     """
     if stage.tasks:
-        return [t for t in TASKS if t in stage.tasks]
-    wanted = {t for name, w in stage.reward_weights.items() if w > 0 for t in REWARD_TASKS.get(name, ())}
-    return [t for t in TASKS if t in wanted] if wanted else list(TASKS)
+        return [t for t in task_names() if t in stage.tasks]
+    wanted = {t for name, w in stage.reward_weights.items() if w > 0
+              for kind in REWARD_KINDS.get(name, ()) for t in tasks_of_kind(kind)}
+    return [t for t in task_names() if t in wanted] if wanted else list(task_names())
 
 
 def prompt_rows(records: Iterable[dict[str, Any]], tasks: Sequence[str], limit: int | None = None,

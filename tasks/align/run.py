@@ -118,7 +118,7 @@ def make_judge(cfg: AlignConfig, home: Path):
         return None
     from tasks.judge import Judge, judge_cache_path
 
-    return Judge(cfg.judge, judge_cache_path(home), cfg.format_max_words)
+    return Judge(cfg.judge, judge_cache_path(home))
 
 
 def align(home: Path, model_dir: Path, run: dict[str, Any], cfg: AlignConfig, tracking_uri: str | None = None,

@@ -120,7 +120,7 @@ def grpo_args(cfg: AlignConfig, stage: AlignStageConfig, out_dir: Path):
         logging_steps=1,
         save_strategy="no",
         report_to=[],
-        disable_tqdm=True,
+        disable_tqdm=False,  # a step bar with the reward and loss: a stage takes minutes on CPU
         dataloader_num_workers=0,
         seed=cfg.seed,
         data_seed=cfg.seed,

@@ -50,9 +50,13 @@ def assign_split(record: RawRecord, cfg: DataConfig) -> str:
     u = stable_unit("split", cfg.seed, record.group)
     if record.split_hint == "eval":
         return "validation" if u < 0.5 else "test"
-    if u < cfg.test_fraction:
+    source = next((s for s in cfg.sources if s.name == record.source), None)
+    test = source.test_fraction if source is not None and source.test_fraction is not None else cfg.test_fraction
+    validation = (source.validation_fraction if source is not None and source.validation_fraction is not None
+                  else cfg.validation_fraction)
+    if u < test:
         return "test"
-    return "validation" if u < cfg.test_fraction + cfg.validation_fraction else "train"
+    return "validation" if u < test + validation else "train"
 
 
 def allocate(total: int, weights: dict[str, float], limits: dict[str, int]) -> dict[str, int]:

@@ -16,6 +16,7 @@ import unicodedata
 from collections.abc import Callable
 
 from configs.data_schema import CleaningRule, LengthBounds, compile_flags
+from configs.tasks import get_task
 from tasks.data.records import RawRecord, Rejected, excerpt
 
 
@@ -118,10 +119,11 @@ class Cleaner:
         text = self.clean(record.input, record.source, touched)
         label = record.label
         problem = None
-        if record.task == "ner":
+        kind = get_task(record.task).output
+        if kind == "entities":
             label = [{"text": self.clean(e["text"], record.source, touched), "type": e["type"]} for e in label]
             problem = _entities_problem(text, label)
-        elif record.task in ("summarization", "generation"):
+        elif kind == "text":
             label = self.clean(label, record.source, touched)
             if len(label) < bounds.min_target_chars:
                 problem = f"target too short after cleaning ({len(label)} < {bounds.min_target_chars} chars)"

@@ -20,7 +20,7 @@ from tasks.data.records import (
     DataError, RawRecord, Rejected, bad_utf8, check_sources, excerpt, numbered_lines, resolve_raw_dir, source_path,
     stable_unit,
 )
-from tasks.parsing import NER_TYPES, SENTIMENT_LABELS
+from configs.tasks import get_task
 
 # Curation code and tests import the shared record types and source helpers from here as well.
 __all__ = ["DataError", "RawRecord", "Rejected", "check_sources", "load_source", "resolve_raw_dir", "source_path",
@@ -48,13 +48,19 @@ def load_source(source: SourceConfig, raw_dir: Path) -> tuple[list[RawRecord], l
 
 
 # --------------------------------------------------------------------------- helpers
-def _sentiment_label(source: SourceConfig, raw: Any) -> tuple[str | None, str | None]:
+def _class_label(source: SourceConfig, raw: Any) -> tuple[str | None, str | None]:
+    """A label-task label: the raw value through ``label_map``, checked against the task's labels."""
+    labels = get_task(source.task).labels
     value = str(raw).strip()
     mapped = source.label_map.get(value, value).strip().lower()
-    if mapped in SENTIMENT_LABELS:
+    if mapped in labels:
         return mapped, None
     hint = "" if source.label_map else " (set label_map on the source)"
-    return None, f"label {value!r} is not positive/negative{hint}"
+    return None, f"label {value!r} is not {'/'.join(labels)}{hint}"
+
+
+def _entity_types(source: SourceConfig) -> list[str]:
+    return get_task(source.task).labels
 
 
 def _record(source: SourceConfig, key: str, text: str, label: Any, line: int, group: str | None = None) -> RawRecord:
@@ -89,7 +95,7 @@ def _sst2_row(source: SourceConfig, line: str) -> tuple[str, str | None, str | N
     sentence, raw_label = columns
     if not sentence.strip():
         return "", None, "empty text"
-    label, problem = _sentiment_label(source, raw_label)
+    label, problem = _class_label(source, raw_label)
     return sentence, label, problem
 
 
@@ -99,6 +105,7 @@ def _read_conll(source: SourceConfig, text: str) -> tuple[list[RawRecord], list[
     tokens: list[str] = []
     tags: list[str] = []
     start, problem, width = 0, None, None
+    types = _entity_types(source)
 
     def finish() -> None:
         nonlocal tokens, tags, problem
@@ -131,7 +138,7 @@ def _read_conll(source: SourceConfig, text: str) -> tuple[list[RawRecord], list[
         except IndexError:
             problem = f"line {number}: no column {source.tag_column} for the tag"
             continue
-        if problem := _tag_problem(tag, tags[-1] if tags else "O", number):
+        if problem := _tag_problem(tag, tags[-1] if tags else "O", number, types):
             continue
         tokens.append(columns[0])
         tags.append(tag)
@@ -139,12 +146,12 @@ def _read_conll(source: SourceConfig, text: str) -> tuple[list[RawRecord], list[
     return records, rejected
 
 
-def _tag_problem(tag: str, previous: str, number: int) -> str | None:
+def _tag_problem(tag: str, previous: str, number: int, types: list[str]) -> str | None:
     if tag == "O":
         return None
     prefix, _, kind = tag.partition("-")
-    if prefix not in ("B", "I") or kind not in NER_TYPES:
-        return f"line {number}: unknown tag {tag!r} (expected O, B-/I- + {'/'.join(NER_TYPES)})"
+    if prefix not in ("B", "I") or kind not in types:
+        return f"line {number}: unknown tag {tag!r} (expected O, B-/I- + {'/'.join(types)})"
     if prefix == "I" and previous[2:] != kind:
         return f"line {number}: bad tag sequence: {tag} after {previous} (IOB2 needs B-{kind} first)"
     return None
@@ -175,13 +182,13 @@ def _read_dialogsum(source: SourceConfig, text: str) -> tuple[list[RawRecord], l
         dialogue, summary, fname = row.get("dialogue"), row.get("summary"), row.get("fname") or f"line{number}"
         if not isinstance(dialogue, str) or not dialogue.strip():
             problem = "empty text (field 'dialogue' missing or empty)"
-        elif source.task == "summarization" and (not isinstance(summary, str) or not summary.strip()):
+        elif source.dialogue_target == "summary" and (not isinstance(summary, str) or not summary.strip()):
             problem = "empty target (field 'summary' missing or empty)"
         if problem:
             rejected.append(Rejected(source.name, number, "load", problem, excerpt(line)))
             continue
         group = f"{Path(source.path).as_posix()}#{fname}"
-        if source.task == "summarization":
+        if source.dialogue_target == "summary":
             records.append(_record(source, str(fname), dialogue, summary, number, group))
             continue
         turns = [t for t in dialogue.split("\n") if t.strip()]
@@ -289,9 +296,11 @@ def _mapped_record(source: SourceConfig, row: dict, number: int) -> tuple[RawRec
 
 
 def _mapped_label(source: SourceConfig, raw: Any) -> tuple[Any, str | None]:
-    if source.task == "sentiment":
-        return _sentiment_label(source, raw)
-    if source.task == "ner":
+    kind = get_task(source.task).output
+    if kind == "label":
+        return _class_label(source, raw)
+    if kind == "entities":
+        types = _entity_types(source)
         if isinstance(raw, str):
             try:
                 raw = json.loads(raw)
@@ -302,8 +311,8 @@ def _mapped_label(source: SourceConfig, raw: Any) -> tuple[Any, str | None]:
         entities = []
         for item in raw:
             if not (isinstance(item, dict) and isinstance(item.get("text"), str) and item["text"].strip()
-                    and item.get("type") in NER_TYPES):
-                return None, f"bad entity {item!r}: needs non-empty 'text' and 'type' in {'/'.join(NER_TYPES)}"
+                    and item.get("type") in types):
+                return None, f"bad entity {item!r}: needs non-empty 'text' and 'type' in {'/'.join(types)}"
             entities.append({"text": item["text"], "type": item["type"]})
         return entities, None
     if not isinstance(raw, str) or not raw.strip():

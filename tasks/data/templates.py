@@ -1,25 +1,23 @@
 """Instruction templates: turn a cleaned record into chat messages, a prompt and a completion.
 
-The assistant content is fixed by the record schema (sentiment: the label word; ner:
-``json.dumps(label, ensure_ascii=False)``; summarization/generation: the text), so outputs can be
-parsed back into the structured label exactly. Which paraphrased instruction a record gets is a
+The assistant content is the task's answer format (:func:`tasks.parsing.format_target`: a label
+word, ``TYPE: text`` entity lines, or the text itself), so outputs parse back into the structured
+label exactly. Which paraphrased instruction a record gets is a
 stable function of the seed and the record id.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from configs.data_schema import TemplateConfig
+from configs.tasks import TemplateConfig
 from tasks.data.records import stable_unit
+from tasks.parsing import format_target
 
 
 def completion_for(task: str, label: Any) -> str:
     """The assistant content for a structured label."""
-    if task == "ner":
-        return json.dumps(label, ensure_ascii=False)
-    return str(label)
+    return format_target(task, label)
 
 
 def render(

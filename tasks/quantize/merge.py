@@ -22,18 +22,34 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str =
     """Merge ``adapter_dir`` into ``base_dir`` with PEFT and save safetensors + tokenizer in ``out_dir``.
 
     The merge itself runs in float32 (merging in half precision loses the small LoRA deltas); the
-    result is cast to ``dtype`` before saving.
+    result is cast to ``dtype`` before saving. Before anything is written, the merged model's logits
+    are checked against base + adapter on a probe input: a merge that changes the function fails here
+    instead of surfacing as lost accuracy after export.
 
     Returns:
-        Facts for variant.json: dtype, parameter count, max |merged - base| weight change.
+        Facts for variant.json: dtype, parameter count, max |merged - base| weight change, max |logit| gap.
+
+    Raises:
+        ValueError: merged and unmerged logits disagree beyond float rounding.
     """
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
     reference = {k: v.detach().clone() for k, v in base.state_dict().items() if k.endswith(".weight")}
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False).merge_and_unload()
+    peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False).eval()
+    probe = torch.arange(3, 3 + min(64, base.config.vocab_size - 3)).unsqueeze(0)
+    with torch.inference_mode():
+        unmerged_logits = peft_model(input_ids=probe).logits
+    model = peft_model.merge_and_unload()
+    with torch.inference_mode():
+        merged_logits = model(input_ids=probe).logits
+    logit_gap = float((merged_logits - unmerged_logits).abs().max())
+    scale = float(unmerged_logits.abs().max()) or 1.0
+    if logit_gap > 1e-3 * scale:
+        raise ValueError(f"merging {adapter_dir} into {base_dir} changed the logits by up to {logit_gap:.4g} "
+                         f"(|logits| up to {scale:.3g}): the merge is not faithful")
     merged = model.state_dict()
     delta = max(float((merged[k] - reference[k]).abs().max()) for k in reference if k in merged)
     if hasattr(model.config, "quantization_config"):
@@ -41,7 +57,8 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str =
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     model.to(getattr(torch, dtype)).save_pretrained(str(out_dir), safe_serialization=True)
     copy_tokenizer_files(base_dir, out_dir)
-    return {"dtype": dtype, "param_count": sum(p.numel() for p in model.parameters()), "max_weight_delta": delta}
+    return {"dtype": dtype, "param_count": sum(p.numel() for p in model.parameters()), "max_weight_delta": delta,
+            "max_logit_gap": logit_gap}
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,32 @@ log = logging.getLogger(__name__)
 GENAI_ADAPTER_DIR = "adapter"
 GENAI_ADAPTER_FILE = "adapter_model.safetensors"
 
+
+
+STALE_BUILD_S = 600
+
+
+def prepare_nncf_extension_build() -> None:
+    """Make NNCF's first-use C++ build of its CPU quantisation extension safe on a small, busy machine.
+
+    * The build takes minutes on 2 busy cores; NNCF gives up after 60 s and fails the run: wait 20 min.
+    * torch keys the build directory by extension name only, so two checkouts (two venvs) rebuild it in
+      turn: keep one build per environment (``<venv>/torch_extensions``).
+    * A build that was killed leaves its ``lock`` file, and every later run waits on it forever: a lock
+      in a directory where nothing changed for 10 minutes is stale and removed.
+    A user's own NNCF_EXTENSION_LOAD_TIMEOUT / TORCH_EXTENSIONS_DIR win.
+    """
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "1200")
+    root = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")))
+    for lock in root.glob("**/lock"):
+        try:
+            newest = max(p.stat().st_mtime for p in lock.parent.iterdir())
+        except (OSError, ValueError):
+            continue
+        if time.time() - newest > STALE_BUILD_S:
+            log.warning("removing stale torch extension build lock %s (nothing built there for %d min)",
+                        lock, STALE_BUILD_S // 60)
+            lock.unlink(missing_ok=True)
 
 def run_qat(
     model_dir: Path,
@@ -50,6 +78,7 @@ def run_qat(
     Returns:
         Facts for variant.json: steps, first/last loss, trainable parameter count, weight types.
     """
+    prepare_nncf_extension_build()
     import nncf
     import torch
     from nncf.parameters import CompressionFormat, CompressWeightsMode

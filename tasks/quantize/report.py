@@ -20,54 +20,6 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-# --------------------------------------------------------------------------- generation
-class OpenVINOGenerator:
-    """``tasks.evaluate.Generator`` over an OpenVINO IR: prompts (chat template applied) -> completions.
-
-    Uses ``ContinuousBatchingPipeline`` so a batch of prompts is decoded together, greedy, stopping
-    at the chat template's end-of-turn token or eos and stripping whitespace, the same rules as
-    ``tasks.generators.HFGenerator``.
-    """
-
-    def __init__(self, ir_dir: Path, max_new_tokens: int = 64, batch_size: int = 8,
-                 adapter: Path | None = None, cache_gb: float = 1.0):
-        import openvino_genai as og
-        from transformers import AutoTokenizer
-
-        from tasks.generators import stop_token_ids
-
-        self.ir_dir = Path(ir_dir)
-        self.batch_size = batch_size
-        scheduler = og.SchedulerConfig()
-        scheduler.cache_size = max(1, round(cache_gb))
-        self._adapters = og.AdapterConfig(og.Adapter(str(adapter))) if adapter else None
-        properties = {"adapters": self._adapters} if self._adapters else {}
-        self._pipe = og.ContinuousBatchingPipeline(str(self.ir_dir), scheduler, "CPU", properties)
-        self._tokenizer = self._pipe.get_tokenizer()
-        self._config = og.GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False)
-        self._config.stop_token_ids = set(stop_token_ids(AutoTokenizer.from_pretrained(str(self.ir_dir))))
-        if self._adapters:
-            self._config.adapters = self._adapters
-
-    def __call__(self, prompts: list[str]) -> list[str]:
-        outputs: list[str] = []
-        for start in range(0, len(prompts), self.batch_size):
-            chunk = prompts[start : start + self.batch_size]
-            # Prompts already carry the chat template: encode them verbatim, no extra BOS or template.
-            inputs = [self._tokenizer.encode(p, add_special_tokens=False).input_ids for p in chunk]
-            results = self._pipe.generate(inputs, [self._config] * len(chunk))
-            # Stripped like the HF generator's output, so both score identically.
-            outputs.extend(self._tokenizer.decode(r.m_generation_ids[0], skip_special_tokens=True).strip()
-                           for r in results)
-        return outputs
-
-
-def openvino_generator(ir_dir: Path, max_new_tokens: int = 64, batch_size: int = 8,
-                       adapter: Path | None = None, cache_gb: float = 1.0) -> OpenVINOGenerator:
-    """An OpenVINO ``Generator`` for ``tasks.evaluate.evaluate_records`` (adapter: genai LoRA safetensors)."""
-    return OpenVINOGenerator(ir_dir, max_new_tokens, batch_size, adapter, cache_gb)
-
-
 # --------------------------------------------------------------------------- measuring
 def probe_variant(ir_dir: Path, cfg: QuantizeConfig, adapter: Path | None = None,
                   timeout_s: float = 900) -> dict[str, Any]:
@@ -86,54 +38,94 @@ def probe_variant(ir_dir: Path, cfg: QuantizeConfig, adapter: Path | None = None
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def evaluate_variant(ir_dir: Path, records: Sequence[dict], eval_cfg: EvaluateConfig, cfg: QuantizeConfig,
-                     adapter: Path | None = None) -> dict[str, float]:
-    """Task metrics of one IR variant on ``records`` (tasks.evaluate), 0..1 fractions."""
-    from tasks.evaluate import evaluate_records
+def evaluate_variant(ir_dir: Path, records: Sequence[dict], eval_cfg: EvaluateConfig, out_dir: Path,
+                     adapter: Path | None = None) -> dict[str, Any]:
+    """Score one IR variant on ``records`` (tasks.evaluate) and keep its per-example table in ``out_dir``.
 
-    generate = openvino_generator(ir_dir, eval_cfg.max_new_tokens, eval_cfg.batch_size, adapter, cfg.bench_cache_gb)
-    return dict(evaluate_records(list(records), generate, eval_cfg).metrics)
+    Returns ``{"metrics": ..., "table_json": path}``: the table is what paired comparisons need.
+    """
+    from tasks.evaluate import evaluate_records, write_results
+    from tasks.generators import OpenVINOGenerator
+
+    generate = OpenVINOGenerator(ir_dir, adapter, eval_cfg.batch_size, eval_cfg.cache_gb)
+    result = evaluate_records(list(records), generate, eval_cfg)
+    paths = write_results(result, out_dir)
+    return {"metrics": dict(result.metrics), "table_json": paths["table_json"]}
 
 
-def variant_row(variant_dir: Path, probe: dict[str, Any] | None, metrics: dict[str, float] | None) -> dict[str, Any]:
-    """One report row: identity, sizes (IR alone and whole directory), probe results, metrics."""
+def variant_row(variant_dir: Path, probe: dict[str, Any] | None, evaluation: dict[str, Any] | None) -> dict[str, Any]:
+    """One report row: identity, sizes (IR alone and whole directory), probe results, metrics, eval table."""
     meta = read_variant(variant_dir) or {}
     row: dict[str, Any] = {"variant": variant_dir.name, "path": str(variant_dir), "dir_bytes": meta.get("size_bytes")}
+    for key in ("build_seconds", "method", "steps"):
+        if key in meta:
+            row[key] = meta[key]
     if (variant_dir / "openvino_model.xml").is_file():
         row["ir_bytes"] = ir_size_bytes(variant_dir)
     row |= {k: v for k, v in (probe or {}).items() if k != "tokens_per_s"}
     for n, rate in (probe or {}).get("tokens_per_s", {}).items():
         row[f"tok_s_{n}"] = rate
-    row["metrics"] = dict(metrics or {})
+    row["metrics"] = dict((evaluation or {}).get("metrics") or {})
+    if evaluation and evaluation.get("table_json"):
+        row["eval_table"] = evaluation["table_json"]
     return row
 
 
 # --------------------------------------------------------------------------- selection
-def metric_drops(row: dict[str, Any], reference: dict[str, Any], names: list[str]) -> dict[str, float]:
-    """Points (0..100) each selection metric lost against the reference row; missing metrics are skipped."""
-    drops = {}
-    for name in names:
-        ref, got = reference.get("metrics", {}).get(name), row.get("metrics", {}).get(name)
-        numbers = isinstance(ref, (int, float)) and isinstance(got, (int, float))
-        if numbers and math.isfinite(ref) and math.isfinite(got):
-            drops[name] = round(100.0 * (ref - got), 3)
-    return drops
+def load_table(row: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The per-example evaluation table of a report row, or None when the variant was not scored."""
+    path = row.get("eval_table")
+    return json.loads(Path(path).read_text(encoding="utf-8")) if path and Path(path).is_file() else None
+
+
+def compare_to_reference(rows: list[dict[str, Any]], reference: str = "fp32_ir",
+                         confidence: float = 0.95) -> dict[str, dict[str, dict[str, Any]]]:
+    """Variant -> task -> paired difference to the reference on the task's headline metric, in points.
+
+    Each entry holds ``difference`` (candidate - reference), the two-sided interval (``low``/``high``)
+    and ``drop_upper`` = the one-sided upper confidence bound of the drop (reference - candidate),
+    from :func:`tasks.stats.paired_difference` (paired bootstrap over the same examples).
+    """
+    from tasks.stats import compare_tables
+
+    by_name = {r["variant"]: r for r in rows}
+    ref_table = load_table(by_name[reference]) if reference in by_name else None
+    if ref_table is None:
+        return {}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        table = load_table(row)
+        if table is None or row["variant"] == reference:
+            continue
+        two_sided = compare_tables(ref_table, table, confidence)
+        one_sided = compare_tables(ref_table, table, confidence, alternative="greater")
+        out[row["variant"]] = {
+            task: {"metric": d.metric, "reference": d.reference, "candidate": d.candidate, "n": d.n,
+                   "difference": d.difference, "low": d.low, "high": d.high,
+                   "drop_upper": round(-one_sided[task].low, 3)}
+            for task, d in two_sided.items()
+        }
+    return out
 
 
 def select_variant(rows: list[dict[str, Any]], cfg: QuantizeConfig, reference: str = "fp32_ir") -> dict[str, Any]:
-    """Apply the selection policy: among IR variants whose drops all stay within ``cfg.max_metric_drop``
-    points of ``reference``, the smallest IR (or the fastest at the highest concurrency).
+    """Apply the selection policy: among IR variants whose drop on every task's headline metric has a
+    one-sided 95% upper bound <= ``cfg.max_metric_drop`` points below ``reference`` (paired bootstrap
+    over the same validation examples), the smallest IR (or the fastest at the highest concurrency).
 
-    Returns ``{"variant", "policy", "reason", "eligible", "drops"}``; the reference itself is always
-    eligible, so a choice always exists.
+    Returns ``{"variant", "policy", "reason", "eligible", "compare"}``; the reference itself is always
+    eligible, so a choice always exists. Variants without an evaluation are not eligible.
     """
     by_name = {r["variant"]: r for r in rows}
     if reference not in by_name:
         raise ValueError(f"selection needs the {reference} row; have {', '.join(by_name)}")
-    ref = by_name[reference]
-    drops = {r["variant"]: metric_drops(r, ref, cfg.selection_metrics) for r in rows if r["variant"] in IR_VARIANTS}
-    compared = any(drops.values())
-    eligible = [name for name, d in drops.items() if all(v <= cfg.max_metric_drop + 1e-9 for v in d.values())]
+    compare = compare_to_reference(rows, reference)
+    scored = load_table(by_name[reference]) is not None
+    eligible = [reference]
+    for name in (r["variant"] for r in rows if r["variant"] in IR_VARIANTS and r["variant"] != reference):
+        bounds = [c["drop_upper"] for c in compare.get(name, {}).values()]
+        if not scored or (bounds and all(b <= cfg.max_metric_drop + 1e-9 for b in bounds)):
+            eligible.append(name)
     if cfg.selection == "fastest":
         top = f"tok_s_{max(cfg.bench_concurrency)}"
         key = lambda name: (-(by_name[name].get(top) or 0.0), by_name[name].get("ir_bytes") or 0)  # noqa: E731
@@ -142,14 +134,13 @@ def select_variant(rows: list[dict[str, Any]], cfg: QuantizeConfig, reference: s
         key = lambda name: (by_name[name].get("ir_bytes") or math.inf, name)  # noqa: E731
         basis = "smallest IR on disk"
     choice = sorted(eligible, key=key)[0]
-    if not compared:
+    if not scored:
         reason = f"{basis}; no task metrics were available, so no quality gate was applied"
     else:
-        reason = f"{basis} among variants within {cfg.max_metric_drop:g} point(s) of {reference} on " + ", ".join(
-            sorted({m for d in drops.values() for m in d})
-        )
+        reason = (f"{basis} among variants whose drop below {reference} has a one-sided 95% upper bound "
+                  f"<= {cfg.max_metric_drop:g} point(s) on every task (paired bootstrap over the validation split)")
     return {"variant": choice, "policy": cfg.selection, "reason": reason, "eligible": sorted(eligible, key=key),
-            "drops": drops}
+            "compare": compare}
 
 
 # --------------------------------------------------------------------------- rendering
@@ -162,38 +153,63 @@ def _num(value: Any, digits: int = 1) -> str:
 
 
 def render_markdown(rows: list[dict[str, Any]], selection: dict[str, Any], cfg: QuantizeConfig,
-                    title: str = "Quantisation report") -> str:
-    """Markdown table: size (and % of fp32), peak RSS, tokens/s per concurrency, metrics; then the choice."""
+                    title: str = "Quantisation report", notes: Sequence[str] = ()) -> str:
+    """Markdown: a table of size, memory and speed; a table of per-task metrics with paired intervals
+    against fp32; then the choice and its reason, and ``notes`` (QAT, merge check, what the base is)."""
     fp32 = next((r.get("ir_bytes") for r in rows if r["variant"] == "fp32_ir"), None)
-    metric_names = sorted({m for r in rows for m in r.get("metrics", {}) if not m.startswith(("n_", "eval_"))})
     rates = [f"tok_s_{n}" for n in cfg.bench_concurrency]
-    head = ["variant", "IR MB", "% of fp32", "peak RSS MB", "model RSS MB",
-            *[f"tok/s @{r.removeprefix('tok_s_')}" for r in rates], *metric_names]
+    head = ["variant", "IR MB", "% of fp32", "peak RSS MB", *[f"tok/s @{r.removeprefix('tok_s_')}" for r in rates],
+            "P95 ms", "build s"]
     lines = [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         size = row.get("ir_bytes")
         share = f"{100 * size / fp32:.1f}%" if size and fp32 else "-"
         mark = " **(selected)**" if row["variant"] == selection.get("variant") else ""
         cells = [f"{row['variant']}{mark}", _mb(size if size else row.get("dir_bytes")), share,
-                 _num(row.get("peak_rss_mb")), _num(row.get("model_rss_mb")), *[_num(row.get(r)) for r in rates],
-                 *[_num(row.get("metrics", {}).get(m), 3) for m in metric_names]]
+                 _num(row.get("peak_rss_mb")), *[_num(row.get(r)) for r in rates], _num(row.get("latency_ms_p95")),
+                 _num(row.get("build_seconds"))]
         lines.append("| " + " | ".join(cells) + " |")
+    compare = selection.get("compare", {})
+    tasks = sorted({t for c in compare.values() for t in c}) or sorted(
+        {m.removeprefix("format_compliance_") for r in rows for m in r.get("metrics", {})
+         if m.startswith("format_compliance_")})
+    if tasks:
+        lines += ["", "Per task: the headline metric, its change vs fp32_ir in points with the paired 95% interval, "
+                  "and the one-sided 95% upper bound of the drop (the selection criterion); format compliance.", ""]
+        thead = ["variant", *[f"{t}" for t in tasks], *[f"format {t}" for t in tasks]]
+        lines += ["| " + " | ".join(thead) + " |", "|" + "---|" * len(thead)]
+        for row in rows:
+            if not row.get("metrics"):
+                continue
+            cells = [row["variant"]]
+            for task in tasks:
+                c = compare.get(row["variant"], {}).get(task)
+                value = next((v for k, v in row["metrics"].items() if k == _headline(task)), None)
+                text = _num(value, 3)
+                if c:
+                    text += f" ({c['difference']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}]; drop <= {c['drop_upper']:.1f})"
+                cells.append(text)
+            cells += [_num(row["metrics"].get(f"format_compliance_{t}"), 3) for t in tasks]
+            lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"**Selected:** `{selection.get('variant')}` ({selection.get('policy')}): {selection.get('reason')}."]
-    drops = {k: v for k, v in selection.get("drops", {}).items() if v and k != "fp32_ir"}
-    if drops:
-        lines.append("")
-        lines.append("Change vs fp32 in points (negative = worse): " + "; ".join(
-            f"{name}: " + ", ".join(f"{m} {-d:+.1f}" for m, d in sorted(d.items())) for name, d in drops.items()))
-    lines += ["", "Sizes are openvino_model.xml + .bin (merged_hf/adapter: whole directory). Peak RSS is "
-              "the probe process after loading the model and answering one chat prompt; model RSS subtracts "
-              "the interpreter and runtime baseline. tokens/s: greedy, "
-              f"{cfg.bench_max_new_tokens} new tokens per request, ContinuousBatchingPipeline."]
+    lines += ["", *[f"- {note}" for note in notes]] if notes else []
+    lines += ["", "Sizes are openvino_model.xml + .bin (merged_hf/adapter: whole directory). Peak RSS is the probe "
+              "process after loading the model and answering one chat prompt. tokens/s: greedy, "
+              f"{cfg.bench_max_new_tokens} new tokens per request, ContinuousBatchingPipeline; P95: single-request "
+              "latency. Metrics: the validation split, the same examples for every variant."]
     return "\n".join(lines) + "\n"
 
 
+def _headline(task: str) -> str:
+    from configs.tasks import get_task
+
+    return get_task(task).headline_metric
+
+
 def render_chart(rows: list[dict[str, Any]], cfg: QuantizeConfig, out_png: Path,
-                 metric: str | None = None) -> Path:
-    """PNG with three panels: IR size, tokens/s per concurrency, and one task metric (if any)."""
+                 compare: dict[str, dict[str, dict[str, Any]]] | None = None) -> Path:
+    """PNG with three panels: IR size, tokens/s per concurrency, and each task's change vs fp32 with its
+    paired 95% interval (the selection threshold drawn as a dashed line)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,8 +217,8 @@ def render_chart(rows: list[dict[str, Any]], cfg: QuantizeConfig, out_png: Path,
 
     ir_rows = [r for r in rows if r.get("ir_bytes")]
     names = [r["variant"] for r in ir_rows]
-    metric = metric or next((m for m in cfg.selection_metrics if any(m in r.get("metrics", {}) for r in ir_rows)), None)
-    panels = 3 if metric else 2
+    compare = compare or {}
+    panels = 3 if compare else 2
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
     axes[0].bar(names, [r["ir_bytes"] / 1e6 for r in ir_rows], color="#4C72B0")
     axes[0].set_title("IR size (MB)")
@@ -213,10 +229,21 @@ def render_chart(rows: list[dict[str, Any]], cfg: QuantizeConfig, out_png: Path,
     axes[1].set_xticks(range(len(names)), names)
     axes[1].set_title("greedy tokens/s")
     axes[1].legend()
-    if metric:
-        axes[2].bar(names, [r.get("metrics", {}).get(metric, float("nan")) for r in ir_rows], color="#55A868")
-        axes[2].set_title(metric)
-        axes[2].set_ylim(0, 1)
+    if compare:
+        variants = [n for n in names if n in compare]
+        tasks = sorted({t for c in compare.values() for t in c})
+        width = 0.8 / max(1, len(tasks))
+        for i, task in enumerate(tasks):
+            xs = [j + (i - (len(tasks) - 1) / 2) * width for j in range(len(variants))]
+            diffs = [compare[v].get(task, {}).get("difference", math.nan) for v in variants]
+            lows = [d - compare[v].get(task, {}).get("low", d) for v, d in zip(variants, diffs, strict=True)]
+            highs = [compare[v].get(task, {}).get("high", d) - d for v, d in zip(variants, diffs, strict=True)]
+            axes[2].bar(xs, diffs, width=width, yerr=[lows, highs], capsize=3, label=task)
+        axes[2].axhline(-cfg.max_metric_drop, color="grey", linestyle="--", linewidth=1)
+        axes[2].axhline(0, color="black", linewidth=0.5)
+        axes[2].set_xticks(range(len(variants)), variants)
+        axes[2].set_title("change vs fp32_ir (points, 95% CI)")
+        axes[2].legend(fontsize=8)
     for ax in axes:
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
@@ -226,4 +253,3 @@ def render_chart(rows: list[dict[str, Any]], cfg: QuantizeConfig, out_png: Path,
     plt.close(fig)
     os.replace(tmp, out_png)
     return out_png
-

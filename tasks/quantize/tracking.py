@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,16 @@ def log_export(summary: dict[str, Any], tracking_uri: str, experiment: str, arti
                       "peak_rss_mb": row.get("peak_rss_mb"), "model_rss_mb": row.get("model_rss_mb")}
             values |= {k: v for k, v in row.items() if k.startswith(("tok_s_", "latency_p"))}
             values |= {k: v for k, v in row.get("metrics", {}).items() if isinstance(v, (int, float))}
-            mlflow.log_metrics({f"{name}.{k}": float(v) for k, v in values.items() if isinstance(v, (int, float))})
+            values["latency_ms_p95"] = row.get("latency_ms_p95")
+            # The paired intervals vs fp32 the selection was made on: <variant>.<task>.diff / .low / .high / .drop_ub
+            for task, c in summary["selection"].get("compare", {}).get(name, {}).items():
+                values |= {f"{task}.diff": c["difference"], f"{task}.low": c["low"], f"{task}.high": c["high"],
+                           f"{task}.drop_ub": c["drop_upper"]}
+            mlflow.log_metrics({f"{name}.{k}": float(v) for k, v in values.items()
+                                if isinstance(v, (int, float)) and math.isfinite(v)})
+        for task, d in (summary.get("merge_check") or {}).get("tasks", {}).items():
+            mlflow.log_metrics({f"merge_check.{task}.diff": d["difference"], f"merge_check.{task}.low": d["low"],
+                                f"merge_check.{task}.high": d["high"]})
         for file in ("report.md", "report.png", "export.json"):
             if (root / file).is_file():
                 mlflow.log_artifact(str(root / file), artifact_path="quantize")

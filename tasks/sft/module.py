@@ -207,3 +207,54 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_epoch_start(self, trainer, *args) -> None:
         pass  # one endless epoch: the bar set up in on_train_start covers the run
+
+
+def curve_steps(max_steps: int, points: int) -> list[int]:
+    """Evenly spaced optimiser steps for learning-curve snapshots, ending at ``max_steps`` (points >= 1)."""
+    if points <= 0:
+        return []
+    return sorted({max(1, round(max_steps * (i + 1) / points)) for i in range(points)})
+
+
+class AdapterSnapshots(pl.Callback):
+    """Saves the adapter at chosen steps into ``<root>/step-NNNNNNNN/`` and the training seconds so far
+    into ``<root>/curve.json``, so the flow can score a learning curve after training (vs step and time).
+
+    The last step is not snapshotted here: it is the final adapter, saved by the trainer.
+    """
+
+    def __init__(self, root, steps: list[int]):
+        from pathlib import Path
+
+        self.root, self.steps = Path(root), set(steps)
+        self._started: float | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._started = time.perf_counter()
+        # A resumed run continues the clock from its last snapshot (the time after it is lost with the crash).
+        self._offset = max([0.0, *[p["train_seconds"] for p in self._points()]])
+
+    def _points(self) -> list[dict]:
+        import json
+
+        index = self.root / "curve.json"
+        return json.loads(index.read_text())["points"] if index.is_file() else []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import json
+
+        from tasks.files import atomic_write_text
+
+        step = trainer.global_step
+        if (batch_idx + 1) % trainer.accumulate_grad_batches or step not in self.steps or step >= trainer.max_steps:
+            return
+        if not trainer.is_global_zero:
+            return
+        target = self.root / f"step-{step:08d}"
+        pl_module.model.save_pretrained(str(target))
+        points = [p for p in self._points() if p["step"] != step]
+        seconds = self._offset + time.perf_counter() - (self._started or time.perf_counter())
+        points.append({"step": step, "train_seconds": round(seconds, 2), "adapter_dir": str(target),
+                       "examples_seen": pl_module.examples_seen})
+        atomic_write_text(self.root / "curve.json", json.dumps({"points": sorted(points, key=lambda p: p["step"])},
+                                                               indent=1))

@@ -45,9 +45,13 @@ def check_target_modules(model, targets: list[str]) -> None:
         )
 
 
-def load_base(model_dir: Path, method: str, device: str = "cpu"):
+def load_base(model_dir: Path, method: str, device: str = "cpu", compute_dtype: str = "float32"):
     """Load the frozen base model: NF4 + double quantisation for 'qlora' (quantised on ``device``),
-    fp32 for 'lora' (the trainer moves it)."""
+    fp32 for 'lora' (the trainer moves it).
+
+    ``compute_dtype`` is what the NF4 weights are dequantised to for each matmul ('bfloat16' where
+    bf16 is native, see :func:`tasks.runtime.bf16_fast`).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -63,7 +67,7 @@ def load_base(model_dir: Path, method: str, device: str = "cpu"):
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
             # The LM head is tied to the embeddings; quantising it would untie and duplicate it.
             llm_int8_skip_modules=["lm_head"],
         )
@@ -73,20 +77,22 @@ def load_base(model_dir: Path, method: str, device: str = "cpu"):
     return model
 
 
-def build_peft_model(model_dir: Path, cfg: SFTConfig, gradient_checkpointing: bool = False):
+def build_peft_model(model_dir: Path, cfg: SFTConfig, gradient_checkpointing: bool = False,
+                     compute_dtype: str = "float32"):
     """Base model (quantised or not) with fresh LoRA adapters; only the adapters are trainable.
 
     Args:
         model_dir: imported base model directory.
         cfg: the ``sft`` config section (method, LoRA shape, targets).
         gradient_checkpointing: recompute activations in backward (less memory, ~30% slower).
+        compute_dtype: dtype of the NF4 base's matmuls.
 
     Raises:
         SFTModelError: missing model directory or unknown target modules.
     """
     from peft import LoraConfig, get_peft_model
 
-    base = load_base(model_dir, cfg.method, torch_device(cfg.accelerator))
+    base = load_base(model_dir, cfg.method, torch_device(cfg.accelerator), compute_dtype)
     check_target_modules(base, cfg.target_modules)
     for param in base.parameters():
         param.requires_grad_(False)

@@ -129,6 +129,34 @@ def train_task(spec: TrainSpec) -> dict[str, Any]:
     return run_training(spec, subprocess_mode=True)
 
 
+@task(name="sft-learning-curve")
+def curve_task(run_dir: str, model_dir: str, records: list[dict[str, Any]], eval_cfg, per_task: int,
+               base_table: str | None, final_table: str | None, final_step: int, final_seconds: float,
+               max_length: int, tracking_uri: str, run_id: str) -> list[dict[str, Any]]:
+    """Score the learning curve, plot it, log it to MLflow and publish it as Prefect artifacts."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from tasks.sft.curve import curve_markdown, headline, plot_curve, score_curve
+
+    tables = [json.loads(Path(t).read_text()) if t else None for t in (base_table, final_table)]
+    points = score_curve(Path(run_dir), Path(model_dir), records, eval_cfg, per_task, tables[0], tables[1],
+                         final_step, final_seconds, max_length)
+    if not points:
+        return points
+    png = plot_curve(points, Path(run_dir) / "curve" / "learning_curve.png")
+    tracking.log_curve(tracking_uri, run_id, points, png)
+    names = headline(points)
+    create_table_artifact(key="sft-learning-curve", table=[
+        {"step": p["step"], "train_seconds": p["train_seconds"], **{n: p["metrics"].get(n) for n in names}}
+        for p in points], description=f"SFT validation metrics vs step ({per_task} examples per task)")
+    create_markdown_artifact(key="sft-learning-curve-md", markdown=(
+        f"## SFT learning curve ({per_task} validation examples per task)\n\n{curve_markdown(points)}\n\n"
+        f"Plot: `{png}` (also the `sft/learning_curve.png` artifact of MLflow run `{run_id}`)."),
+        description="SFT learning curve")
+    print("learning curve (validation):\n" + curve_markdown(points))
+    return points
+
+
 @task(name="sft-log-results", retries=1)
 def log_results_task(tracking_uri: str, run_id: str, summary: dict, run_dir: str,
                      evaluations: dict[str, dict[str, float]] | None) -> None:

@@ -88,6 +88,23 @@ def _log_dataset_input(home: Path, version: str, run_id: str) -> None:
         log.warning("could not log curated data %s as an MLflow dataset input: %s", version, err)
 
 
+def log_curve(tracking_uri: str, run_id: str, points: list[dict[str, Any]], png: Path | None) -> None:
+    """Log each curve point's metrics as ``curve/<metric>`` at its step (MLflow draws them), and the plot."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(tracking_uri)
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"curve/{name}", float(value), now, int(p["step"]))
+               for p in points for name, value in p["metrics"].items()
+               if tracking.is_metric(value) and not name.startswith(("n_", "eval_"))]
+    metrics += [Metric("curve/train_seconds", float(p["train_seconds"]), now, int(p["step"])) for p in points]
+    for start in range(0, len(metrics), 900):  # MLflow accepts at most 1000 metrics per batch
+        client.log_batch(run_id, metrics=metrics[start : start + 900])
+    if png is not None and Path(png).is_file():
+        client.log_artifact(run_id, str(png), artifact_path="sft")
+
+
 def log_results(tracking_uri: str, run_id: str, summary: dict[str, Any], run_dir: Path,
                 evaluations: dict[str, dict[str, float]] | None = None) -> None:
     """Log the training summary, evaluation metric sets (prefixed) and the adapter as artifacts.

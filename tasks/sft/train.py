@@ -94,11 +94,23 @@ def needs_subprocess(cfg: SFTConfig) -> bool:
 
 
 def cpu_threads(cfg: SFTConfig) -> int:
-    """Intra-op threads for one training process: the configured number, else cores / local ranks."""
+    """Intra-op threads for one training process: the configured number, else physical cores / local ranks."""
+    from tasks.runtime import physical_cores
+
     if cfg.cpu_threads:
         return cfg.cpu_threads
     local = cfg.devices if isinstance(cfg.devices, int) and cfg.accelerator != "gpu" else 1
-    return max(1, (os.cpu_count() or 1) // max(1, local))
+    return max(1, physical_cores() // max(1, local))
+
+
+def resolve_precision(cfg: SFTConfig) -> str:
+    """The Lightning precision for ``cfg``: 'auto' -> 'bf16-mixed' where bf16 is native, else '32-true'."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    from tasks.runtime import bf16_fast
+
+    device = "cuda" if cfg.accelerator == "gpu" else "cpu" if cfg.accelerator == "cpu" else None
+    return "bf16-mixed" if bf16_fast(device) else "32-true"
 
 
 # --------------------------------------------------------------------------- training
@@ -119,7 +131,9 @@ def train_sft(spec: TrainSpec, records: list[dict[str, Any]] | None = None) -> d
     from tasks.models import load_tokenizer
     from tasks.sft.checkpoints import FaultTolerantCheckpoint, latest_valid, list_checkpoints
     from tasks.sft.data import SFTDataModule, encode_records, end_of_turn_id
-    from tasks.sft.module import SFTModule, StepProgressBar, TrainHistory, adapter_fingerprint, peak_rss_mb
+    from tasks.sft.module import (
+        AdapterSnapshots, SFTModule, StepProgressBar, TrainHistory, adapter_fingerprint, curve_steps, peak_rss_mb,
+    )
     from tasks.sft.qlora import build_peft_model, context_length
 
     cfg = SFTConfig.model_validate(spec.sft)
@@ -132,7 +146,9 @@ def train_sft(spec: TrainSpec, records: list[dict[str, Any]] | None = None) -> d
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     tokenizer = load_tokenizer(Path(spec.model_dir))
-    model = build_peft_model(Path(spec.model_dir), cfg, gradient_checkpointing=cfg.gradient_checkpointing)
+    precision = resolve_precision(cfg)
+    model = build_peft_model(Path(spec.model_dir), cfg, gradient_checkpointing=cfg.gradient_checkpointing,
+                             compute_dtype="bfloat16" if precision.startswith("bf16") else "float32")
     examples, report = encode_records(records, tokenizer, spec.max_seq_len, context_length(model))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_id(tokenizer)
     datamodule = SFTDataModule(examples, cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.packing,
@@ -149,13 +165,14 @@ def train_sft(spec: TrainSpec, records: list[dict[str, Any]] | None = None) -> d
         strategy=cfg.strategy,
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
-        precision=cfg.precision,
+        precision=precision,
         max_steps=cfg.max_steps,
         max_epochs=-1,
         accumulate_grad_batches=cfg.grad_accum,
         gradient_clip_val=cfg.max_grad_norm,
         logger=_mlflow_logger(spec),
-        callbacks=[history, checkpointer, *([StepProgressBar()] if spec.progress_bar else [])],
+        callbacks=[history, checkpointer, AdapterSnapshots(run_dir / "curve", curve_steps(cfg.max_steps, cfg.curve_points)),
+                   *([StepProgressBar()] if spec.progress_bar else [])],
         enable_checkpointing=False,
         enable_progress_bar=spec.progress_bar,
         enable_model_summary=False,
@@ -193,6 +210,7 @@ def train_sft(spec: TrainSpec, records: list[dict[str, Any]] | None = None) -> d
         "rank_examples_seen": history.rank_examples or [module.examples_seen],
         "data": dataclasses.asdict(report),
         "method": cfg.method,
+        "precision": precision,
         "cpu_threads": cpu_threads(cfg),
         "model_footprint_mb": round(model.get_base_model().get_memory_footprint() / 2**20, 1),
         "adapter_dir": str(run_dir / "adapter"),

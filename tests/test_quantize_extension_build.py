@@ -1,0 +1,40 @@
+"""NNCF's C++ extension build: a killed build's lock must not hang every later QAT run."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from tasks.quantize.qat import STALE_BUILD_S, prepare_nncf_extension_build
+
+
+def _build_dir(root, name, age_s):
+    build = root / "nncf" / name / "2.13.0+cpu"
+    build.mkdir(parents=True)
+    for file in ("lock", "build.ninja"):
+        (build / file).write_text("")
+        stamp = time.time() - age_s
+        os.utime(build / file, (stamp, stamp))
+    return build
+
+
+def test_a_stale_lock_is_removed_and_a_live_build_is_left_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv("NNCF_EXTENSION_LOAD_TIMEOUT", raising=False)
+    stale = _build_dir(tmp_path, "quantized_functions_cpu", STALE_BUILD_S + 60)
+    live = _build_dir(tmp_path, "other", 5)
+    prepare_nncf_extension_build()
+    assert not (stale / "lock").exists() and (stale / "build.ninja").exists()
+    assert (live / "lock").exists()
+    assert int(os.environ["NNCF_EXTENSION_LOAD_TIMEOUT"]) > 60  # NNCF's 60 s default failed builds here
+
+
+def test_the_build_directory_is_per_environment_unless_the_user_chose_one(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    prepare_nncf_extension_build()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == os.path.join(sys.prefix, "torch_extensions")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    prepare_nncf_extension_build()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path)
