@@ -44,7 +44,7 @@ def align_env(tmp_path, tiny_model_dir, mlflow_uri):
     overrides = [
         f"home={home}", f"registry.tracking_uri={mlflow_uri}",
         "align.stages=[{name: instruction, max_steps: 1, reward_weights: {judge: 1.0}},"
-        " {name: tasks, max_steps: 2, reward_weights: {sentiment: 0.5, ner: 0.3, instruction: 0.2}}]",
+        " {name: tasks, max_steps: 2, reward_weights: {label_match: 0.5, entity_recall: 0.3, format: 0.2}}]",
         f"align.judge.url={_dead_url()}", "align.judge.retries=0", "align.judge.timeout_s=2",
         "align.learning_rate=1e-3", "align.eval_max_samples_per_task=2", "evaluate.max_new_tokens=8",
     ]
@@ -86,13 +86,13 @@ def test_align_flow_trains_stages_evaluates_and_tracks(prefect_harness, align_en
     assert run.info.status == "FINISHED"
     assert run.data.tags["lmforge.stage"] == "align" and run.data.tags["lmforge.data_version"] == version
     assert run.data.params["align.kl_beta"] == "0.04" and run.data.params["method"] == "lora"
-    assert json.loads(run.data.params["align.stages"])[1]["reward_weights"]["sentiment"] == 0.5
+    assert json.loads(run.data.params["align.stages"])[1]["reward_weights"]["label_match"] == 0.5
     steps = lambda key: sorted(m.step for m in client.get_metric_history(run.info.run_id, key))  # noqa: E731
     assert steps("rewards/judge/mean") == [1]
-    assert steps("rewards/sentiment/mean") == [2, 3] and steps("rewards/ner/std") == [2, 3]
+    assert steps("rewards/label_match/mean") == [2, 3] and steps("rewards/entity_recall/std") == [2, 3]
     for key in ("kl", "clip_ratio/region_mean", "completions/mean_length", "reward", "stage"):
         assert steps(key) == [1, 2, 3], key
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "weight/sentiment")] == [0.5, 0.5]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "weight/label_match")] == [0.5, 0.5]
     metrics = run.data.metrics
     assert metrics["before_format_compliance"] == result["before"]["format_compliance"]
     assert metrics["after_ner_f1"] == result["after"]["ner_f1"]
