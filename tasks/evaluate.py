@@ -345,7 +345,10 @@ def _cache_key(model_dir: str | Path, adapter_dir: str | Path | None, selected: 
         "recipe": EVAL_RECIPE, "model": _content_fingerprint(Path(model_dir)),
         "adapter": _content_fingerprint(Path(adapter_dir)) if adapter_dir is not None else None,
         "records": [[r["id"], r["task"], r["prompt"], r["label"]] for r in selected],
-        "settings": cfg.model_dump(mode="json"), "engine": resolve_engine(cfg.engine), "max_length": max_length,
+        # The engine as resolved: "auto" and the engine it picks are the same evaluation (the quantize
+        # merge check asks for "openvino" explicitly and must reuse alignment's "auto" result).
+        "settings": cfg.model_dump(mode="json", exclude={"engine"}), "engine": resolve_engine(cfg.engine),
+        "max_length": max_length,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 

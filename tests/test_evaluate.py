@@ -327,6 +327,13 @@ def test_evaluation_cache_reuses_only_the_same_evaluation(tiny_model_dir, random
     again = evaluate_model(tiny_model_dir, cfg, tmp_path / "b", records=records, cache_dir=cache)
     assert again["cached"] is True
     assert again["metrics"]["perplexity"] == first["metrics"]["perplexity"]
+    # "auto" is the engine it resolves to: the quantize merge check names the engine and must reuse
+    # alignment's "auto" evaluation rather than pay for it again. (Resolved as on a CUDA machine, where
+    # auto means hf, the engine the cached entry used.)
+    monkeypatch.setattr(E, "resolve_engine", lambda engine: "hf" if engine in ("auto", "hf") else engine)
+    auto = evaluate_model(tiny_model_dir, cfg.model_copy(update={"engine": "auto"}), tmp_path / "auto",
+                          records=records, cache_dir=cache)
+    assert auto["cached"] is True
     assert json.loads(open(again["table_json"]).read()) == json.loads(open(first["table_json"]).read())
 
     # A different adapter, settings or record set is a different evaluation: it must run.
