@@ -307,13 +307,14 @@ def evaluate_model(
 EVAL_RECIPE = "per-task-max-tokens-v2"
 
 
-def resolve_engine(engine: str) -> str:
-    """``auto`` -> Hugging Face on a CUDA machine, else OpenVINO (the engine that serves on CPUs)."""
+def resolve_engine(engine: str, device: str = "auto") -> str:
+    """``auto`` -> Hugging Face when the evaluation device is a GPU (``device`` asks for one, or is
+    ``auto`` on a CUDA machine), else OpenVINO (the engine that serves on CPUs)."""
     if engine != "auto":
         return engine
     from tasks.runtime import torch_device
 
-    return "hf" if torch_device().startswith("cuda") else "openvino"
+    return "hf" if torch_device(device).startswith("cuda") else "openvino"
 
 
 def open_generator(cfg: EvaluateConfig, model_dir: str | Path, adapter_dir: str | Path | None = None,
@@ -323,7 +324,7 @@ def open_generator(cfg: EvaluateConfig, model_dir: str | Path, adapter_dir: str 
     OpenVINO: the model's fp32 IR (exported once, :func:`tasks.models.openvino_ir`) with the adapter
     converted for runtime LoRA into ``scratch``; Hugging Face: the weights with the adapter merged.
     """
-    engine = resolve_engine(cfg.engine)
+    engine = resolve_engine(cfg.engine, cfg.device)
     if engine == "hf":
         return hf_generator(model_dir, adapter_dir, cfg.batch_size, max_length, device=cfg.device)
     from tasks.models import openvino_ir
@@ -347,7 +348,7 @@ def _cache_key(model_dir: str | Path, adapter_dir: str | Path | None, selected: 
         "records": [[r["id"], r["task"], r["prompt"], r["label"]] for r in selected],
         # The engine as resolved: "auto" and the engine it picks are the same evaluation (the quantize
         # merge check asks for "openvino" explicitly and must reuse alignment's "auto" result).
-        "settings": cfg.model_dump(mode="json", exclude={"engine"}), "engine": resolve_engine(cfg.engine),
+        "settings": cfg.model_dump(mode="json", exclude={"engine"}), "engine": resolve_engine(cfg.engine, cfg.device),
         "max_length": max_length,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]

@@ -330,7 +330,7 @@ def test_evaluation_cache_reuses_only_the_same_evaluation(tiny_model_dir, random
     # "auto" is the engine it resolves to: the quantize merge check names the engine and must reuse
     # alignment's "auto" evaluation rather than pay for it again. (Resolved as on a CUDA machine, where
     # auto means hf, the engine the cached entry used.)
-    monkeypatch.setattr(E, "resolve_engine", lambda engine: "hf" if engine in ("auto", "hf") else engine)
+    monkeypatch.setattr(E, "resolve_engine", lambda engine, device: "hf" if engine in ("auto", "hf") else engine)
     auto = evaluate_model(tiny_model_dir, cfg.model_copy(update={"engine": "auto"}), tmp_path / "auto",
                           records=records, cache_dir=cache)
     assert auto["cached"] is True

@@ -27,14 +27,3 @@ def test_a_stale_lock_is_removed_and_a_live_build_is_left_alone(tmp_path, monkey
     assert not (stale / "lock").exists() and (stale / "build.ninja").exists()
     assert (live / "lock").exists()
     assert int(os.environ["NNCF_EXTENSION_LOAD_TIMEOUT"]) > 60  # NNCF's 60 s default failed builds here
-
-
-def test_the_build_directory_is_per_environment_unless_the_user_chose_one(tmp_path, monkeypatch):
-    import sys
-
-    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
-    prepare_nncf_extension_build()
-    assert os.environ["TORCH_EXTENSIONS_DIR"] == os.path.join(sys.prefix, "torch_extensions")
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    prepare_nncf_extension_build()
-    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path)

@@ -45,7 +45,9 @@ def export(tiny_model_dir, tmp_path_factory, prefect_harness):
 def test_every_variant_is_complete_and_described(export):
     summary = export["summary"]
     root = Path(summary["root"])
-    assert sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) == sorted(VARIANTS)
+    # Besides the variants: eval/ holds each variant's per-example evaluation table (for paired intervals).
+    assert sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) == sorted(
+        [*VARIANTS, "eval"])
     assert not list(root.glob(".tmp-*")), "no staging leftovers"
     assert not (root / ".work").exists(), "scratch merge removed after the report"
     for name in VARIANTS:
@@ -162,16 +164,15 @@ def test_base_ir_with_runtime_adapter_reproduces_the_merge(export):
 
 
 def test_openvino_generator_agrees_with_hf_generator(export):
-    from tasks.generators import hf_generator
-    from tasks.quantize import openvino_generator
+    from tasks.generators import OpenVINOGenerator, hf_generator
 
     prompts = [r["prompt"] for r in export["records"][:3]]
-    merged_fp32 = hf_generator(Path(export["summary"]["root"]) / "merged_hf", max_new_tokens=5, batch_size=3)
-    ov_fp32 = openvino_generator(Path(export["summary"]["root"]) / "fp32_ir", max_new_tokens=5, batch_size=2)
-    got = ov_fp32(prompts)
+    merged_fp32 = hf_generator(Path(export["summary"]["root"]) / "merged_hf", batch_size=3)
+    ov_fp32 = OpenVINOGenerator(Path(export["summary"]["root"]) / "fp32_ir", batch_size=2)
+    got = ov_fp32(prompts, 5)
     assert len(got) == 3 and all(isinstance(t, str) for t in got)
     # merged_hf is fp16: compare as text, which is robust to the last-bit differences of half precision
-    assert got == merged_fp32(prompts)
+    assert got == merged_fp32(prompts, 5)
 
 
 def test_report_selection_and_artifacts(export):

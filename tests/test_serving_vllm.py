@@ -80,8 +80,9 @@ def gateway(tmp_path_factory, registered):
                       variants=[variant])
     app = build_app(cfg, work / "home", tracking_uri=registered["uri"])
     with running_gateway(app, ready_timeout=660) as base:
-        engine = httpx.get(base + "/admin/variants").json()["variants"][0]["engine"]
-        yield {"base": base, "engine": engine, "adapters": adapters, "app": app}
+        variant_info = httpx.get(base + "/admin/variants").json()["variants"][0]
+        yield {"base": base, "engine": variant_info["engine"], "variant": variant_info, "adapters": adapters,
+               "app": app}
     # Shutting the gateway down stops the vLLM server it started.
     with pytest.raises(httpx.HTTPError):
         httpx.get(engine["url"] + "/health", timeout=5)
@@ -176,7 +177,8 @@ def test_json_rpc_classify_sentiment(gateway, registered):
 def test_serves_the_registered_merged_weights_from_the_alias(gateway, registered, client):
     """vLLM got the version's merged_hf artifact (not the IR directory that sorts first), in bf16 on CPU."""
     engine = gateway["engine"]
-    assert engine["version"] == registered["version"] and engine["uri"] == f"models:/{REGISTERED}@champion"
+    assert engine["version"] == registered["version"]
+    assert gateway["variant"]["model_uri"] == f"models:/{REGISTERED}@champion"
     model_dir = Path(engine["model_dir"])
     assert model_dir.name == "merged_hf" and (model_dir / "model.safetensors").is_file()
     assert not (model_dir / "openvino_model.xml").exists()

@@ -5,13 +5,8 @@ Modules: :mod:`.validate` (adapter checks before any work), :mod:`.merge` (PEFT 
 :mod:`.report` (probe, evaluation, selection by paired intervals, markdown + chart),
 :mod:`.steps` (the stage as plain steps + Prefect tasks), :mod:`.variants` (atomic variant dirs).
 Heavy engines (openvino, nncf, optimum) are imported inside the functions that use them.
+
+Nothing is imported here: evaluation imports ``export``/``merge``/``validate`` for its OpenVINO engine, and
+an eager import of the whole package would make every stage's code hash (tasks/code_hash.py) depend on
+the quantize stage's files.
 """
-
-from tasks.quantize.report import select_variant
-from tasks.quantize.steps import ExportPlan, build_variant, measure_variant, plan_export, write_report
-from tasks.quantize.validate import AdapterError, AdapterInfo, validate_adapter
-
-__all__ = [
-    "AdapterError", "AdapterInfo", "ExportPlan", "build_variant", "measure_variant",
-    "plan_export", "select_variant", "validate_adapter", "write_report",
-]

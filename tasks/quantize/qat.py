@@ -15,7 +15,6 @@ import logging
 import os
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,14 +38,15 @@ def prepare_nncf_extension_build() -> None:
     """Make NNCF's first-use C++ build of its CPU quantisation extension safe on a small, busy machine.
 
     * The build takes minutes on 2 busy cores; NNCF gives up after 60 s and fails the run: wait 20 min.
-    * torch keys the build directory by extension name only, so two checkouts (two venvs) rebuild it in
-      turn: keep one build per environment (``<venv>/torch_extensions``).
-    * A build that was killed leaves its ``lock`` file, and every later run waits on it forever: a lock
-      in a directory where nothing changed for 10 minutes is stale and removed.
-    A user's own NNCF_EXTENSION_LOAD_TIMEOUT / TORCH_EXTENSIONS_DIR win.
+    * A build that was killed leaves its ``lock`` file, and every later run waits on it until the
+      timeout: a lock in a directory where nothing changed for 10 minutes is stale and removed.
+    A user's own NNCF_EXTENSION_LOAD_TIMEOUT wins; the build directory is torch's
+    (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
     """
     os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "1200")
-    root = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")))
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
     for lock in root.glob("**/lock"):
         try:
             newest = max(p.stat().st_mtime for p in lock.parent.iterdir())
