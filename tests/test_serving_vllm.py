@@ -85,7 +85,7 @@ def gateway(tmp_path_factory, registered):
                "app": app}
     # Shutting the gateway down stops the vLLM server it started.
     with pytest.raises(httpx.HTTPError):
-        httpx.get(engine["url"] + "/health", timeout=5)
+        httpx.get(variant_info["engine"]["url"] + "/health", timeout=5)
 
 
 @pytest.fixture(scope="module")
