@@ -61,6 +61,9 @@ def render_v1(records: list[dict], tokenizer) -> list[dict]:
 
     out = []
     for record in records:
+        if record["task"] not in V1_TEMPLATES:  # a task the previous default did not have: as rendered today
+            out.append(record)
+            continue
         system, instructions = V1_TEMPLATES[record["task"]]
         index = int(stable_unit("template", 0, record["id"]) * len(instructions))
         label = coerce_label(record["task"], record["label"])
