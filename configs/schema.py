@@ -353,6 +353,16 @@ class QuantizeConfig(Section):
     """KV-cache size given to ContinuousBatchingPipeline when benchmarking and evaluating."""
     evaluate_variants: bool = True
     """Score every variant on the curated validation split (tasks.evaluate); off = sizes and speed only."""
+    eval_max_samples_per_task: int | None = Field(None, ge=1)
+    """Validation examples per task each variant is scored on (the first ones of the split); None =
+    evaluate.max_samples_per_task. The selection's intervals narrow with more examples: with ~300 per
+    task a variant that loses nothing can still miss the 1-point bound."""
+    screen_samples_per_task: int | None = Field(100, ge=1)
+    """Score each candidate on this many examples per task first and stop there when its drop is already
+    certain (one-sided 95% lower bound) to exceed max_metric_drop on some task; None = no screening."""
+    evaluate_base_ir: bool = True
+    """Also score base_ir (base IR + runtime adapter; not a selection candidate, the merge check already
+    compares base + adapter with the merged model)."""
 
     @field_validator("bench_concurrency")
     @classmethod

@@ -59,8 +59,14 @@ def quantize_flow(
     plan, info = plan_task(cfg.home, base_dir, adapter, cfg.quantize, samples, info)
     for name in plan.variants:
         build_variant_task(plan, name, cfg.quantize, samples, info)
-    rows = [measure_variant_task(plan, name, cfg.quantize, cfg.evaluate, eval_records) for name in plan.variants]
-    merge = merge_check_task(plan, rows, cfg.evaluate, eval_records, cfg.home / "cache" / "eval")
+    rows: list[dict[str, Any]] = []
+    for name in plan.variants:  # fp32_ir comes before the variants it screens
+        reference = next((r.get("eval_table") for r in rows if r["variant"] == "fp32_ir"), None)
+        rows.append(measure_variant_task(plan, name, cfg.quantize, cfg.evaluate, eval_records, reference))
+    # The merge check scores base + runtime LoRA on alignment's examples, so alignment's cached evaluation is reused.
+    stage_examples = cfg.align.eval_max_samples_per_task or cfg.sft.eval_max_samples_per_task
+    merge_eval = cfg.evaluate.model_copy(update={"max_samples_per_task": stage_examples}) if stage_examples else cfg.evaluate
+    merge = merge_check_task(plan, rows, merge_eval, eval_records, cfg.home / "cache" / "eval")
     summary = report_task(plan, rows, cfg.quantize, merge)
     publish_markdown_task(summary["markdown"], plan.export_id)
     run_id = None

@@ -7,7 +7,9 @@ import pytest
 from configs.schema import QuantizeConfig
 import json
 
-from tasks.quantize.report import compare_to_reference, render_chart, render_markdown, select_variant
+from tasks.quantize.report import (
+    certainly_worse, compare_to_reference, render_chart, render_markdown, select_variant,
+)
 from tasks.quantize.variants import finish_variant, is_complete, read_variant, staged_variant, sweep_stale
 
 N = 300  # examples per task, as in the default preset's validation split
@@ -111,6 +113,24 @@ def test_markdown_and_chart_show_intervals(tmp_path, rows):
     png = render_chart(rows, cfg, tmp_path / "report.png", choice["compare"])
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_screening_stops_only_a_variant_certain_to_lose_more_than_the_limit(tmp_path, rows):
+    reference, int8, int4 = (rows[0]["eval_table"], rows[1]["eval_table"], rows[2]["eval_table"])
+    assert certainly_worse(reference, int8, 1.0) is None            # same answers: may pass
+    reason = certainly_worse(reference, int4, 1.0)                  # -3 points, bound well above 1
+    assert reason and reason.startswith("sentiment") and "300 examples" in reason
+    assert certainly_worse(reference, int4, 5.0) is None            # inside a looser limit: keep scoring
+    one_off = tmp_path / "one_off.json"
+    one_off.write_text(json.dumps(_table(31, 90)))                  # one flip in 300: uncertain, not screened
+    assert certainly_worse(reference, one_off, 0.1) is None
+
+
+def test_a_screened_out_variant_is_marked_in_the_report(tmp_path, rows):
+    rows[2]["screened_out"] = "sentiment: drop >= 1.7 points at 95% confidence on 300 examples (limit 1)"
+    choice = select_variant(rows, QuantizeConfig())
+    markdown = render_markdown(rows, choice, QuantizeConfig())
+    assert "int4 (screened out)" in markdown and "n 300" in markdown
 
 
 def test_staged_variant_failure_leaves_nothing(tmp_path):

@@ -108,6 +108,21 @@ def compare_to_reference(rows: list[dict[str, Any]], reference: str = "fp32_ir",
     return out
 
 
+def certainly_worse(reference_table: Path, candidate_table: Path, max_drop: float,
+                    confidence: float = 0.95) -> str | None:
+    """Why the candidate already loses more than ``max_drop`` points on some task (the one-sided lower
+    bound of its drop exceeds it), or None while it may still pass."""
+    from tasks.stats import compare_tables
+
+    reference = json.loads(Path(reference_table).read_text(encoding="utf-8"))
+    candidate = json.loads(Path(candidate_table).read_text(encoding="utf-8"))
+    for task, d in compare_tables(reference, candidate, confidence, alternative="less").items():
+        if -d.high > max_drop:
+            return (f"{task}: drop >= {-d.high:.1f} points at {100 * confidence:.0f}% confidence "
+                    f"on {d.n} examples (limit {max_drop:g})")
+    return None
+
+
 def select_variant(rows: list[dict[str, Any]], cfg: QuantizeConfig, reference: str = "fp32_ir") -> dict[str, Any]:
     """Apply the selection policy: among IR variants whose drop on every task's headline metric has a
     one-sided 95% upper bound <= ``cfg.max_metric_drop`` points below ``reference`` (paired bootstrap
@@ -181,13 +196,13 @@ def render_markdown(rows: list[dict[str, Any]], selection: dict[str, Any], cfg: 
         for row in rows:
             if not row.get("metrics"):
                 continue
-            cells = [row["variant"]]
+            cells = [row["variant"] + (" (screened out)" if row.get("screened_out") else "")]
             for task in tasks:
                 c = compare.get(row["variant"], {}).get(task)
                 value = next((v for k, v in row["metrics"].items() if k == _headline(task)), None)
                 text = _num(value, 3)
                 if c:
-                    text += f" ({c['difference']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}]; drop <= {c['drop_upper']:.1f})"
+                    text += f" ({c['difference']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}]; drop <= {c['drop_upper']:.1f}; n {c['n']})"
                 cells.append(text)
             cells += [_num(row["metrics"].get(f"format_compliance_{t}"), 3) for t in tasks]
             lines.append("| " + " | ".join(cells) + " |")

@@ -138,9 +138,14 @@ def build_variant(plan: ExportPlan, name: str, cfg: QuantizeConfig, samples: lis
 
 
 def measure_variant(plan: ExportPlan, name: str, cfg: QuantizeConfig, eval_cfg: EvaluateConfig,
-                    records: list[dict] | None) -> dict[str, Any]:
+                    records: list[dict] | None, reference_table: str | Path | None = None) -> dict[str, Any]:
     """Report row of one variant: sizes; for IR variants also probe (RSS, tokens/s, P95 latency, chat
-    answer) and its per-example evaluation on ``records`` (kept under ``<export>/eval/<variant>/``)."""
+    answer) and its per-example evaluation on ``records`` (kept under ``<export>/eval/<variant>/``).
+
+    With ``reference_table`` (fp32_ir's per-example table) and ``cfg.screen_samples_per_task``, a
+    candidate is first scored on that many examples per task; one already certain to lose more than
+    ``cfg.max_metric_drop`` on some task keeps that short evaluation (``screened_out`` in the row).
+    """
     from tasks.quantize import report
     from tasks.quantize.qat import GENAI_ADAPTER_DIR, GENAI_ADAPTER_FILE
 
@@ -151,10 +156,20 @@ def measure_variant(plan: ExportPlan, name: str, cfg: QuantizeConfig, eval_cfg: 
         return report.variant_row(path, None, None)
     adapter = path / GENAI_ADAPTER_DIR / GENAI_ADAPTER_FILE if name == "base_ir" else None
     probe = report.probe_variant(path, cfg, adapter)
-    evaluation = None
-    if records and cfg.evaluate_variants:
-        evaluation = report.evaluate_variant(path, records, eval_cfg, plan.root / "eval" / name, adapter)
-    return report.variant_row(path, probe, evaluation)
+    if not records or not cfg.evaluate_variants or (name == "base_ir" and not cfg.evaluate_base_ir):
+        return report.variant_row(path, probe, None)
+    out_dir = plan.root / "eval" / name
+    full = eval_cfg.model_copy(update={"max_samples_per_task": cfg.eval_max_samples_per_task
+                                       or eval_cfg.max_samples_per_task})
+    screen = cfg.screen_samples_per_task
+    if reference_table and name != "fp32_ir" and screen and screen < full.max_samples_per_task:
+        evaluation = report.evaluate_variant(path, records, full.model_copy(update={"max_samples_per_task": screen}),
+                                             out_dir, adapter)
+        worse = report.certainly_worse(Path(reference_table), Path(evaluation["table_json"]), cfg.max_metric_drop)
+        if worse:
+            log.info("%s: screened out after %d examples per task (%s)", name, screen, worse)
+            return report.variant_row(path, probe, evaluation) | {"screened_out": worse}
+    return report.variant_row(path, probe, report.evaluate_variant(path, records, full, out_dir, adapter))
 
 
 def check_merge(plan: ExportPlan, rows: list[dict[str, Any]], eval_cfg: EvaluateConfig, records: list[dict] | None,
@@ -227,6 +242,9 @@ def report_notes(rows: list[dict[str, Any]], selection: dict[str, Any], merge_ch
                              + (f" ({100 * share:.0f}% recovered)" if share is not None else " (PTQ lost nothing)"))
             notes.append(f"QAT `{qat['variant']}` ({qat.get('steps', '?')} steps, {qat.get('build_seconds', '?')} s) "
                          f"vs PTQ `{ptq}`: " + "; ".join(parts))
+    for row in (r for r in rows if r.get("screened_out")):
+        notes.append(f"`{row['variant']}` was screened out on the first examples of each task and not scored on "
+                     f"the rest: {row['screened_out']}.")
     if merge_check:
         parts = [f"{t} {d['difference']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]" for t, d in merge_check["tasks"].items()]
         verdict = "equal within the interval" if merge_check["equal_within_interval"] else "NOT equal"
@@ -334,9 +352,9 @@ def build_variant_task(plan: ExportPlan, name: str, cfg: QuantizeConfig, samples
 
 @task(name="quantize-measure-variant", cache_policy=NO_CACHE, task_run_name="measure-{name}")
 def measure_variant_task(plan: ExportPlan, name: str, cfg: QuantizeConfig, eval_cfg: EvaluateConfig,
-                         records: list | None) -> dict:
+                         records: list | None, reference_table: str | None = None) -> dict:
     """Prefect wrapper of :func:`measure_variant`."""
-    return measure_variant(plan, name, cfg, eval_cfg, records)
+    return measure_variant(plan, name, cfg, eval_cfg, records, reference_table)
 
 
 @task(name="quantize-merge-check", cache_policy=NO_CACHE)
