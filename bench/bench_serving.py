@@ -289,8 +289,12 @@ class GatewayProcess:
     """``lmforge serve`` in its own process (as deployed), stopped with SIGTERM."""
 
     def __init__(self, home: Path, overrides: list[str], port: int, ready_timeout: float = 300,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, wait: bool = True):
+        """Start the gateway; with ``wait`` (the default) return once /health/ready answers 200, else
+        return at once and let the caller watch the load-in (bench_rss samples its memory) and call
+        :meth:`wait_ready`."""
         self.base = f"http://127.0.0.1:{port}"
+        self.ready_timeout = ready_timeout
         env = {**os.environ, "LMFORGE_HOME": str(home), "HF_HUB_OFFLINE": "1", **(env or {})}
         # Without auth the gateway rate-limits per client address: the bench is one address sending flat out.
         cmd = [sys.executable, "-m", "flows.cli", "serve", "-c", "pipeline", f"serve.port={port}",
@@ -298,7 +302,11 @@ class GatewayProcess:
                *overrides]
         self.log = open(home / f"gateway-{port}.log", "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + ready_timeout
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 self.log.close()
@@ -310,7 +318,7 @@ class GatewayProcess:
                 pass
             time.sleep(0.5)
         self.stop()  # a gateway that never got ready would otherwise run on beside the next benches
-        raise TimeoutError(f"gateway not ready after {ready_timeout:.0f} s; see {self.log.name}")
+        raise TimeoutError(f"gateway not ready after {self.ready_timeout:.0f} s; see {self.log.name}")
 
     def stop(self) -> None:
         self.process.terminate()
