@@ -171,7 +171,7 @@ def bench_gateway(base: str, clients: int, rounds: int, stream: bool = False, mo
     ``http_client``: httpx (the default, and every run before 2026-12-01 19:16) or aiohttp (vLLM's own serving
     benchmark uses). The clients share the engine's 2 cores: httpx spends ~2 ms of CPU per request
     here, aiohttp ~0.4 ms, yet side by side aiohttp did not measure a smaller overhead
-    (bench/SERVING_RESULTS.md).
+    (docs/SERVING_RESULTS.md).
     """
     post = _post_aiohttp if http_client == "aiohttp" else _post_httpx
 
@@ -530,9 +530,10 @@ def main() -> None:
     parser.add_argument("--skip-vllm", action="store_true")
     parser.add_argument("--http-client", choices=HTTP_CLIENTS, default="httpx",
                         help="The benchmark clients' HTTP library (default httpx, as in every earlier run; aiohttp "
-                             "uses ~5x less client CPU per request, see SERVING_RESULTS.md).")
+                             "uses ~5x less client CPU per request, see docs/SERVING_RESULTS.md).")
     parser.add_argument("--no-record", action="store_true",
-                        help="Do not append the paired trials to bench/overhead_trials.jsonl (see pool_overhead.py).")
+                        help="Do not append the paired trials to <home>/bench/overhead_trials.jsonl "
+                             "(see pool_overhead.py).")
     parser.add_argument("--bursts", type=int, default=30, help="A/B bursts per scenario (bench/ab_bursts.py).")
     parser.add_argument("--only", choices=["all", "vllm", "ab"], default="all",
                         help="vllm: only vLLM, direct and through the gateway (-> <home>/bench/serving-vllm.json); "
@@ -588,7 +589,7 @@ def main() -> None:
                     trials.setdefault(key, []).append(run() | {"loadavg": os.getloadavg()[0]})
                     print(f"trial {trial} {key}: {trials[key][-1]['tok_s']:.1f} tok/s", flush=True)
                 if not args.no_record:
-                    _record_trial(started, c, trials, client)
+                    _record_trial(started, c, trials, client, home)
     finally:
         gateway.stop()
         if paced is not None:
@@ -618,13 +619,14 @@ def main() -> None:
     print(report(out))
 
 
-def _record_trial(started: str, clients: int, trials: dict[str, list[dict]], http_client: str) -> None:
-    """The trial's gateway row with the engine rows around it, for bench/pool_overhead.py."""
-    from bench.pool_overhead import append_trial
+def _record_trial(started: str, clients: int, trials: dict[str, list[dict]], http_client: str, home: Path) -> None:
+    """The trial's gateway row with the engine rows around it, in <home>/bench/, for bench/pool_overhead.py."""
+    from bench.pool_overhead import TRIALS, append_trial
 
     before, after = trials[f"direct_step_{clients}"][-1]["tok_s"], trials[f"direct_generate_{clients}"][-1]["tok_s"]
     served = trials[f"gateway_{clients}"][-1]["tok_s"]
-    append_trial(f"{started} full", "full", clients, http_client, REGROUP_MS, before, served, after)
+    append_trial(f"{started} full", "full", clients, http_client, REGROUP_MS, before, served, after,
+                 path=home / "bench" / TRIALS.name)
 
 
 def _aggregate(runs: list[dict]) -> dict:

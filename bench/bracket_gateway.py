@@ -14,7 +14,7 @@ effect cancels in the pooled estimate.
 
 Why alternating (``E G E G E``) instead of a fresh bracket per trial (``E G E E G E``): in A/A checks
 (a second engine process in the gateway's slot) the bracketed design favoured the middle process by
-4-5%, the alternating one by 1.8%. Every run is appended to ``bench/overhead_trials.jsonl``
+4-5%, the alternating one by 1.8%. Every run is appended to ``<home>/bench/overhead_trials.jsonl``
 (``--record``), which ``pool_overhead.py`` pools over runs.
 
     flock /tmp/bench.lock .venv/bin/python bench/bracket_gateway.py --home .lmforge --trials 16 --blocks 4
@@ -48,10 +48,11 @@ def main() -> None:
     parser.add_argument("--http-client", choices=[*bench.HTTP_CLIENTS, "both"], default="httpx",
                         help="the clients' HTTP library; both: one gateway run with each per trial, in alternating "
                              "order (default httpx)")
-    parser.add_argument("--record", type=Path, default=TRIALS,
-                        help=f"append each trial here for pool_overhead.py (default bench/{TRIALS.name})")
+    parser.add_argument("--record", type=Path, default=None,
+                        help=f"append each trial here for pool_overhead.py (default <home>/bench/{TRIALS.name})")
     parser.add_argument("--no-record", action="store_true", help="do not record the trials")
     args = parser.parse_args()
+    args.record = args.record or args.home / "bench" / TRIALS.name
     if args.trials < 2 or not 1 <= args.blocks <= args.trials:
         parser.error("--trials must be at least 2 (for an interval) and --blocks between 1 and --trials")
     run = time.strftime("%Y-%m-%dT%H:%M") + " alternating"

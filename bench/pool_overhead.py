@@ -1,9 +1,12 @@
-"""Gateway overhead pooled over every recorded paired trial (``bench/overhead_trials.jsonl``).
+"""Gateway overhead pooled over every recorded paired trial (``<home>/bench/overhead_trials.jsonl``).
 
 One run of the serving bench leaves a 95% interval 8-16 points wide on this shared host, too wide to
 settle a 5% target. Every trial that pairs a gateway run with engine runs just before and after it is
 a valid estimate whichever session made it, so the trials are recorded (``bracket_gateway.py`` appends
-its own) and pooled here.
+its own) and pooled here. The log is local data, not part of the repository: it lives under the lmforge
+home (``$LMFORGE_HOME``, else ``.lmforge`` in the repository; git-ignored). The trials behind
+docs/SERVING_RESULTS.md are in git history:
+``git show caa0111:bench/overhead_trials.jsonl > .lmforge/bench/overhead_trials.jsonl``.
 
     .venv/bin/python bench/pool_overhead.py            # tables for 1 and 8 clients
     .venv/bin/python bench/pool_overhead.py --since 2026-12-01T15:00
@@ -26,14 +29,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
-TRIALS = Path(__file__).resolve().parent / "overhead_trials.jsonl"
+REPO = Path(__file__).resolve().parents[1]
+# Local measurements, kept out of the repository: <lmforge home>/bench/ (LMFORGE_HOME, else <repo>/.lmforge).
+TRIALS = Path(os.environ.get("LMFORGE_HOME") or REPO / ".lmforge") / "bench" / "overhead_trials.jsonl"
 
 
 def read_trials(path: Path = TRIALS) -> list[dict]:
+    if not path.is_file():
+        raise SystemExit(f"no trials recorded in {path}: run bench/bracket_gateway.py or bench/bench_serving.py "
+                         "first, or restore the historical log with "
+                         f"`mkdir -p {path.parent} && git show caa0111:bench/overhead_trials.jsonl > {path}`")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
@@ -55,6 +65,7 @@ def append_trial(run: str, design: str, clients: int, http_client: str, regroup_
         row["outside_ms"] = round(outside_ms, 1)
     if block is not None:
         row["block"], row["started_first"] = block, started_first
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as out:
         out.write(json.dumps(row) + "\n")
 
@@ -81,7 +92,7 @@ def pooled(rows: list[dict], reps: int = 10_000, seed: int = 0) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--file", type=Path, default=TRIALS, help=f"trials file (default {TRIALS.name})")
+    parser.add_argument("--file", type=Path, default=TRIALS, help=f"trials file (default {TRIALS})")
     parser.add_argument("--since", default="", help="only runs started at or after this ISO time")
     args = parser.parse_args()
     rows = [r for r in read_trials(args.file) if r["run"] >= args.since]

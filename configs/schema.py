@@ -511,7 +511,7 @@ class ServeConfig(Section):
     (when more finished requests are owed a successor than are still running) so they prefill in one
     step instead of a step apart, and holds new requests out of a step that ends every running request;
     0 = neither. A lone finished request never waits; a group that does not come back costs one wait
-    (bench/SERVING_RESULTS.md)."""
+    (docs/SERVING_RESULTS.md)."""
     warmup_tokens: int = Field(4, ge=1)
     """Tokens generated to warm a freshly loaded engine before it takes traffic."""
     drain_timeout_s: float = Field(30.0, ge=0)

@@ -48,7 +48,7 @@ def prefect_api_url() -> str:
             "  prefect server start\n"
             f"  prefect worker start --pool {DEFAULT_POOL} --type process\n"
             "  export PREFECT_API_URL=http://127.0.0.1:4200/api\n"
-            "or run `lmforge stack up`, which starts both (see README, Production stack).")
+            "or run `lmforge stack up`, which starts both (see docs/DEPLOYMENT.md).")
     return url
 
 

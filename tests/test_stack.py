@@ -1,4 +1,4 @@
-"""The production stack on loopback, end to end (`pytest -m stack`; not in the default run, see README).
+"""The production stack on loopback, end to end (`pytest -m stack`; not in the default run, see docs/DEPLOYMENT.md).
 
 `lmforge stack up`'s code starts PostgreSQL, MLflow (basic auth) on it, a Prefect server + process
 worker, two gateway replicas and nginx with a generated CA, and Prometheus. Then: a cron deployment
