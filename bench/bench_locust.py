@@ -142,11 +142,11 @@ def _wait_ready(url: str, timeout: float = 300) -> None:
 
 def _start_stack(root: Path, replicas: int, max_queue: int):
     """A stack whose replicas serve the tiny model's IR from disk (no pipeline run needed)."""
+    from configs.schema import load
     from deploy.programs import StackPorts, StackSpec
     from deploy.stack import Stack
-    from tests.serving_helpers import tiny_ir
-    from configs.schema import load
     from tasks.models import import_model
+    from tests.serving_helpers import tiny_ir
 
     cfg = load(REPO / "configs" / "tiny.yaml", [f"home={root / 'models-home'}"])
     model_dir = Path(import_model("tiny", cfg.home, cfg.model)["path"])
@@ -167,7 +167,8 @@ def main() -> None:
     parser.add_argument("--max-queue", type=int, default=8, help="serve.max_queue of a started stack (shedding).")
     parser.add_argument("--seconds", type=int, default=30, help="Duration of each measured run.")
     parser.add_argument("--overload-users", type=int, default=0,
-                        help="Users of the overload run (0: 2 x replicas x (8 + max queue), the started stack's limits).")
+                        help="Users of the overload run "
+                             "(0: 2 x replicas x (8 + max queue), the started stack's limits).")
     parser.add_argument("--probe-seconds", type=int, default=15, help="Duration of each capacity probe.")
     args = parser.parse_args()
     from deploy.programs import StackSpec

@@ -204,7 +204,8 @@ def bench_gateway(base: str, clients: int, rounds: int, stream: bool = False, mo
     server = (_main_thread_cpu(server_pid) - server) if server_pid else None
     tokens = sum(r[0] for r in results)
     latencies, engine = [x for r in results for x in r[1]], [x for r in results for x in r[2]]
-    out = {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed, "p50_latency_s": statistics.median(latencies)}
+    out = {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed,
+           "p50_latency_s": statistics.median(latencies)}
     if engine and len(engine) == len(latencies):
         # Of each request's life as the client saw it, the share spent outside the engine's batch:
         # HTTP both ways, parsing, queueing, tokenising, detokenising (this machine's own clients included).
@@ -574,17 +575,19 @@ def main() -> None:
     try:
         for trial in range(args.trials):
             for c in (1, 8):
-                runs = [(f"direct_step_{c}", lambda: direct.run(c, args.rounds, "step")),
-                        (f"gateway_{c}", lambda: bench_gateway(gateway.base, c, args.rounds,
-                                                               server_pid=gateway.process.pid, http_client=client)),
-                        (f"direct_generate_{c}", lambda: direct.run(c, args.rounds, "generate")),
-                        (f"gateway_stream_{c}", lambda: bench_gateway(gateway.base, c, args.rounds, True,
-                                                                       server_pid=gateway.process.pid,
-                                                                       http_client=client))]
+                runs = [(f"direct_step_{c}", lambda c=c: direct.run(c, args.rounds, "step")),
+                        (f"gateway_{c}", lambda c=c: bench_gateway(gateway.base, c, args.rounds,
+                                                                   server_pid=gateway.process.pid,
+                                                                   http_client=client)),
+                        (f"direct_generate_{c}", lambda c=c: direct.run(c, args.rounds, "generate")),
+                        (f"gateway_stream_{c}", lambda c=c: bench_gateway(gateway.base, c, args.rounds, True,
+                                                                           server_pid=gateway.process.pid,
+                                                                           http_client=client))]
                 if paced is not None:
-                    runs += [(f"direct_step_pacer_{c}", lambda: direct.run(c, args.rounds, "step", awake=True)),
+                    runs += [(f"direct_step_pacer_{c}",
+                              lambda c=c: direct.run(c, args.rounds, "step", awake=True)),
                              (f"gateway_pacer_{c}",
-                              lambda: bench_gateway(paced.base, c, args.rounds, http_client=client))]
+                              lambda c=c: bench_gateway(paced.base, c, args.rounds, http_client=client))]
                 for key, run in runs:
                     trials.setdefault(key, []).append(run() | {"loadavg": os.getloadavg()[0]})
                     print(f"trial {trial} {key}: {trials[key][-1]['tok_s']:.1f} tok/s", flush=True)

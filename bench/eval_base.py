@@ -30,7 +30,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--show", type=int, default=2, help="outputs shown per task")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 is faster on a busy machine)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (1 is faster on a busy machine)")
     args = parser.parse_args()
     if args.threads:
         import torch
@@ -54,7 +55,8 @@ def main() -> None:
     for key, value in result.metrics.items():
         print(f"  {key:28s} {value:.4f}" if isinstance(value, float) else f"  {key:28s} {value}")
     print(f"generation: {counted.new_tokens} new tokens in {counted.seconds:.1f}s "
-          f"({counted.new_tokens / max(counted.seconds, 1e-9):.1f} tok/s, batch {cfg.batch_size}); total {elapsed:.1f}s")
+          f"({counted.new_tokens / max(counted.seconds, 1e-9):.1f} tok/s, batch {cfg.batch_size}); "
+          f"total {elapsed:.1f}s")
     shown: dict[str, int] = {}
     for row in result.table:
         if shown.get(row["task"], 0) < args.show:

@@ -96,9 +96,11 @@ class _ClassUser(HttpUser):
              "params": {"text": _REVIEWS[self.turn % len(_REVIEWS)], "max_tokens": 4}, "id": 1},
             {"jsonrpc": "2.0", "method": "extract_entities",
              "params": {"text": "Angela Merkel visited Paris.", "max_tokens": MAX_TOKENS}, "id": 2},
-            {"jsonrpc": "2.0", "method": "generate", "params": {"text": "Say hello.", "max_tokens": MAX_TOKENS}, "id": 3},
+            {"jsonrpc": "2.0", "method": "generate",
+             "params": {"text": "Say hello.", "max_tokens": MAX_TOKENS}, "id": 3},
         ]
-        with self.client.post("/rpc", data=json.dumps(batch), headers=self.headers | {"Content-Type": "application/json"},
+        with self.client.post("/rpc", data=json.dumps(batch),
+                              headers=self.headers | {"Content-Type": "application/json"},
                               name=self.priority, catch_response=True) as response:
             if response.status_code != 200:
                 response.failure(f"{response.status_code} {response.text[:200]}")

@@ -13,7 +13,6 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-
 from configs.tasks import BUILTIN_TASKS, TemplateConfig, check_task_name, task_names, tasks_of_kind
 
 Task = Annotated[str, AfterValidator(check_task_name)]

@@ -193,7 +193,8 @@ class AlignConfig(Section):
     """GRPO (PPO clipped surrogate with a group-relative baseline, TRL) in reward stages."""
 
     stages: list[AlignStageConfig] = [
-        AlignStageConfig(name="weak-tasks", max_steps=10, reward_weights={"entity_f1": 0.8, "rouge_l": 0.8, "format": 0.2}),
+        AlignStageConfig(name="weak-tasks", max_steps=10,
+                         reward_weights={"entity_f1": 0.8, "rouge_l": 0.8, "format": 0.2}),
         AlignStageConfig(name="all-tasks", max_steps=10,
                          reward_weights={"label_match": 0.5, "entity_recall": 0.3, "rouge_l": 0.3, "format": 0.2}),
     ]

@@ -37,7 +37,7 @@ def make_certs(out: Path, names: tuple[str, ...] = ("localhost", "127.0.0.1"), d
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key_path, ca_path = out / "ca.key", out / "ca.crt"
     if ca_key_path.is_file() and ca_path.is_file():
         ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)

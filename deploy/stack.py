@@ -165,7 +165,8 @@ redirect_stderr=true
             self.ctl("update")
         spec = self.spec
         self.start("postgres")
-        _wait(lambda: postgres.ready(self._pg_dsn("postgres")), 60, "postgres", lambda: self.log("postgres"), self._dead("postgres"))
+        _wait(lambda: postgres.ready(self._pg_dsn("postgres")), 60, "postgres", lambda: self.log("postgres"),
+              self._dead("postgres"))
         postgres.create_databases(self._pg_dsn("postgres"), DATABASES)  # as deploy/postgres/init.sql
         self.start("mlflow", "prefect-server")
         _wait(lambda: _http_ok(f"{spec.mlflow_url}/health"), timeout, "mlflow", lambda: self.log("mlflow"),
@@ -234,8 +235,9 @@ def ensure_tools(install: bool = True) -> None:
                        env=os.environ | {"DEBIAN_FRONTEND": "noninteractive"})
         missing = [name for name in APT_PACKAGES if shutil.which(name) is None]
     if missing:
+        packages = " ".join(APT_PACKAGES[m] for m in missing)
         raise StackError(f"missing {', '.join(missing)}: install with "
-                         f"`sudo apt-get update && sudo apt-get install -y {' '.join(APT_PACKAGES[m] for m in missing)}`")
+                         f"`sudo apt-get update && sudo apt-get install -y {packages}`")
     absent = [b for b in POSTGRES_BINARIES if shutil.which(b) is None]
     if absent:
         raise StackError(f"PostgreSQL's {', '.join(absent)} not on PATH: install PostgreSQL 15 "

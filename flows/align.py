@@ -24,11 +24,11 @@ from prefect import flow
 from configs.schema import LmforgeConfig
 from tasks.align import run as align_run
 from tasks.align import tracking
-from tasks.runtime import torch_threads
-from tasks.tracking import DATA_VERSION_TAG, mark_failed
-from tasks.sft.data import validation_records
 from tasks.evaluate import evaluate_task
 from tasks.models import import_base_model
+from tasks.runtime import torch_threads
+from tasks.sft.data import validation_records
+from tasks.tracking import DATA_VERSION_TAG, mark_failed
 
 
 @flow(name="align", log_prints=True)

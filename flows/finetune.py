@@ -19,12 +19,12 @@ from prefect import flow
 from configs.schema import LmforgeConfig
 from tasks.evaluate import evaluate_task
 from tasks.models import import_base_model
+from tasks.runtime import torch_threads
 from tasks.sft import tracking
 from tasks.sft.data import validation_records
 from tasks.sft.run import curve_task, log_results_task, prepare_run_task, start_tracking_task, train_task
-from tasks.runtime import torch_threads
-from tasks.tracking import mark_failed
 from tasks.sft.train import SFTInterrupted, TrainSpec, cpu_threads
+from tasks.tracking import mark_failed
 
 
 @flow(name="finetune", log_prints=True)
@@ -51,7 +51,8 @@ def finetune_flow(cfg: LmforgeConfig, resume: bool = False, data_version: str | 
         "max_seq_len": cfg.model.max_seq_len, "data_version": run["data_version"],
         "train_records": run["n_records"], "config_fingerprint": cfg.fingerprint(),
     })
-    run_id = start_tracking_task(cfg.tracking_uri(), cfg.registry.experiment, run, params, cfg.artifact_root(), cfg.home)
+    run_id = start_tracking_task(cfg.tracking_uri(), cfg.registry.experiment, run, params, cfg.artifact_root(),
+                                 cfg.home)
     spec = TrainSpec(
         run_dir=run["run_dir"], model_dir=model_dir, sft=cfg.sft.model_dump(mode="json"),
         max_seq_len=cfg.model.max_seq_len, records_path=run["records_path"], resume=run["resume"],

@@ -17,7 +17,13 @@ from prefect import flow
 from configs.schema import LmforgeConfig
 from tasks.models import import_base_model
 from tasks.quantize.steps import (
-    build_variant_task, measure_variant_task, merge_check_task, plan_task, report_task, resolve_adapter, validate_task,
+    build_variant_task,
+    measure_variant_task,
+    merge_check_task,
+    plan_task,
+    report_task,
+    resolve_adapter,
+    validate_task,
 )
 from tasks.quantize.tracking import log_export_task, publish_markdown_task
 
@@ -65,11 +71,13 @@ def quantize_flow(
         rows.append(measure_variant_task(plan, name, cfg.quantize, cfg.evaluate, eval_records, reference))
     # The merge check scores base + runtime LoRA on alignment's examples, so alignment's cached evaluation is reused.
     stage_examples = cfg.align.eval_max_samples_per_task or cfg.sft.eval_max_samples_per_task
-    merge_eval = cfg.evaluate.model_copy(update={"max_samples_per_task": stage_examples}) if stage_examples else cfg.evaluate
+    merge_eval = (cfg.evaluate.model_copy(update={"max_samples_per_task": stage_examples}) if stage_examples
+                  else cfg.evaluate)
     merge = merge_check_task(plan, rows, merge_eval, eval_records, cfg.home / "cache" / "eval")
     summary = report_task(plan, rows, cfg.quantize, merge)
     publish_markdown_task(summary["markdown"], plan.export_id)
     run_id = None
     if log_mlflow:
-        run_id = log_export_task(summary, cfg.tracking_uri(), cfg.registry.experiment, cfg.artifact_root(), data_version)
+        run_id = log_export_task(summary, cfg.tracking_uri(), cfg.registry.experiment, cfg.artifact_root(),
+                                 data_version)
     return {**summary, "mlflow_run_id": run_id}

@@ -15,7 +15,9 @@ from flows.cli import ConfigOption, Overrides, app, console, err_console, fail, 
 def serve_cmd(
     config: ConfigOption = None,
     overrides: Overrides = None,
-    backend: Annotated[str | None, typer.Option("--backend", help="openvino, vllm or hf (default: serve.backend).")] = None,
+    backend: Annotated[
+        str | None, typer.Option("--backend", help="openvino, vllm or hf (default: serve.backend).")
+    ] = None,
 ) -> None:
     """Run the serving gateway (OpenAI API, JSON-RPC, A/B split, hot swap) until SIGTERM.
 
@@ -117,4 +119,5 @@ def ab_cmd(
         verdict = "significant" if test["significant"] else "not significant"
         console.print(f"{test['variant']} vs {test['against']}: difference {test['difference']:+.1%}, "
                       f"{test['test']} p={test['p_value']:.4f} ({verdict} at 0.05)"
-                      + (f", Mann-Whitney p={test['mann_whitney_p']:.4f}" if test["mann_whitney_p"] is not None else ""))
+                      + (f", Mann-Whitney p={test['mann_whitney_p']:.4f}"
+                         if test["mann_whitney_p"] is not None else ""))

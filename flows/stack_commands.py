@@ -67,7 +67,6 @@ def up_cmd(
     """
     from deploy.programs import StackPorts, StackSpec
     from deploy.stack import Stack, StackError
-
     from flows.cli import load_or_exit
 
     load_or_exit(config, overrides)

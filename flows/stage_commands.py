@@ -57,7 +57,8 @@ def quantize(
                                   "(runs/align/LATEST), else the newest SFT run's.")
     ] = None,
     data_version: Annotated[
-        str | None, typer.Option("--data-version", help="Curated data version for calibration/QAT/eval; default LATEST.")
+        str | None,
+        typer.Option("--data-version", help="Curated data version for calibration/QAT/eval; default LATEST."),
     ] = None,
     no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="Do not record the export in MLflow.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON only.")] = False,
@@ -97,7 +98,9 @@ def quantize(
 def finetune(
     config: ConfigOption = None,
     overrides: Overrides = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the newest SFT run from its last valid checkpoint.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the newest SFT run from its last valid checkpoint.")
+    ] = False,
     data_version: Annotated[
         str | None, typer.Option("--data-version", help="Curated data version; default: <home>/data/LATEST.")
     ] = None,

@@ -26,7 +26,6 @@ import sqlalchemy as sa
 
 from serving import db
 
-
 CHOSEN_BY = ("hash", "pin", "route", "fallback")
 """How a request's variant was chosen: the A/B hash of its user or caller, a pin (X-Lmforge-Variant or
 a model naming a variant), a task route (serve.task_routes), or the fallback for a variant that was down."""

@@ -48,7 +48,7 @@ from configs.tasks import get_task, task_names
 from tasks import metrics as M
 from tasks.files import atomic_write_text, sha256_dir
 from tasks.generators import Generator, HFGenerator, OpenVINOGenerator, hf_generator, stop_token_ids
-from tasks.parsing import UnknownTaskError, coerce_label, format_target, parse_completion
+from tasks.parsing import coerce_label, format_target, parse_completion
 
 log = logging.getLogger(__name__)
 

@@ -109,7 +109,8 @@ def paired_difference(task: str, reference: Sequence[dict[str, Any]], candidate:
     ref_value = _metric_value(task, columns[: len(columns) // 2])
     cand_value = _metric_value(task, columns[len(columns) // 2:])
     return PairedDifference(task, spec.headline_metric, len(ids), ref_value, cand_value, round(point, 3),
-                            round(low, 3) if math.isfinite(low) else low, round(high, 3) if math.isfinite(high) else high,
+                            round(low, 3) if math.isfinite(low) else low,
+                            round(high, 3) if math.isfinite(high) else high,
                             confidence, alternative)
 
 

@@ -36,7 +36,8 @@ def sft_adapter(tiny_model_dir, tmp_path_factory):
 
 
 def _cfg(**update) -> AlignConfig:
-    base = dict(num_generations=2, batch_size=2, max_completion_length=12, learning_rate=1e-3, kl_beta=0.04)
+    base = {"num_generations": 2, "batch_size": 2, "max_completion_length": 12, "learning_rate": 1e-3,
+            "kl_beta": 0.04}
     return AlignConfig.model_validate({**base, **update})
 
 

@@ -117,7 +117,8 @@ def test_wrong_type_names_field_and_expected_type(tmp_path):
 
 
 def test_wrong_type_in_override_is_reported_as_the_override():
-    with pytest.raises(ConfigError, match=r"override 'model.dtype=int3': model\.dtype.*'float32', 'bfloat16' or 'float16'"):
+    with pytest.raises(ConfigError,
+                       match=r"override 'model.dtype=int3': model\.dtype.*'float32', 'bfloat16' or 'float16'"):
         load("tiny", ["model.dtype=int3"])
 
 

@@ -150,8 +150,11 @@ def test_write_results_writes_json_and_csv(tmp_path):
     assert json.loads((tmp_path / "eval" / "eval_table.json").read_text()) == result.table
     with open(paths["table_csv"], newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 11 and json.loads(rows[5]["parsed"]) == [{"text": "John", "type": "PER"}, {"text": "Paris", "type": "ORG"}]
-    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["eval_table.csv", "eval_table.json", "metrics.json"]
+    assert len(rows) == 11
+    assert json.loads(rows[5]["parsed"]) == [{"text": "John", "type": "PER"}, {"text": "Paris", "type": "ORG"}]
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [
+        "eval_table.csv", "eval_table.json", "metrics.json",
+    ]
     assert isinstance(result, EvalResult) and len(result.to_dataframe()) == 11
 
 
@@ -195,7 +198,8 @@ def test_completion_nll_batched_equals_the_models_own_loss(tiny_generator):
     import torch
 
     gen = tiny_generator
-    prompts = ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\nname a city<|im_end|>\n<|im_start|>assistant\n"]
+    prompts = ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+               "<|im_start|>user\nname a city<|im_end|>\n<|im_start|>assistant\n"]
     completions = ["positive", "Paris is a city in France"]
     batched = gen.completion_nll(prompts, completions)
     for (nll, n), prompt, completion in zip(batched, prompts, completions):
@@ -271,8 +275,8 @@ def test_evaluate_task_publishes_artifacts(prefect_harness, tiny_model_dir, tmp_
 
     @flow
     def run():
-        return evaluate_task(tiny_model_dir, EvaluateConfig(batch_size=2, max_new_tokens=4, engine="hf"), tmp_path / "out",
-                             records=records, artifact_key="test-eval")
+        return evaluate_task(tiny_model_dir, EvaluateConfig(batch_size=2, max_new_tokens=4, engine="hf"),
+                             tmp_path / "out", records=records, artifact_key="test-eval")
 
     out = run()
     assert out["metrics"]["n_examples"] == 2 and out["metrics"]["perplexity"] > 1

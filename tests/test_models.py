@@ -75,7 +75,8 @@ def test_tiny_model_is_deterministic_by_seed(tmp_path):
 
     # Same weights give the same logits; the real SmolLM2 tokenizer and chat template come along.
     tokenizer = load_tokenizer(Path(a["path"]))
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                           tokenize=False)
     assert "<|im_start|>assistant" in prompt
     ids = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():

@@ -202,7 +202,7 @@ def _readme_command_serves_the_champion(home) -> None:
     from tests.serving_helpers import free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "-c", "tiny", "--serve", 
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "-c", "tiny", "--serve",
                              f"serve.port={port}"],
                             cwd=REPO, env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             start_new_session=True)

@@ -185,11 +185,12 @@ def test_report_selection_and_artifacts(export):
     assert (root / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((root / "export.json").read_text())["selected"] == summary["selected"]
     rows = {r["variant"]: r for r in summary["rows"]}
+    n_requests = export["cfg"].quantize.bench_latency_requests
     for name in ("fp32_ir", "int8", "int4", "qat_int4"):
         assert rows[name]["peak_rss_mb"] > 0 and rows[name]["tok_s_1"] > 0 and rows[name]["tok_s_8"] > 0
         # Single-request latency (the registry's latency gate input), and what was measured.
         assert 0 < rows[name]["latency_p50_ms"] <= rows[name]["latency_p95_ms"]
-        assert rows[name]["latency_measured"].startswith(f"{export['cfg'].quantize.bench_latency_requests} single requests")
+        assert rows[name]["latency_measured"].startswith(f"{n_requests} single requests")
         assert rows[name]["metrics"]["n_sentiment"] == 4
     # Random tiny weights score the same everywhere, so every IR is eligible and the smallest wins.
     smallest = min(("fp32_ir", "int8", "int4", "qat_int4", "base_ir"), key=lambda n: rows[n]["ir_bytes"])
@@ -199,6 +200,7 @@ def test_report_selection_and_artifacts(export):
 
 def test_mlflow_run_and_prefect_artifact(export):
     import mlflow
+
     from tests.conftest import read_artifact
 
     summary = export["summary"]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from configs.schema import QuantizeConfig
-import json
-
 from tasks.quantize.report import (
-    certainly_worse, compare_to_reference, render_chart, render_markdown, select_variant,
+    certainly_worse,
+    compare_to_reference,
+    render_chart,
+    render_markdown,
+    select_variant,
 )
 from tasks.quantize.variants import finish_variant, is_complete, read_variant, staged_variant, sweep_stale
 

@@ -9,8 +9,17 @@ import pytest
 
 from configs.schema import PromotionGates, RegistryConfig
 from tasks.registry import (
-    CHALLENGER, CHAMPION, PREVIOUS, RegistryError, aliases, check_gates, gate_version, promote, register_version,
-    rollback, version_metrics,
+    CHALLENGER,
+    CHAMPION,
+    PREVIOUS,
+    RegistryError,
+    aliases,
+    check_gates,
+    gate_version,
+    promote,
+    register_version,
+    rollback,
+    version_metrics,
 )
 from tasks.tracking import use_mlflow
 
@@ -23,7 +32,8 @@ LINEAGE = {"data_version": "d123", "config_hash": "c456", "code_commit": "abc", 
 @pytest.fixture()
 def registry(tmp_path, mlflow_uri) -> RegistryConfig:
     use_mlflow(mlflow_uri, "test", tmp_path / "artifacts")
-    return RegistryConfig(model_name="lmforge-test", gates=PromotionGates(max_metric_drop=2.0, min_format_compliance=0.9))
+    return RegistryConfig(model_name="lmforge-test",
+                          gates=PromotionGates(max_metric_drop=2.0, min_format_compliance=0.9))
 
 
 def register(registry, ir_dir, metrics=GOOD):
@@ -78,7 +88,8 @@ def test_format_compliance_is_gated_per_structured_task_not_on_the_average():
 def test_gate_inputs_come_from_the_selected_rows_measurements():
     from tasks.registry import gate_inputs
 
-    row = {"variant": "int8", "ir_bytes": 137_800_000, "latency_p95_ms": 812.5, "latency_measured": "20 single requests"}
+    row = {"variant": "int8", "ir_bytes": 137_800_000, "latency_p95_ms": 812.5,
+           "latency_measured": "20 single requests"}
     measured = gate_inputs(row)
     assert measured["size_mb"] == pytest.approx(137.8) and measured["latency_ms"] == 812.5
     assert measured["measured"]["variant"] == "int8" and measured["measured"]["latency"] == "20 single requests"

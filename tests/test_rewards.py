@@ -97,13 +97,16 @@ def test_rouge_l_reward_only_on_text_tasks():
 
 def test_conversational_completions_are_read():
     assert completion_text([{"role": "assistant", "content": "positive"}]) == "positive"
-    assert completion_text([{"role": "assistant", "content": [{"type": "text", "text": "neg"}, {"type": "text", "text": "ative"}]}]) == "negative"
-    assert call(label_match_reward, [[{"role": "assistant", "content": "negative"}]], ["sentiment"], ["negative"]) == [1.0]
+    parts = [{"type": "text", "text": "neg"}, {"type": "text", "text": "ative"}]
+    assert completion_text([{"role": "assistant", "content": parts}]) == "negative"
+    reply = [{"role": "assistant", "content": "negative"}]
+    assert call(label_match_reward, [reply], ["sentiment"], ["negative"]) == [1.0]
 
 
 def test_clipping_to_configured_range():
     f = clipped(label_match_reward, 0.0, 0.5, name="label_match")
-    assert call(f, ["positive", "negative", "x"], ["sentiment", "sentiment", "ner"], ["positive"] * 3) == [0.5, 0.0, None]
+    got = call(f, ["positive", "negative", "x"], ["sentiment", "sentiment", "ner"], ["positive"] * 3)
+    assert got == [0.5, 0.0, None]
     assert f.__name__ == "label_match"
     funcs = build_reward_funcs(["label_match", "format"], AlignConfig(reward_clip=(-0.5, 0.8)))
     assert call(funcs[0], ["positive", "negative"], ["sentiment"] * 2, ["positive"] * 2) == [0.8, -0.5]

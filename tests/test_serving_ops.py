@@ -205,7 +205,6 @@ def test_alias_flip_swaps_without_restart_or_failed_requests(tmp_path, mlflow_ur
         for w in workers:
             w.start()
         wait_for(lambda: len(results) >= 3)
-        flipped = time.monotonic()
         MlflowClient(mlflow_uri, mlflow_uri).set_registered_model_alias("lmforge-assistant", "champion", v2)
         wait_for(lambda: any(r[1] == v2 for r in results[-3:]), timeout=60)
         time.sleep(0.3)

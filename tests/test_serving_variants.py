@@ -167,7 +167,7 @@ def test_gateway_refuses_versions_the_gates_did_not_pass_until_forced(tmp_path, 
         for version, why in ((failed, "gate_status=failed (format_compliance 0.400 < 0.9)"),
                              (ungated, "never gated")):
             registry.set_registered_model_alias(MODEL, "champion", version)
-            wait_for(lambda: _metric(base, refused) == float(version), timeout=30)
+            wait_for(lambda version=version: _metric(base, refused) == float(version), timeout=30)
             assert served_version(base) == v1
             ready = httpx.get(base + "/health/ready")
             assert ready.status_code == 200 and ready.json()["variants"] == {"champion": "ready"}

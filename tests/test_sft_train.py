@@ -24,7 +24,8 @@ def records(tiny_model_dir: Path) -> list[dict]:
 
 
 def _spec(run_dir: Path, model_dir: Path, **sft) -> TrainSpec:
-    cfg = SFTConfig(**{"method": "lora", "batch_size": 4, "warmup_steps": 1, "learning_rate": 3e-3, "cpu_threads": 1, **sft})
+    cfg = SFTConfig(**{"method": "lora", "batch_size": 4, "warmup_steps": 1, "learning_rate": 3e-3, "cpu_threads": 1,
+                       **sft})
     return TrainSpec(run_dir=str(run_dir), model_dir=str(model_dir), sft=cfg.model_dump(mode="json"),
                      max_seq_len=256, progress_bar=False)
 

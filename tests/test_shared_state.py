@@ -8,13 +8,11 @@ import threading
 import time
 
 import pytest
-
 import sqlalchemy as sa
 
 from serving import db
 from serving.auth import AuthError, KeyStore, SqlRateLimiter
-from serving.feedback import (DuplicateFeedbackError, FeedbackStore, ForeignRequestError, UnknownRequestError,
-                              ab_report)
+from serving.feedback import DuplicateFeedbackError, FeedbackStore, ForeignRequestError, UnknownRequestError, ab_report
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])

@@ -96,8 +96,9 @@ def _wait_for_scheduled_run(spec, deployment: str, timeout: float):
 
     def final_run():
         with SyncPrefectClient(spec.prefect_api_url, auth_string=spec.admin_env()["PREFECT_API_AUTH_STRING"]) as client:
-            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])),
-                                         sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=50, offset=0)
+            by_name = DeploymentFilter(name=DeploymentFilterName(any_=[deployment]))
+            runs = client.read_flow_runs(deployment_filter=by_name, sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+                                         limit=50, offset=0)
             started = [r for r in runs if r.state and not r.state.is_scheduled()]
             if started:  # one run is all this test needs: no more cron ticks
                 client.pause_deployment(runs[0].deployment_id)
@@ -204,7 +205,7 @@ def test_the_stack_end_to_end(stack, monkeypatch):
         return {t["labels"]["instance"]: t["health"] for t in active if t["labels"]["job"] == "lmforge-gateway"}
 
     instances = [f"127.0.0.1:{p}" for p in spec.ports.gateways]
-    _wait(lambda: targets() == {i: "up" for i in instances}, 60, "both replicas scraped")
+    _wait(lambda: targets() == dict.fromkeys(instances, "up"), 60, "both replicas scraped")
 
     # --- kill a replica under load: no non-streaming request is lost, its streams end in an error
     t0 = time.monotonic()

@@ -19,8 +19,8 @@ from prefect import task
 from configs.schema import AlignConfig
 from tasks.align import tracking
 from tasks.align.trainer import train_stages
-from tasks.runtime import torch_threads
 from tasks.files import atomic_write_text, read_pointer, write_pointer
+from tasks.runtime import torch_threads
 
 log = logging.getLogger(__name__)
 

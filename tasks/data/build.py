@@ -34,7 +34,14 @@ from tasks.data.dedup import NearDupIndex, exact_key
 from tasks.data.loaders import load_source
 from tasks.data.records import RawRecord, Rejected, check_sources, source_path, stable_unit
 from tasks.data.store import (
-    SPLITS, compute_version, is_complete, read_card, tokenizer_fingerprint, version_dir, write_latest, write_version,
+    SPLITS,
+    compute_version,
+    is_complete,
+    read_card,
+    tokenizer_fingerprint,
+    version_dir,
+    write_latest,
+    write_version,
 )
 from tasks.data.templates import count_tokens, render
 from tasks.files import sha256_file
@@ -64,7 +71,7 @@ def allocate(total: int, weights: dict[str, float], limits: dict[str, int]) -> d
 
     Integer shares use largest remainders, ties broken by key, so the result is deterministic.
     """
-    alloc = {key: 0 for key in weights}
+    alloc = dict.fromkeys(weights, 0)
     active = sorted(k for k in weights if weights[k] > 0 and limits.get(k, 0) > 0)
     remaining = total
     while active and remaining > 0:

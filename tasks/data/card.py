@@ -39,10 +39,10 @@ def render_markdown(card: dict[str, Any]) -> str:
         "| task | train | validation | test | tokens p50 / p95 / max |",
         "|---|---:|---:|---:|---:|",
     ]
-    for task in TASKS:
-        tokens = card["tokens"].get(task, length_summary([]))
-        lines.append(f"| {task} | {counts['train'].get(task, 0)} | {counts['validation'].get(task, 0)} | "
-                     f"{counts['test'].get(task, 0)} | {tokens['p50']} / {tokens['p95']} / {tokens['max']} |")
+    for name in TASKS:
+        tokens = card["tokens"].get(name, length_summary([]))
+        lines.append(f"| {name} | {counts['train'].get(name, 0)} | {counts['validation'].get(name, 0)} | "
+                     f"{counts['test'].get(name, 0)} | {tokens['p50']} / {tokens['p95']} / {tokens['max']} |")
     lines += [
         "",
         "## Sources",
@@ -89,8 +89,8 @@ def plot_lengths(lengths: dict[str, list[int]], path: Path) -> Path:
     present = [t for t in TASKS if lengths.get(t)]
     top = max((max(lengths[t]) for t in present), default=1)
     bins = [i * max(1, top // 40 + 1) for i in range(42)]
-    for task in present:
-        ax.hist(lengths[task], bins=bins, alpha=0.6, label=f"{task} (n={len(lengths[task])})")
+    for name in present:
+        ax.hist(lengths[name], bins=bins, alpha=0.6, label=f"{name} (n={len(lengths[name])})")
     ax.set_xlabel("tokens (prompt + completion)")
     ax.set_ylabel("examples")
     ax.set_title("Curated example lengths")

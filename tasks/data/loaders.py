@@ -16,11 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from configs.data_schema import SourceConfig
+from configs.tasks import get_task
 from tasks.data.records import (
-    DataError, RawRecord, Rejected, bad_utf8, check_sources, excerpt, numbered_lines, resolve_raw_dir, source_path,
+    DataError,
+    RawRecord,
+    Rejected,
+    bad_utf8,
+    check_sources,
+    excerpt,
+    numbered_lines,
+    resolve_raw_dir,
+    source_path,
     stable_unit,
 )
-from configs.tasks import get_task
 
 # Curation code and tests import the shared record types and source helpers from here as well.
 __all__ = ["DataError", "RawRecord", "Rejected", "check_sources", "load_source", "resolve_raw_dir", "source_path",

@@ -202,7 +202,8 @@ def render_markdown(rows: list[dict[str, Any]], selection: dict[str, Any], cfg: 
                 value = next((v for k, v in row["metrics"].items() if k == _headline(task)), None)
                 text = _num(value, 3)
                 if c:
-                    text += f" ({c['difference']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}]; drop <= {c['drop_upper']:.1f}; n {c['n']})"
+                    text += (f" ({c['difference']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}]; "
+                             f"drop <= {c['drop_upper']:.1f}; n {c['n']})")
                 cells.append(text)
             cells += [_num(row["metrics"].get(f"format_compliance_{t}"), 3) for t in tasks]
             lines.append("| " + " | ".join(cells) + " |")

@@ -27,7 +27,13 @@ from tasks.code_hash import stage_code_hash
 from tasks.files import atomic_write_text, read_pointer, sha256_dir, write_pointer
 from tasks.quantize.validate import AdapterError, AdapterInfo, validate_adapter
 from tasks.quantize.variants import (
-    EXPORT_FILE, IR_VARIANTS, finish_variant, is_complete, read_variant, staged_variant, sweep_stale,
+    EXPORT_FILE,
+    IR_VARIANTS,
+    finish_variant,
+    is_complete,
+    read_variant,
+    staged_variant,
+    sweep_stale,
     write_json_atomic,
 )
 
@@ -246,7 +252,8 @@ def report_notes(rows: list[dict[str, Any]], selection: dict[str, Any], merge_ch
         notes.append(f"`{row['variant']}` was screened out on the first examples of each task and not scored on "
                      f"the rest: {row['screened_out']}.")
     if merge_check:
-        parts = [f"{t} {d['difference']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]" for t, d in merge_check["tasks"].items()]
+        parts = [f"{t} {d['difference']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"
+                 for t, d in merge_check["tasks"].items()]
         verdict = "equal within the interval" if merge_check["equal_within_interval"] else "NOT equal"
         notes.append(f"Merge check, fp32_ir (merged) minus base IR + runtime LoRA, points with 95% CI: "
                      f"{'; '.join(parts)}: {verdict}.")

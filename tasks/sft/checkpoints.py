@@ -71,7 +71,7 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
 def latest_valid(root: Path) -> tuple[Path | None, list[str]]:
     """The newest checkpoint whose checksum verifies, and one note per skipped bad checkpoint."""
     skipped = []
-    for step, path in list_checkpoints(root):
+    for _step, path in list_checkpoints(root):
         problem = verify(path)
         if problem is None:
             return path / STATE_FILE, skipped

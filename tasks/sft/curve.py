@@ -93,7 +93,8 @@ def plot_curve(points: Sequence[dict[str, Any]], out_png: Path) -> Path:
     names = headline(points)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for name in names:
-        xs = [(p["step"], p["train_seconds"], p["metrics"].get(name)) for p in points if p["metrics"].get(name) is not None]
+        xs = [(p["step"], p["train_seconds"], p["metrics"].get(name))
+              for p in points if p["metrics"].get(name) is not None]
         axes[0].plot([x[0] for x in xs], [x[2] for x in xs], marker="o", label=name)
         axes[1].plot([x[1] for x in xs], [x[2] for x in xs], marker="o", label=name)
     axes[0].set_xlabel("optimiser step")

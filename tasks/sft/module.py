@@ -17,9 +17,9 @@ import time
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import TQDMProgressBar
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.callbacks import TQDMProgressBar
 
 from configs.schema import SFTConfig
 from tasks.sft.data import IGNORE_INDEX

@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 # Fields that may change between a run and its resume without changing what was trained so far.
-RESUMABLE_CHANGES = {"max_steps", "evaluate", "eval_max_samples_per_task", "checkpoint_every_n_steps", "keep_checkpoints",
-                     "num_workers", "cpu_threads"}
+RESUMABLE_CHANGES = {"max_steps", "evaluate", "eval_max_samples_per_task", "checkpoint_every_n_steps",
+                     "keep_checkpoints", "num_workers", "cpu_threads"}
 
 
 class SFTRunError(RuntimeError):

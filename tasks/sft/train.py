@@ -132,7 +132,13 @@ def train_sft(spec: TrainSpec, records: list[dict[str, Any]] | None = None) -> d
     from tasks.sft.checkpoints import FaultTolerantCheckpoint, latest_valid, list_checkpoints
     from tasks.sft.data import SFTDataModule, encode_records, end_of_turn_id
     from tasks.sft.module import (
-        AdapterSnapshots, SFTModule, StepProgressBar, TrainHistory, adapter_fingerprint, curve_steps, peak_rss_mb,
+        AdapterSnapshots,
+        SFTModule,
+        StepProgressBar,
+        TrainHistory,
+        adapter_fingerprint,
+        curve_steps,
+        peak_rss_mb,
     )
     from tasks.sft.qlora import build_peft_model, context_length
 
@@ -171,7 +177,8 @@ def train_sft(spec: TrainSpec, records: list[dict[str, Any]] | None = None) -> d
         accumulate_grad_batches=cfg.grad_accum,
         gradient_clip_val=cfg.max_grad_norm,
         logger=_mlflow_logger(spec),
-        callbacks=[history, checkpointer, AdapterSnapshots(run_dir / "curve", curve_steps(cfg.max_steps, cfg.curve_points)),
+        callbacks=[history, checkpointer,
+                   AdapterSnapshots(run_dir / "curve", curve_steps(cfg.max_steps, cfg.curve_points)),
                    *([StepProgressBar()] if spec.progress_bar else [])],
         enable_checkpointing=False,
         enable_progress_bar=spec.progress_bar,
