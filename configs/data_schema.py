@@ -8,12 +8,13 @@ pattern or replacement does not compile is a configuration error naming the rule
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from configs.tasks import BUILTIN_TASKS, TemplateConfig, check_task_name, task_names, tasks_of_kind
+from configs.tasks import BUILTIN_TASKS, OutputKind, TemplateConfig, check_task_name, task_names, tasks_of_kind
 
 Task = Annotated[str, AfterValidator(check_task_name)]
 """A task name from the registry (configs/tasks.py)."""
@@ -22,7 +23,7 @@ RegexFlag = Literal["IGNORECASE", "MULTILINE", "DOTALL", "ASCII", "VERBOSE"]
 # Replacements that need more than a regex template; the cleaning module implements them.
 REPLACEMENT_FUNCTIONS: tuple[str, ...] = ("@html_unescape", "@fix_mojibake", "@lower", "@nfkc", "@luhn_id")
 # Which kind of task each built-in loader can produce; jsonl/csv can feed any task.
-FORMAT_KINDS: dict[str, tuple[str, ...]] = {
+FORMAT_KINDS: dict[str, tuple[OutputKind, ...]] = {
     "sst2": ("label",),
     "conll": ("entities",),
     "dialogsum": ("text",),
@@ -134,7 +135,7 @@ class CleaningRule(_Section):
         return self
 
 
-def compile_flags(names: list[str]) -> int:
+def compile_flags(names: Iterable[str]) -> int:
     """OR the named ``re`` flags together."""
     value = 0
     for name in names:

@@ -625,7 +625,8 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
     if path is not None:
         file = resolve_preset(path)
         source = str(file)
-        raw, lines = _read_yaml(file)
+        raw, file_lines = _read_yaml(file)
+        lines.update(file_lines)
     for override in overrides or []:
         _apply_override(raw, override)
         # A value set on the command line is reported as such, not at the preset's line.

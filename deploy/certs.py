@@ -11,6 +11,10 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,8 @@ def make_certs(out: Path, names: tuple[str, ...] = ("localhost", "127.0.0.1"), d
     now = dt.datetime.now(dt.UTC)
     ca_key_path, ca_path = out / "ca.key", out / "ca.crt"
     if ca_key_path.is_file() and ca_path.is_file():
-        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+        ca_key = cast("CertificateIssuerPrivateKeyTypes",  # a CA key: EC as made below, or one that signs like it
+                      serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None))
         ca_cert = x509.load_pem_x509_certificate(ca_path.read_bytes())
     else:
         ca_key = ec.generate_private_key(ec.SECP256R1())

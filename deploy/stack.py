@@ -235,9 +235,9 @@ def ensure_tools(install: bool = True) -> None:
                        env=os.environ | {"DEBIAN_FRONTEND": "noninteractive"})
         missing = [name for name in APT_PACKAGES if shutil.which(name) is None]
     if missing:
-        packages = " ".join(APT_PACKAGES[m] for m in missing)
+        to_install = " ".join(APT_PACKAGES[m] for m in missing)
         raise StackError(f"missing {', '.join(missing)}: install with "
-                         f"`sudo apt-get update && sudo apt-get install -y {packages}`")
+                         f"`sudo apt-get update && sudo apt-get install -y {to_install}`")
     absent = [b for b in POSTGRES_BINARIES if shutil.which(b) is None]
     if absent:
         raise StackError(f"PostgreSQL's {', '.join(absent)} not on PATH: install PostgreSQL 15 "

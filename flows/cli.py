@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 import yaml
@@ -75,7 +75,7 @@ def load_or_exit(config: str | None, overrides: list[str] | None) -> LmforgeConf
         raise typer.Exit(2) from None
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
 
@@ -100,9 +100,9 @@ def main() -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     # Run the importable module, not this __main__ copy, so command modules register on one `app`.
-    from flows.cli import main as _main
+    from flows.cli import main as entry_point
 
-    _main()
+    entry_point()
 else:
     import importlib
 

@@ -129,7 +129,7 @@ def register_key(register_inputs: dict[str, Any]) -> str:
 
 def _register_and_gate(cfg: LmforgeConfig, artifacts: dict[str, Path], metrics: dict[str, float],
                        lineage: dict[str, str], exported: dict[str, Any], key: str) -> dict[str, Any]:
-    row = next((r for r in exported.get("rows", []) if r.get("variant") == exported["selected"]), {})
+    row: dict[str, Any] = next((r for r in exported.get("rows", []) if r.get("variant") == exported["selected"]), {})
     measured = gate_inputs(row)
     registered = register_task(cfg.registry, artifacts, metrics, {**lineage, "gate_measurements": json.dumps(measured)},
                                key, size_mb=measured["size_mb"], latency_ms=measured["latency_ms"],

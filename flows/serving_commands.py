@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -100,7 +101,7 @@ def ab_cmd(
         fail(f"unknown action {action!r}: use report", code=2)
     cfg = load_or_exit(config, None)
     db = state_locations(cfg.serve.database_url, cfg.home)[1]
-    if not cfg.serve.database_url and not db.is_file():
+    if not cfg.serve.database_url and not Path(db).is_file():
         fail(f"no feedback database at {db}: serve traffic and POST /v1/feedback first")
     report = ab_report(db, reference)
     if as_json:

@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
@@ -18,6 +18,9 @@ from serving.errors import install_handlers
 from serving.metrics import ResponseCounter
 from serving.routes import admin, feedback, health, openai, rpc
 from serving.service import Gateway
+
+if TYPE_CHECKING:
+    import uvicorn
 
 log = logging.getLogger(__name__)
 
@@ -60,23 +63,22 @@ def serve(cfg: ServeConfig, home: Path, tracking_uri: str | None = None, templat
 
     app = build_app(cfg, home, tracking_uri, templates, kind)
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info", access_log=False,
-                            timeout_graceful_shutdown=cfg.drain_timeout_s, lifespan="on")
-    server = _DrainingServer(config, app.state.gateway)
+                            timeout_graceful_shutdown=cfg.drain_timeout_s,  # type: ignore[arg-type]  # seconds, float ok
+                            lifespan="on")
+    server = _draining_server(config, app.state.gateway)
     # uvicorn drains on SIGTERM, then re-raises it to the previous handler: a drained stop exits 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server.run()
 
 
-class _DrainingServer:
+def _draining_server(config, gateway: Gateway) -> uvicorn.Server:
     """uvicorn.Server that flips readiness to 503 the moment a shutdown signal arrives."""
+    import uvicorn
 
-    def __new__(cls, config, gateway: Gateway):
-        import uvicorn
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # noqa: D401 - uvicorn hook
+            gateway.draining = True
+            log.info("signal %s: draining (readiness now 503, in-flight requests finish)", sig)
+            super().handle_exit(sig, frame)
 
-        class Server(uvicorn.Server):
-            def handle_exit(self, sig, frame):  # noqa: D401 - uvicorn hook
-                gateway.draining = True
-                log.info("signal %s: draining (readiness now 503, in-flight requests finish)", sig)
-                super().handle_exit(sig, frame)
-
-        return Server(config)
+    return Server(config)

@@ -110,9 +110,9 @@ class VariantPool:
     def acquire(self, name: str) -> EngineRef:
         """The engine serving ``name`` now, with its refcount taken (pair with :meth:`release`)."""
         slot = self.slots[name]
-        if not slot.ready:
-            raise VariantUnavailable(f"variant {name!r} is {slot.state}" + (f": {slot.error}" if slot.error else ""))
         ref = slot.ref
+        if ref is None or not slot.ready:
+            raise VariantUnavailable(f"variant {name!r} is {slot.state}" + (f": {slot.error}" if slot.error else ""))
         ref.inflight += 1
         ref.idle.clear()
         return ref
@@ -300,14 +300,14 @@ class VariantPool:
         lora = ref is not None and getattr(ref.backend, "lora_enabled", False)
         if ref is not None and ref.variants - {name}:
             return await self.load(name, adapter=adapter, reason="adapter (own engine: the old one is shared)")
-        if not lora:
+        if ref is None or not lora:  # (no engine: no LoRA)
             return await self.load(name, adapter=adapter, reason="adapter (engine rebuilt with LoRA)")
         async with slot.lock:
             started = time.perf_counter()
             adapter_name = Path(adapter).stem
             read_s = await ref.backend.add_adapter(adapter_name, Path(adapter))
             switch_start = time.perf_counter()
-            ref.backend.set_default_adapter(adapter_name)
+            ref.backend.set_default_adapter(adapter_name)  # type: ignore[attr-defined]  # LoRA backends have it
             switch_ms = (time.perf_counter() - switch_start) * 1000
             slot.adapter = adapter
             self._rekey(ref, dataclasses.replace(ref.key, adapter=adapter))

@@ -47,10 +47,12 @@ def _insert_ignoring_duplicates(engine: sa.Engine):
     """INSERT that skips a request id already logged (a replayed or retried request keeps its first row,
     so nobody can take over a request's key by replaying its id)."""
     if engine.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(db.requests_log).on_conflict_do_nothing(index_elements=["request_id"])
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(db.requests_log).on_conflict_do_nothing(index_elements=["request_id"])
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(db.requests_log).on_conflict_do_nothing(index_elements=["request_id"])
 
 
 class FeedbackStore:
@@ -134,7 +136,7 @@ def ab_report(location: str | Path, reference: str | None = None, since: float |
     requests, feedback = db.requests_log, db.feedback
     window = [requests.c.created_at >= since] if since else []
     with db.engine(location).connect() as conn:
-        counts = dict(conn.execute(sa.select(requests.c.variant, sa.func.count()).where(*window)
+        counts: dict[str, int] = dict(conn.execute(sa.select(requests.c.variant, sa.func.count()).where(*window)
                                    .group_by(requests.c.variant)).fetchall())
         scores: dict[str, list[float]] = {}
         joined = sa.select(requests.c.variant, feedback.c.score).select_from(
@@ -142,7 +144,7 @@ def ab_report(location: str | Path, reference: str | None = None, since: float |
         for variant, score in conn.execute(joined):
             scores.setdefault(variant, []).append(score)
     names = sorted(set(counts) | set(scores))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in names:
         s = scores.get(name, [])
         successes = sum(1 for v in s if v > 0)

@@ -9,9 +9,9 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from configs.schema import ServeConfig
 from serving.auth import ApiKey, AuthError, KeyStore, RateLimiter, SqlRateLimiter
@@ -25,6 +25,9 @@ from serving.metrics import Metrics
 from serving.promotion import PromotionRefused
 from serving.registry import AliasNotFound
 from serving.router import ABRouter
+
+if TYPE_CHECKING:
+    from serving.watcher import RegistryWatcher
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +113,7 @@ class Gateway:
         self.admission = Admission(cfg, self.metrics)
         self.draining = False
         self._tasks: list[asyncio.Task] = []
-        self.watcher = None
+        self.watcher: RegistryWatcher | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -243,7 +246,7 @@ class Gateway:
                               adapter=adapter, ignore_eos=ignore_eos, stream=stream)
 
     async def run(self, ctx: RequestContext, variant: str, build: Callable[[Backend], str],
-                  params: SamplingParams, n: int = 1) -> AsyncIterator[tuple[int, Chunk]]:
+                  params: SamplingParams, n: int = 1) -> AsyncGenerator[tuple[int, Chunk], None]:
         """Generate ``n`` completions, yielding (index, chunk); on failure before any output, use the fallback.
 
         ``ctx.variant``/``ctx.version`` name the variant that serves, set before the first yield.
@@ -325,7 +328,7 @@ def _as_api_error(err: Exception | None) -> APIError:
 
 
 async def _fan_out(backend: Backend, prompt: str, params: SamplingParams, n: int,
-                   timeout: float) -> AsyncIterator[tuple[int, Chunk]]:
+                   timeout: float) -> AsyncGenerator[tuple[int, Chunk], None]:
     """Run ``n`` generations (seed + i each) and interleave their chunks, all under one deadline."""
     # asyncio.timeout_at around each wait (not wait_for, which wraps every chunk in a new Task); the
     # timeout never spans a ``yield``, so it cannot fire while the consumer is doing something else.

@@ -91,7 +91,7 @@ def _imported_modules(file: Path, module: str, root: Path) -> list[str]:
         elif isinstance(node, ast.Call) and _name(node.func) == "import_module" and node.args:
             found.extend(_strings(node.args[:1]))
     found = [name for name in found if name.split(".")[0] in PACKAGES]
-    with_parents = []
+    with_parents: list[str] = []
     for name in found:
         parts = name.split(".")
         with_parents.extend(".".join(parts[:i]) for i in range(1, len(parts) + 1))
@@ -100,8 +100,8 @@ def _imported_modules(file: Path, module: str, root: Path) -> list[str]:
 
 def _run_as_module(elements: list[ast.expr]) -> list[str]:
     """Module names that follow a ``"-m"`` in a command list."""
-    return [name for flag, name in zip(elements, elements[1:])
-            if isinstance(flag, ast.Constant) and flag.value == "-m" for name in _strings([name])]
+    return [name for flag, arg in zip(elements, elements[1:])
+            if isinstance(flag, ast.Constant) and flag.value == "-m" for name in _strings([arg])]
 
 
 def _strings(nodes: list[ast.expr]) -> list[str]:

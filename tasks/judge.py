@@ -100,7 +100,7 @@ class Judge:
             self._store([(keys[i], s) for i, s in zip(batch, judged, strict=True)])
             for i, s in zip(batch, judged, strict=True):
                 scores[i] = s
-        return [float(s) for s in scores]
+        return [float(s) for s in scores]  # type: ignore[arg-type]  # every None was judged or scored above
 
     # ------------------------------------------------------------------ endpoint
     def _judge_batch(self, prompts: list[str], completions: list[str]) -> list[float] | None:
@@ -185,8 +185,9 @@ class Judge:
             with self._db() as db:
                 db.executemany("INSERT OR REPLACE INTO scores (key, score) VALUES (?, ?)", pairs)
 
-    def _db(self) -> sqlite3.Connection:
+    def _db(self) -> _Closing:
         # A connection per use: the judge may be called from TRL's worker threads.
+        assert self.cache_path is not None  # callers check
         conn = sqlite3.connect(self.cache_path, timeout=30)
         return _Closing(conn)
 

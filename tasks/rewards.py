@@ -37,10 +37,10 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 from configs.schema import AlignConfig, AlignStageConfig
-from configs.tasks import get_task
+from configs.tasks import OutputKind, get_task
 from tasks import metrics as M
 from tasks.parsing import coerce_label, first_json_list, parse_completion
 
@@ -57,7 +57,7 @@ REWARD_RANGES: dict[str, tuple[float, float]] = {
 }
 """Natural range of each reward before clipping (used to measure saturation)."""
 
-REWARD_KINDS: dict[str, tuple[str, ...]] = {
+REWARD_KINDS: dict[str, tuple[OutputKind, ...]] = {
     "label_match": ("label",),
     "entity_f1": ("entities",),
     "entity_recall": ("entities",),
@@ -138,13 +138,13 @@ def _rows(completions: Sequence[Any], kwargs: dict[str, Any]) -> list[tuple[str,
     return [(completion_text(c), t, lab) for c, t, lab in zip(completions, tasks, labels, strict=True)]
 
 
-def _applies(name: str, task: str | None) -> bool:
+def _applies(task: str | None, name: str) -> TypeGuard[str]:
     return task is not None and get_task(task).output in REWARD_KINDS[name]
 
 
 def label_match_reward(prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
     """+1 / -1 per label-task row (see module docstring); None for other tasks."""
-    return [label_score(task, text, coerce_label(task, label)) if _applies("label_match", task) else None
+    return [label_score(task, text, coerce_label(task, label)) if _applies(task, "label_match") else None
             for text, task, label in _rows(completions, kwargs)]
 
 
@@ -152,7 +152,7 @@ def _entity_reward(kind: str) -> RewardFunc:
     name = f"entity_{kind}"
 
     def reward(prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
-        return [entity_score(task, text, coerce_label(task, label), kind) if _applies(name, task) else None
+        return [entity_score(task, text, coerce_label(task, label), kind) if _applies(task, name) else None
                 for text, task, label in _rows(completions, kwargs)]
 
     reward.__name__ = name
@@ -167,7 +167,7 @@ entity_precision_reward = _entity_reward("precision")
 
 def rouge_l_reward(prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
     """ROUGE-L F for text-task rows; None for other tasks."""
-    return [rouge_score(task, text, coerce_label(task, label)) if _applies("rouge_l", task) else None
+    return [rouge_score(task, text, coerce_label(task, label)) if _applies(task, "rouge_l") else None
             for text, task, label in _rows(completions, kwargs)]
 
 
@@ -262,7 +262,7 @@ def combine(rewards: dict[str, Sequence[float | None]], weights: dict[str, float
     n = lengths.pop() if lengths else 0
     out: list[float | None] = []
     for i in range(n):
-        applicable = [(weights[k], v[i]) for k, v in rewards.items() if v[i] is not None]
+        applicable = [(weights[k], r) for k, v in rewards.items() if (r := v[i]) is not None]
         out.append(sum(w * r for w, r in applicable) if applicable else None)
     return out
 
@@ -304,7 +304,7 @@ class WeightSchedule:
     def from_config(cls, stage: AlignStageConfig, cfg: AlignConfig) -> WeightSchedule:
         """The schedule of ``stage`` with the ``align`` section's schedule settings."""
         return cls(
-            stage.reward_weights, cfg.weight_schedule, tuple(cfg.reward_clip),
+            cast(dict[str, float], stage.reward_weights), cfg.weight_schedule, cfg.reward_clip,
             cfg.saturation_momentum, cfg.saturation_threshold, cfg.saturation_min_fraction,
         )
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -55,6 +55,16 @@ def _f1(matched, n_pred, n_gold):
     return np.where((n_pred == 0) & (n_gold == 0), 1.0, f1)
 
 
+def _f1_difference(rm, rp, rg, cm, cp, cg, axis=-1):
+    """Entity tasks: candidate minus reference micro-F1 (points) from per-example counts."""
+    return 100 * (_f1(cm.sum(axis), cp.sum(axis), cg.sum(axis)) - _f1(rm.sum(axis), rp.sum(axis), rg.sum(axis)))
+
+
+def _mean_difference(r, c, axis=-1):
+    """Other tasks: candidate minus reference mean per-example score (points)."""
+    return 100 * (c.mean(axis) - r.mean(axis))
+
+
 def _paired_columns(task: str, reference: Sequence[dict[str, Any]], candidate: Sequence[dict[str, Any]]):
     """Per-example arrays of both tables, aligned by example id, and the statistic over them."""
     kind = get_task(task).output
@@ -64,14 +74,10 @@ def _paired_columns(task: str, reference: Sequence[dict[str, Any]], candidate: S
     if kind == "entities":
         columns = tuple(np.array([float(table[i][key]) for i in ids]) for table in (ref, cand)
                         for key in ("matched", "n_pred", "n_gold"))
-
-        def statistic(rm, rp, rg, cm, cp, cg, axis=-1):
-            return 100 * (_f1(cm.sum(axis), cp.sum(axis), cg.sum(axis)) - _f1(rm.sum(axis), rp.sum(axis), rg.sum(axis)))
+        statistic: Callable[..., Any] = _f1_difference
     else:
         columns = (np.array([float(ref[i]["score"]) for i in ids]), np.array([float(cand[i]["score"]) for i in ids]))
-
-        def statistic(r, c, axis=-1):
-            return 100 * (c.mean(axis) - r.mean(axis))
+        statistic = _mean_difference
     return ids, columns, statistic
 
 

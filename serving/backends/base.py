@@ -8,7 +8,7 @@ A backend owns one loaded model (plus optional LoRA adapters). The gateway only 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -64,8 +64,9 @@ class Backend(Protocol):
     model_dir: Path | None
     context_length: int
 
-    async def load(self, model_dir: Path, adapter: Path | None = None) -> None:
-        """Load the model in ``model_dir`` (and optionally a LoRA adapter as the default one)."""
+    async def load(self, model_dir: Path, adapter: Path | None = None, extra_adapters: Sequence[Path] = ()) -> None:
+        """Load the model in ``model_dir`` (and optionally a LoRA adapter as the default one, and
+        ``extra_adapters`` under their file stems)."""
 
     async def add_adapter(self, name: str, path: Path) -> float:
         """Make a LoRA adapter available under ``name``; returns seconds taken."""
@@ -79,7 +80,7 @@ class Backend(Protocol):
     def count_tokens(self, prompt: str) -> int:
         """Tokens the engine will see for ``prompt``."""
 
-    def generate(self, prompt: str, params: SamplingParams) -> AsyncIterator[Chunk]:
+    def generate(self, prompt: str, params: SamplingParams) -> AsyncGenerator[Chunk, None]:
         """Stream the completion of ``prompt``; the final chunk carries finish_reason and usage."""
 
     async def health(self) -> bool:

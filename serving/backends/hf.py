@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,13 @@ class HFBackend:
         self.dtype = dtype
         self.model_dir: Path | None = None
         self.context_length = 2048
-        self._model = self._tokenizer = None
+        self._model: Any = None  # transformers objects, set by load()
+        self._tokenizer: Any = None
         self._lock = asyncio.Lock()
         self.load_seconds = 0.0
 
-    async def load(self, model_dir: Path, adapter: Path | None = None) -> None:
-        if adapter is not None:
+    async def load(self, model_dir: Path, adapter: Path | None = None, extra_adapters: Sequence[Path] = ()) -> None:
+        if adapter is not None or extra_adapters:
             raise BackendInputError("the hf reference backend does not take runtime adapters; merge them first")
         started = time.perf_counter()
         await asyncio.to_thread(self._load_sync, Path(model_dir))
@@ -63,7 +64,7 @@ class HFBackend:
     def count_tokens(self, prompt: str) -> int:
         return len(self._tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
-    async def generate(self, prompt: str, params: SamplingParams) -> AsyncIterator[Chunk]:
+    async def generate(self, prompt: str, params: SamplingParams) -> AsyncGenerator[Chunk, None]:
         import torch
 
         (TextIteratorStreamer,) = import_names("transformers", "TextIteratorStreamer")  # noqa: N806

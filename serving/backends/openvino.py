@@ -31,9 +31,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from serving.backends.base import (
     BackendError,
@@ -43,6 +43,10 @@ from serving.backends.base import (
     SamplingParams,
     StopMatcher,
 )
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.process import BaseProcess
 
 log = logging.getLogger(__name__)
 _DONE = object()
@@ -115,7 +119,11 @@ class CorePacer:
 
 def _answer(future: asyncio.Future, error: str | None) -> None:
     """From the reader thread: settle an adapter load's future (None = loaded) on its own loop."""
-    future.get_loop().call_soon_threadsafe(lambda: future.done() or future.set_result(error))
+    def settle() -> None:
+        if not future.done():
+            future.set_result(error)
+
+    future.get_loop().call_soon_threadsafe(settle)
 
 
 class OpenVINOBackend:
@@ -138,12 +146,13 @@ class OpenVINOBackend:
         self._pacer: CorePacer | None = None
         self.model_dir: Path | None = None
         self.context_length = 2048
-        self._proc = None  # the engine process
-        self._conn = None
+        self._proc: BaseProcess | None = None  # the engine process
+        self._conn: Connection | None = None
         self._send_lock = threading.Lock()
         self._reader: threading.Thread | None = None
-        self._tokenizer = None
-        self._fast_decode = None  # HF tokenizers decode, when verified equal to the OpenVINO detokenizer
+        self._tokenizer: Any = None  # openvino_genai.Tokenizer
+        # HF tokenizers decode, when verified equal to the OpenVINO detokenizer
+        self._fast_decode: Callable[[list[int]], str] | None = None
         self._lora = False
         self._adapters: dict[str, Path] = {}
         self._default_adapter: str | None = None
@@ -157,7 +166,7 @@ class OpenVINOBackend:
         self.load_seconds = 0.0
 
     # ------------------------------------------------------------------ lifecycle
-    async def load(self, model_dir: Path, adapter: Path | None = None, extra_adapters: list[Path] = ()) -> None:
+    async def load(self, model_dir: Path, adapter: Path | None = None, extra_adapters: Sequence[Path] = ()) -> None:
         """Start the engine process on the IR in ``model_dir`` and load its tokenizer here.
 
         With ``adapter`` LoRA is enabled and it becomes the default; ``extra_adapters`` (e.g. per-task
@@ -226,8 +235,10 @@ class OpenVINOBackend:
         return file
 
     def _send(self, message: tuple) -> None:
+        conn = self._conn
+        assert conn is not None  # load() opened it; it stays set after release
         with self._send_lock:
-            self._conn.send(message)
+            conn.send(message)
 
     async def add_adapter(self, name: str, path: Path) -> float:
         """Register a LoRA adapter for per-request use; needs a pipeline built with LoRA enabled."""
@@ -276,7 +287,7 @@ class OpenVINOBackend:
 
     def _stop_process(self) -> None:
         proc, conn = self._proc, self._conn
-        if proc is None:
+        if proc is None or conn is None:  # set together by load()
             return
         try:
             with self._send_lock:
@@ -336,7 +347,7 @@ class OpenVINOBackend:
             raise BackendInputError(f"adapter {params.adapter!r} is not loaded; loaded: {self.adapters()}")
         return (params.adapter or self._default_adapter) if self._lora else None
 
-    async def generate(self, prompt: str, params: SamplingParams) -> AsyncIterator[Chunk]:
+    async def generate(self, prompt: str, params: SamplingParams) -> AsyncGenerator[Chunk, None]:
         if self._dead is not None:
             raise BackendError(f"engine is down: {self._dead}")
         if self._proc is None or self._closing:
@@ -395,6 +406,7 @@ class OpenVINOBackend:
     def _read_loop(self) -> None:
         """Engine process -> event loop: token ids, replies, adapter stats, failure."""
         conn = self._conn
+        assert conn is not None  # started by load(), after the pipe
         while True:
             try:
                 message = conn.recv()

@@ -139,7 +139,7 @@ class _Engine:
             if not self.active:
                 continue
             self.pipe.step()
-            out = []
+            out: list[tuple[int, list[int], str | None, float, str | None]] = []
             finished_now = 0
             for rid, request in list(self.active.items()):
                 handle, stream, added_at = request.handle, request.stream, request.added_at

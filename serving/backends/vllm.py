@@ -31,13 +31,16 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from configs.schema import ServeConfig
 from serving.backends.base import BackendError, BackendInputError, Chunk, SamplingParams
 from serving.imports import import_names
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +59,8 @@ class VLLMBackend:
         self.cfg, self.url, self.served_name = cfg, url.rstrip("/") if url else None, served_name
         self.model_dir: Path | None = None
         self.context_length = 2048
-        self._tokenizer = None
-        self._client = None
+        self._tokenizer: Any = None  # transformers tokenizer, set by load()
+        self._client: httpx.AsyncClient | None = None
         self._process: subprocess.Popen | None = None
         self._log_path: Path | None = None
         self._command: list[str] | None = None
@@ -67,7 +70,7 @@ class VLLMBackend:
         self._default_adapter: str | None = None
         self.load_seconds = 0.0
 
-    async def load(self, model_dir: Path, adapter: Path | None = None, extra_adapters: list[Path] = ()) -> None:
+    async def load(self, model_dir: Path, adapter: Path | None = None, extra_adapters: Sequence[Path] = ()) -> None:
         """Start (or connect to) the server and register the adapters.
 
         ``adapter`` becomes the default; ``extra_adapters`` (e.g. per-task adapters) are loaded too,
@@ -168,6 +171,7 @@ class VLLMBackend:
         path = _adapter_dir(Path(path))
         server_name = _server_name(name, path)
         if self._adapters.get(name) != (server_name, str(path)):
+            assert self._client is not None  # load() connected before adding adapters
             response = await self._client.post("/v1/load_lora_adapter",
                                                json={"lora_name": server_name, "lora_path": str(path)})
             # Already there: another variant or gateway replica sharing this server loaded the same path.
@@ -194,7 +198,7 @@ class VLLMBackend:
     def count_tokens(self, prompt: str) -> int:
         return len(self._tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
-    async def generate(self, prompt: str, params: SamplingParams) -> AsyncIterator[Chunk]:
+    async def generate(self, prompt: str, params: SamplingParams) -> AsyncGenerator[Chunk, None]:
         import httpx
 
         if self._client is None:
@@ -213,7 +217,8 @@ class VLLMBackend:
             body["seed"] = params.seed
         if params.ignore_eos:
             body["ignore_eos"] = True
-        finish, usage, got_done = None, {}, False
+        finish, got_done = None, False
+        usage: dict[str, Any] = {}
         try:
             async with self._client.stream("POST", "/v1/completions", json=body) as response:
                 if response.status_code >= 400:
@@ -326,7 +331,7 @@ def _server_name(name: str, path: Path) -> str:
     return f"{name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
 
 
-def _load_tokenizer(model_dir: Path):
+def _load_tokenizer(model_dir: Path) -> Any:
     (AutoTokenizer,) = import_names("transformers", "AutoTokenizer")  # noqa: N806 - the class, as imported
 
     try:

@@ -7,7 +7,8 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
+from typing import cast
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -115,9 +116,10 @@ class _StallGuardedStream(StreamingResponse):
     is closed, which frees both, and the connection is dropped.
     """
 
-    def __init__(self, content: AsyncIterator[bytes], gw: Gateway, ctx: RequestContext, **kwargs):
+    def __init__(self, content: AsyncGenerator[bytes, None], gw: Gateway, ctx: RequestContext, **kwargs):
         super().__init__(content, **kwargs)
         self.gw, self.ctx = gw, ctx
+        self._events = content  # what starlette keeps as body_iterator, typed as the generator it is
 
     async def stream_response(self, send) -> None:
         timeout = self.gw.cfg.stream_write_timeout_s
@@ -132,15 +134,15 @@ class _StallGuardedStream(StreamingResponse):
         try:
             await super().stream_response(guarded)
         except _ClientStalled:
-            await self.body_iterator.aclose()  # runs the generator's cleanup now: slots freed, request logged
+            await self._events.aclose()  # runs the generator's cleanup now: slots freed, request logged
             self.gw.metrics.errors.labels(self.ctx.variant or "none", "client_stalled").inc()
             log.warning("request %s: the client read nothing for %.0fs; stream ended, its slots freed",
                         self.ctx.request_id, timeout)
             # Returning without the final message makes the server close the connection.
 
 
-async def _sse(gw, ctx: RequestContext, stream: AsyncIterator[tuple[int, Chunk]], first, model: str, chat: bool,
-               n: int, include_usage: bool, echo: str) -> AsyncIterator[bytes]:
+async def _sse(gw, ctx: RequestContext, stream: AsyncGenerator[tuple[int, Chunk], None], first, model: str, chat: bool,
+               n: int, include_usage: bool, echo: str) -> AsyncGenerator[bytes, None]:
     created = int(time.time())
     rid = ctx.request_id
     prompt_tokens = completion_tokens = 0
@@ -197,7 +199,8 @@ async def _batch_completions(request: Request, ctx: RequestContext, body: Comple
     gw = gateway(request)
     ctx.user = body.user or ctx.user
     variant = gw.choose_variant(body.model, ctx)
-    params = gw.sampling(body.max_tokens, body.temperature, body.top_p, body.stop, body.seed,
+    stop = cast(list[str], body.stop)  # CompletionRequest's validator made it a list
+    params = gw.sampling(body.max_tokens, body.temperature, body.top_p, stop, body.seed,
                          ignore_eos=body.ignore_eos, stream=False)
 
     async def one(prompt: str) -> tuple[str, str, int, int]:

@@ -102,7 +102,7 @@ class _Selector:
         self.kept_meta: dict[str, tuple[str, str]] = {}
         self.rows: dict[str, list[dict]] = {split: [] for split in SPLITS}
         self.rejected: list[Rejected] = []
-        self.near = collections.Counter()
+        self.near: collections.Counter[str] = collections.Counter()
 
     def offer(self, record: RawRecord, split: str) -> bool:
         rendered = render(record.id, record.task, record.input, record.label,

@@ -109,7 +109,8 @@ def _sst2_row(source: SourceConfig, line: str) -> tuple[str, str | None, str | N
 
 # --------------------------------------------------------------------------- CoNLL-2003
 def _read_conll(source: SourceConfig, text: str) -> tuple[list[RawRecord], list[Rejected]]:
-    records, rejected = [], []
+    records: list[RawRecord] = []
+    rejected: list[Rejected] = []
     tokens: list[str] = []
     tags: list[str] = []
     start, problem, width = 0, None, None
@@ -269,15 +270,19 @@ def _read_csv(source: SourceConfig, text: str) -> tuple[list[RawRecord], list[Re
 
 
 def _read_mapped(source: SourceConfig, rows) -> tuple[list[RawRecord], list[Rejected]]:
-    records, rejected, seen = [], [], set()
+    records: list[RawRecord] = []
+    rejected: list[Rejected] = []
+    seen: set[str] = set()
     for number, row, problem, line in rows:
         if problem is None:
             record, problem = _mapped_record(source, row, number)
             if record is not None and record.id in seen:
-                record, problem = None, f"duplicate id {record.id!r}"
+                problem = f"duplicate id {record.id!r}"
+                record = None
         if problem:
             rejected.append(Rejected(source.name, number, "load", problem, excerpt(line)))
             continue
+        assert record is not None  # _mapped_record returns a record or a problem
         seen.add(record.id)
         records.append(record)
     return records, rejected

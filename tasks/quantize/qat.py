@@ -193,7 +193,8 @@ def _trainable_groups(model, bits: int, lr: float) -> tuple[list[dict], int]:
     from nncf.torch.quantization.layers import AsymmetricLoraQuantizer, SymmetricLoraQuantizer
 
     model.requires_grad_(False)
-    adapters, scales = [], []
+    adapters: list[Any] = []
+    scales: list[Any] = []
     for _, module in get_hook_storage(model).named_hooks():
         if isinstance(module, (AsymmetricLoraQuantizer, SymmetricLoraQuantizer)) and module.num_bits == bits:
             module.enable_gradients()

@@ -70,7 +70,7 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 def latest_valid(root: Path) -> tuple[Path | None, list[str]]:
     """The newest checkpoint whose checksum verifies, and one note per skipped bad checkpoint."""
-    skipped = []
+    skipped: list[str] = []
     for _step, path in list_checkpoints(root):
         problem = verify(path)
         if problem is None:

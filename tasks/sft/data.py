@@ -242,7 +242,7 @@ class BatchStream(IterableDataset):
         global_batch = batch_size * world_size
         # Rows are packed once; epochs only reorder them, so every epoch has the same length.
         self._rows = pack_rows(self.examples, max_seq_len, seed) if packing else None
-        units = len(self._rows) if packing else len(self.examples)
+        units = len(self._rows) if self._rows is not None else len(self.examples)
         if units < global_batch:
             what = "packed rows" if packing else "examples"
             raise SFTDataError(
@@ -267,7 +267,8 @@ class BatchStream(IterableDataset):
         # round-robin, so the order is exactly the single-process order.
         worker = get_worker_info()
         stride, index = (worker.num_workers, self.start + worker.id) if worker else (1, self.start)
-        cached_epoch, cached = -1, None
+        cached_epoch = -1
+        cached: list[list[list[int]]] = []  # filled on the first pass (no epoch is -1)
         while True:
             epoch, position = divmod(index, self.batches_per_epoch)
             if epoch != cached_epoch:  # an epoch's layout is computed once, not per batch
