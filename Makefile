@@ -6,7 +6,7 @@ STAMP := $(VENV)/.lmforge-installed
 VLLM_STAMP := .venv-vllm/.lmforge-installed
 ARGS ?=
 
-.PHONY: setup run test test-slow bench vllm-env clean
+.PHONY: setup run lint test test-unit test-slow bench vllm-env clean
 
 setup: $(STAMP)
 
@@ -26,9 +26,20 @@ run: setup
 	$(BIN)/lmforge models import $(ARGS)
 	$(BIN)/lmforge run --serve $(ARGS)
 
-# The vLLM tests are part of the default suite, so the test target builds the vLLM environment too.
-test: setup vllm-env
+# Static checks, configured in pyproject.toml: ruff (lint rules), mypy (types of configs/ flows/ tasks/
+# serving/ deploy/) and import-linter (flows -> tasks -> configs layers; serving never imports flows).
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+# `make test` lints first. The vLLM tests are part of the default suite, so it builds the vLLM environment too.
+test: lint vllm-env
 	$(BIN)/python -m pytest $(ARGS)
+
+# The fast tier only (pure functions; tests/conftest.py assigns unit / integration / e2e).
+test-unit: setup
+	$(BIN)/python -m pytest -m unit $(ARGS)
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow $(ARGS)
