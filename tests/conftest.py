@@ -1,4 +1,4 @@
-"""Shared fixtures: an isolated state dir per test and one tiny model per test session."""
+"""Shared fixtures (an isolated state dir per test, one tiny model per test session) and the test tiers."""
 
 from __future__ import annotations
 
@@ -8,6 +8,45 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# --------------------------------------------------------------------------- tiers
+# Every test gets exactly one tier marker, so `pytest -m unit` (or integration, e2e) runs one tier:
+#   unit         pure functions and files: no model, no Prefect/MLflow/database, no server, no CLI subprocess
+#                (`pytest -m unit` takes well under 2 minutes)
+#   integration  a tiny model, Prefect's test API, MLflow, PostgreSQL/SQLite stores, loopback servers, the CLI
+#   e2e          the whole pipeline, the loopback production stack, real engines and schedulers end to end
+# A module listed in UNIT_MODULES or E2E_MODULES has that tier; every other module is integration (a
+# new module is never unit by accident). In a unit module a test that uses one of HEAVY_FIXTURES is
+# integration. A tier marker written on a test (or as a module's pytestmark) wins over all of this.
+# `slow` and `stack` are separate and stay deselected by default (addopts in pyproject.toml).
+TIERS = ("unit", "integration", "e2e")
+UNIT_MODULES = {
+    "test_config", "test_curate_build", "test_curate_cleaning", "test_curate_loaders", "test_evaluate", "test_parsing",
+    "test_quantize_extension_build", "test_quantize_report", "test_registry", "test_rewards", "test_sft_data",
+    "test_stage_cache",
+}
+E2E_MODULES = {
+    "test_pipeline",      # the whole pipeline, then the README command serving its champion
+    "test_stack",         # the loopback production stack (also marked stack)
+    "test_serving_vllm",  # the gateway managing a real vLLM server
+    "test_deploy",        # a cron deployment fired by a real Prefect server and process worker
+}
+HEAVY_FIXTURES = {"tiny_model_dir", "tiny_ir_dir", "prefect_harness", "mlflow_uri", "postgres_url"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in TIERS):
+            continue
+        module = item.path.stem
+        if module in E2E_MODULES:
+            tier = "e2e"
+        elif module in UNIT_MODULES and not HEAVY_FIXTURES.intersection(item.fixturenames):
+            tier = "unit"
+        else:
+            tier = "integration"
+        item.add_marker(tier)
 
 # Nothing in the tests may reach a hub: fail fast instead of hanging on the closed network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

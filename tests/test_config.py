@@ -144,6 +144,7 @@ def test_invalid_yaml_reports_line(tmp_path):
         load(path)
 
 
+@pytest.mark.integration  # the CLI in a subprocess
 @pytest.mark.parametrize(
     "args, expected",
     [
@@ -166,6 +167,7 @@ def test_cli_bad_config_exits_2_without_traceback(tmp_path, args, expected):
     assert not (tmp_path / "home").exists()
 
 
+@pytest.mark.integration  # the CLI in a subprocess
 def test_cli_config_show_prints_resolved_yaml(tmp_path):
     result = run_cli("config", "show", "-c", "tiny", "sft.max_steps=9", env_home=tmp_path / "home")
     assert result.returncode == 0, result.stderr
@@ -176,6 +178,7 @@ def test_cli_config_show_prints_resolved_yaml(tmp_path):
     assert set(shown) >= {"data", "model", "sft", "align", "quantize", "evaluate", "registry", "serve"}
 
 
+@pytest.mark.integration  # the CLI in a subprocess
 def test_cli_without_config_uses_the_pipeline_preset(tmp_path):
     """`make run` calls `lmforge run` with no --config: it must get the preset sized for this machine."""
     import yaml
@@ -189,6 +192,7 @@ def test_cli_without_config_uses_the_pipeline_preset(tmp_path):
     assert shown["align"]["stages"] == [s.model_dump(mode="json") for s in preset.align.stages]
 
 
+@pytest.mark.integration  # the CLI in a subprocess
 @pytest.mark.parametrize("command", [[], ["models"], ["models", "import"], ["models", "list"], ["config", "show"]])
 def test_every_command_has_help(command):
     result = run_cli(*command, "--help")
@@ -196,6 +200,7 @@ def test_every_command_has_help(command):
     assert "Usage:" in result.stdout
 
 
+@pytest.mark.integration  # the CLI in a subprocess
 def test_unknown_option_is_a_usage_error():
     result = run_cli("models", "import", "--no-such-flag")
     assert result.returncode == 2

@@ -199,6 +199,7 @@ def test_bad_replacement_and_unknown_names_are_config_errors(tmp_path):
         load(None, ["data.disabled_rules=[nope]"])
 
 
+@pytest.mark.integration  # the CLI in a subprocess
 def test_cli_exits_2_on_invalid_regex(tmp_path):
     preset = tmp_path / "bad.yaml"
     preset.write_text("data:\n  rules:\n    - {name: broken_rule, pattern: '[z-a]'}\n")
