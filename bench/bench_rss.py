@@ -42,7 +42,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_serving import GatewayProcess, _port, _variant  # after the path fix
+from bench.bench_serving import GatewayProcess, _port, _variant  # noqa: E402 - after the path fix
 
 MIB = 1024 * 1024
 TARGET = 0.55  # issue 18: champion's peak serving RSS <= 55% of the fp32 IR's
