@@ -27,3 +27,16 @@ def test_a_stale_lock_is_removed_and_a_live_build_is_left_alone(tmp_path, monkey
     assert not (stale / "lock").exists() and (stale / "build.ninja").exists()
     assert (live / "lock").exists()
     assert int(os.environ["NNCF_EXTENSION_LOAD_TIMEOUT"]) > 60  # NNCF's 60 s default failed builds here
+
+
+def test_each_torch_path_gets_its_own_build_root(monkeypatch):
+    # Worktrees symlinking one venv at different paths write different include paths into build.ninja:
+    # sharing one build directory made each run rebuild the extension and overwrite the other's.
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "")  # unset for the code under test; restored afterwards
+    prepare_nncf_extension_build()
+    first = os.environ["TORCH_EXTENSIONS_DIR"]
+    assert "lmforge-" in first
+    monkeypatch.setattr("torch.__file__", "/elsewhere/site-packages/torch/__init__.py")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "")
+    prepare_nncf_extension_build()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] != first

@@ -10,6 +10,7 @@ inference cost.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -40,13 +41,22 @@ def prepare_nncf_extension_build() -> None:
     * The build takes minutes on 2 busy cores; NNCF gives up after 60 s and fails the run: wait 20 min.
     * A build that was killed leaves its ``lock`` file, and every later run waits on it until the
       timeout: a lock in a directory where nothing changed for 10 minutes is stale and removed.
-    A user's own NNCF_EXTENSION_LOAD_TIMEOUT wins; the build directory is torch's
-    (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
+    * torch writes its include and library paths, as this interpreter sees them (symlinks not
+      resolved), into the build's ``build.ninja``. Worktrees that symlink one venv at different paths
+      all shared ``~/.cache/torch_extensions/py311_cpu`` yet disagreed there, so every QAT run from
+      another worktree rebuilt the extension (~2 min) and overwrote the others' build: each torch
+      path gets its own build root, ``~/.cache/torch_extensions/lmforge-<hash of the torch path>``.
+    A user's own NNCF_EXTENSION_LOAD_TIMEOUT and TORCH_EXTENSIONS_DIR win.
     """
     os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "1200")
+    import torch
     from torch.utils.cpp_extension import get_default_build_root
 
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+        torch_path = os.path.dirname(os.path.abspath(torch.__file__))  # the prefix torch puts in build.ninja
+        key = hashlib.sha256(f"{torch_path}|{torch.__version__}".encode()).hexdigest()[:12]
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(get_default_build_root()) / f"lmforge-{key}")
+    root = Path(os.environ["TORCH_EXTENSIONS_DIR"])
     for lock in root.glob("**/lock"):
         try:
             newest = max(p.stat().st_mtime for p in lock.parent.iterdir())
