@@ -158,6 +158,21 @@ def headline_metrics() -> tuple[str, ...]:
     return tuple(spec.headline_metric for spec in BUILTIN_TASKS.values())
 
 
+def structured_tasks() -> tuple[str, ...]:
+    """Tasks whose answers must parse (a label, an entity list): their format compliance is gated."""
+    return tuple(name for name, spec in BUILTIN_TASKS.items() if spec.output != "text")
+
+
+def gated_metrics() -> tuple[str, ...]:
+    """Metrics the promotion gate compares with the champion: every headline metric, plus macro F1 for
+    label tasks (accuracy alone hides a model that collapses onto the majority label). Entity precision
+    and recall are left to their F1."""
+    names: list[str] = []
+    for spec in BUILTIN_TASKS.values():
+        names += [spec.headline_metric] + ([f"{spec.name}_macro_f1"] if spec.output == "label" else [])
+    return tuple(names)
+
+
 def all_metric_names() -> tuple[str, ...]:
     """Every task metric name, plus the per-task format compliance ones."""
     names: list[str] = []

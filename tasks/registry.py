@@ -21,14 +21,15 @@ from typing import Any
 from prefect import task
 
 from configs.schema import FORCE_PROMOTE_TAG, GATE_STATUS_TAG, PromotionGates, RegistryConfig
+from configs.tasks import gated_metrics, structured_tasks
 
 log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 # Task-quality metrics (fractions in 0..1, higher is better) compared against the champion.
-TASK_METRICS = ("sentiment_accuracy", "sentiment_macro_f1", "ner_f1", "summarization_rougeL")
+TASK_METRICS = gated_metrics()
 # Tasks whose answers must parse (a label, an entity list): each one's format compliance is gated.
-STRUCTURED_TASKS = ("sentiment", "ner")
+STRUCTURED_TASKS = structured_tasks()
 METRIC_TAG = "metric."
 REGISTER_KEY_TAG = "lmforge.register_key"  # what was registered, where: set when the version is created
 REGISTER_RUN_TAG = "lmforge.register_run_id"  # the MLflow run that logged the version's model
