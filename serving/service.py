@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from configs.schema import ServeConfig
 from serving.auth import ApiKey, AuthError, KeyStore, RateLimiter, SqlRateLimiter
 from serving.backends import pick_kind
-from serving.backends.base import Backend, BackendError, BackendInputError, Chunk, SamplingParams
+from serving.backends.base import Backend, BackendError, BackendInputError, Chunk, Constraint, SamplingParams
 from serving.db import state_locations
 from serving.engine import VariantPool, VariantUnavailable
 from serving.errors import APIError
@@ -237,13 +237,13 @@ class Gateway:
     # ------------------------------------------------------------------ generation
     def sampling(self, max_tokens: int | None, temperature: float, top_p: float, stop: list[str],
                  seed: int | None, adapter: str | None = None, ignore_eos: bool = False,
-                 stream: bool = True) -> SamplingParams:
+                 stream: bool = True, constraint: Constraint | None = None) -> SamplingParams:
         wanted = max_tokens if max_tokens is not None else self.cfg.default_max_tokens
         if wanted > self.cfg.max_tokens_limit:
             raise APIError(400, f"max_tokens is {wanted}, the largest allowed is {self.cfg.max_tokens_limit}",
                            param="max_tokens", code="max_tokens_too_large")
         return SamplingParams(max_tokens=wanted, temperature=temperature, top_p=top_p, stop=stop, seed=seed,
-                              adapter=adapter, ignore_eos=ignore_eos, stream=stream)
+                              adapter=adapter, ignore_eos=ignore_eos, stream=stream, constraint=constraint)
 
     async def run(self, ctx: RequestContext, variant: str, build: Callable[[Backend], str],
                   params: SamplingParams, n: int = 1) -> AsyncGenerator[tuple[int, Chunk], None]:
@@ -284,7 +284,7 @@ class Gateway:
                     self.metrics.latency.labels(name).observe(time.perf_counter() - ctx.started)
                     return
                 except BackendInputError as err:
-                    raise APIError(400, str(err), param="adapter") from None
+                    raise APIError(400, str(err), param=err.param) from None
                 except (BackendError, TimeoutError) as err:
                     kind = "timeout" if isinstance(err, TimeoutError) else "backend"
                     self.metrics.errors.labels(name, kind).inc()

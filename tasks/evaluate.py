@@ -48,7 +48,7 @@ from configs.tasks import get_task, task_names
 from tasks import metrics as M
 from tasks.files import atomic_write_text, sha256_dir
 from tasks.generators import Generator, HFGenerator, OpenVINOGenerator, hf_generator, stop_token_ids
-from tasks.parsing import coerce_label, format_target, parse_completion
+from tasks.parsing import answer_pattern, coerce_label, format_target, parse_completion
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,10 @@ def _generate_all(generate: Generator, selected: list[dict[str, Any]], cfg: Eval
                            key=lambda i: len(selected[i]["prompt"]))
             for start in range(0, len(order), cfg.batch_size):
                 chunk = order[start : start + cfg.batch_size]
-                result = list(generate([selected[i]["prompt"] for i in chunk], max_new_tokens(name, cfg)))
+                prompts = [selected[i]["prompt"] for i in chunk]
+                pattern = answer_pattern(name) if cfg.constrained else None
+                result = list(generate(prompts, max_new_tokens(name, cfg), pattern=pattern) if pattern
+                              else generate(prompts, max_new_tokens(name, cfg)))
                 if len(result) != len(chunk):
                     raise ValueError(f"generator returned {len(result)} completions for {len(chunk)} prompts")
                 for i, text in zip(chunk, result, strict=True):
@@ -325,6 +328,9 @@ def open_generator(cfg: EvaluateConfig, model_dir: str | Path, adapter_dir: str 
     converted for runtime LoRA into ``scratch``; Hugging Face: the weights with the adapter merged.
     """
     engine = resolve_engine(cfg.engine, cfg.device)
+    if engine == "hf" and cfg.constrained:
+        raise ValueError("evaluate.constrained needs the openvino engine; engine "
+                         f"{cfg.engine!r} resolved to hf here (set evaluate.engine=openvino or constrained=false)")
     if engine == "hf":
         return hf_generator(model_dir, adapter_dir, cfg.batch_size, max_length, device=cfg.device)
     from tasks.models import openvino_ir

@@ -19,8 +19,9 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-Generator = Callable[[list[str], int], list[str]]
-"""(prompts with the chat template applied, max new tokens) -> completions (assistant text only)."""
+Generator = Callable[..., list[str]]
+"""(prompts with the chat template applied, max new tokens) -> completions (assistant text only).
+Generators that can constrain decoding also take ``pattern=`` (a regex every answer must match)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,18 +98,21 @@ class OpenVINOGenerator:
         self._tokenizer = self._pipe.get_tokenizer()
         self.decoding = DecodingSpec.for_tokenizer(AutoTokenizer.from_pretrained(str(self.ir_dir)))
 
-    def config(self, max_new_tokens: int):
-        """The greedy ``GenerationConfig`` of the decoding spec."""
+    def config(self, max_new_tokens: int, pattern: str | None = None):
+        """The greedy ``GenerationConfig`` of the decoding spec, constrained to ``pattern`` when given (the
+        XGrammar regex constraint the gateway applies to the JSON-RPC label and entity tasks)."""
         import openvino_genai as og
 
         config = og.GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False)
         config.stop_token_ids = set(self.decoding.stop_ids)
         if self._adapters:
             config.adapters = self._adapters
+        if pattern:
+            config.structured_output_config = og.StructuredOutputConfig(regex=pattern)
         return config
 
-    def __call__(self, prompts: list[str], max_new_tokens: int = 64) -> list[str]:
-        config = self.config(max_new_tokens)
+    def __call__(self, prompts: list[str], max_new_tokens: int = 64, pattern: str | None = None) -> list[str]:
+        config = self.config(max_new_tokens, pattern)
         outputs: list[str] = []
         for start in range(0, len(prompts), self.batch_size):
             chunk = prompts[start : start + self.batch_size]

@@ -59,6 +59,26 @@ def format_target(task: str | TaskSpec, label: Any) -> str:
     return str(label)
 
 
+def answer_pattern(task: str | TaskSpec) -> str | None:
+    """A regex every well-formed answer of ``task`` matches (what :func:`format_target` writes), for
+    constrained decoding; None for free-text tasks. Only regex metacharacters are escaped, so engines'
+    regex dialects (XGrammar, vLLM's) read it as Python does."""
+    spec = spec_of(task)
+    if spec.output == "label":
+        return "(" + "|".join(map(regex_literal, spec.labels)) + ")"
+    if spec.output == "entities":
+        words = "|".join(regex_literal(spec.word_of(t)) for t in spec.labels)
+        line = rf"- [^\n()]+ \(({words})\)"
+        return rf"({regex_literal(NO_ENTITIES)}|{line}(\n{line})*)"
+    return None
+
+
+def regex_literal(text: str) -> str:
+    """``text`` as a regex matching itself. Only the metacharacters are escaped: re.escape also escapes
+    ' ', '#' and '~', which not every engine's regex dialect accepts."""
+    return "".join("\\" + ch if ch in "\\.^$*+?()[]{}|" else ch for ch in text)
+
+
 def parse_completion(task: str | TaskSpec, text: str | None) -> tuple[Any, bool]:
     """Parse one model output into ``(label, format_ok)`` (see the module docstring).
 

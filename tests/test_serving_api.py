@@ -19,7 +19,7 @@ from serving.app import build_app
 from serving.auth import KeyStore
 from serving.feedback import ab_report
 from serving.routes.rpc import DEFAULT_MAX_TOKENS
-from tasks.parsing import parse_completion
+from tasks.parsing import answer_pattern, parse_completion
 from tests.serving_helpers import running_gateway
 
 MODEL = "lmforge-assistant"
@@ -451,14 +451,16 @@ def test_rpc_batch_tasks_and_errors(gateway):
     sentiment, ner, summary = answers[1]["result"], answers["b"]["result"], answers[3]["result"]
     assert sentiment["task"] == "sentiment" and sentiment["variant"] in ("champion", "challenger")
     # The prompt training renders (tasks.data.templates.render, the HF tokenizer's chat template, the
-    # paraphrase the RPC methods use), sent raw through /v1/completions: same tokens, same greedy output.
+    # paraphrase the RPC methods use), sent raw through /v1/completions under the same answer-format
+    # constraint: same tokens, same greedy output.
     client = openai.OpenAI(base_url=gateway["base"] + "/v1", api_key=gateway["keys"]["ops"], max_retries=0)
     for task, text, result, max_tokens in (
             ("sentiment", "A wonderful film.", sentiment, DEFAULT_MAX_TOKENS["sentiment"]),
             ("ner", "Angela Merkel visited Paris.", ner, DEFAULT_MAX_TOKENS["ner"]),
             ("summarization", "A: hi\nB: hello", summary, 5)):
         prompt = _training_prompt(gateway["tokenizer"], task, text)
-        done = client.completions.create(model=result["variant"], prompt=prompt, temperature=0, max_tokens=max_tokens)
+        done = client.completions.create(model=result["variant"], prompt=prompt, temperature=0, max_tokens=max_tokens,
+                                         extra_body=_task_constraint(task))
         assert result["text"] == done.choices[0].text
         assert result["usage"]["prompt_tokens"] == done.usage.prompt_tokens
         assert [result["label"], result["format_ok"]] == list(parse_completion(task, result["text"]))
@@ -469,6 +471,12 @@ def test_rpc_batch_tasks_and_errors(gateway):
     assert answers[7]["error"]["code"] == -32600
     assert _post(gateway, "/rpc", b"{oops").json()["error"]["code"] == -32700
     assert _post(gateway, "/rpc", []).json()["error"]["code"] == -32600
+
+
+def _task_constraint(task: str) -> dict:
+    """What the RPC methods decode under (serve.constrain_tasks): label and entity tasks follow their answer format."""
+    pattern = answer_pattern(task)
+    return {"structured_outputs": {"regex": pattern}} if pattern else {}
 
 
 def _training_prompt(tokenizer, task: str, text: str) -> str:
@@ -493,5 +501,5 @@ def test_rpc_prompts_are_the_prompts_training_renders(gateway):
                 "id": 1}
         result = _post(gateway, "/rpc", call, key="ops").json()["result"]
         done = client.completions.create(model="champion", prompt=_training_prompt(gateway["tokenizer"], task, text),
-                                         temperature=0, max_tokens=24)
+                                         temperature=0, max_tokens=24, extra_body=_task_constraint(task))
         assert (result["usage"]["prompt_tokens"], result["text"]) == (done.usage.prompt_tokens, done.choices[0].text)

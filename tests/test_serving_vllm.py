@@ -20,6 +20,7 @@ import pytest
 from configs.schema import ModelConfig, PromotionGates, RegistryConfig, ServeConfig, TinyModelConfig
 from serving.app import build_app
 from serving.routes.rpc import task_messages
+from tasks.parsing import answer_pattern
 from tests.serving_helpers import running_gateway
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,10 +94,10 @@ def client(gateway):
     return openai.OpenAI(base_url=gateway["base"] + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 
-def _direct(gateway, model: str, prompt: str, max_tokens: int) -> str:
+def _direct(gateway, model: str, prompt: str, max_tokens: int, **extra) -> str:
     """Greedy completion straight from the vLLM server, bypassing the gateway."""
     response = httpx.post(gateway["engine"]["url"] + "/v1/completions", timeout=300,
-                          json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+                          json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra})
     response.raise_for_status()
     return response.json()["choices"][0]["text"]
 
@@ -166,12 +167,33 @@ def test_json_rpc_classify_sentiment(gateway, registered):
     assert result["task"] == "sentiment" and result["variant"] == "champion"
     assert result["version"] == registered["version"]
     assert result["finish_reason"] in ("stop", "length")
-    # The task prompt, rendered with the model's chat template, answered greedily by vLLM itself.
+    # Constrained to the label set by vLLM's own structured outputs (a random model would not say a label).
+    assert result["format_ok"] and result["label"] in ("positive", "negative"), result
+    # The task prompt, rendered with the model's chat template, answered greedily by vLLM itself under
+    # the same constraint.
     messages = task_messages("sentiment", body["params"]["text"], gateway["app"].state.gateway.templates)
     prompt = gateway["app"].state.gateway.pool.slots["champion"].ref.backend.render_chat(messages)
     assert "cold" in prompt
     server_a = _server_names(gateway)[str(gateway["adapters"]["lora-a"])]
-    assert result["text"] == _direct(gateway, server_a, prompt, 8)
+    constraint = {"structured_outputs": {"regex": answer_pattern("sentiment")}}
+    assert result["text"] == _direct(gateway, server_a, prompt, 8, **constraint)
+
+
+def test_structured_output_passes_through_to_vllm(gateway, client):
+    """response_format and vLLM's structured_outputs reach vLLM as its structured_outputs field."""
+    choices = ["red", "green", "blue"]
+    answer = client.chat.completions.create(model=MODEL, messages=STORY, max_tokens=8, temperature=0,
+                                            extra_body={"structured_outputs": {"choice": choices}})
+    assert answer.choices[0].message.content in choices
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    prompt = gateway["app"].state.gateway.pool.slots["champion"].ref.backend.render_chat(STORY)
+    server_a = _server_names(gateway)[str(gateway["adapters"]["lora-a"])]
+    fmt = {"type": "json_schema", "json_schema": {"name": "flag", "schema": schema}}
+    shaped = client.chat.completions.create(model=MODEL, messages=STORY, max_tokens=24, temperature=0,
+                                            response_format=fmt).choices[0].message.content
+    assert shaped == _direct(gateway, server_a, prompt, 24, structured_outputs={"json": schema})
+    assert shaped.lstrip().startswith("{") and shaped != _direct(gateway, server_a, prompt, 24)
 
 
 def test_serves_the_registered_merged_weights_from_the_alias(gateway, registered, client):

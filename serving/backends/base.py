@@ -8,9 +8,10 @@ A backend owns one loaded model (plus optional LoRA adapters). The gateway only 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 
 class BackendError(RuntimeError):
@@ -18,7 +19,43 @@ class BackendError(RuntimeError):
 
 
 class BackendInputError(ValueError):
-    """The request cannot be served by this engine as asked (e.g. unknown adapter); a client error."""
+    """The request cannot be served by this engine as asked (e.g. unknown adapter); a client error.
+
+    ``param`` names the request field at fault (the 400's ``param``)."""
+
+    def __init__(self, message: str, param: str | None = "adapter"):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclasses.dataclass(frozen=True)
+class Constraint:
+    """What the answer must match (structured output), in engine-neutral form.
+
+    ``kind`` is ``json_schema`` (``value``: the schema as a dict), ``json_object`` (any JSON object),
+    ``regex`` (``value``: the pattern) or ``choice`` (``value``: the allowed answers).
+    """
+
+    kind: Literal["json_schema", "json_object", "regex", "choice"]
+    value: Any = None
+
+    def as_regex(self) -> str:
+        """``choice`` as a regex alternation (escaped for the engines' regex dialects); ``regex`` as is."""
+        if self.kind == "regex":
+            return str(self.value)
+        if self.kind != "choice":
+            raise ValueError(f"a {self.kind} constraint is not a regex")
+        from tasks.parsing import regex_literal
+
+        return "(" + "|".join(regex_literal(choice) for choice in self.value) + ")"
+
+    def json_schema_text(self) -> str:
+        """``json_schema`` / ``json_object`` as schema text (any object for ``json_object``)."""
+        if self.kind == "json_object":
+            return json.dumps({"type": "object"})
+        if self.kind != "json_schema":
+            raise ValueError(f"a {self.kind} constraint is not a JSON schema")
+        return json.dumps(self.value)
 
 
 @dataclasses.dataclass
@@ -36,6 +73,8 @@ class SamplingParams:
     prompt_tokens: int | None = None
     """The prompt's token count when the caller has counted it already (the gateway's context check),
     so the backend need not encode the prompt again."""
+    constraint: Constraint | None = None
+    """Structured output: the answer must match this (None = free text)."""
     stream: bool = True
     """The consumer wants tokens as they come. False (a non-streaming response) lets a backend hand
     over the whole completion at once instead of waking the event loop at every engine step."""
@@ -63,6 +102,8 @@ class Backend(Protocol):
     kind: str
     model_dir: Path | None
     context_length: int
+    structured_output: bool
+    """Honours ``SamplingParams.constraint``; a backend without it refuses constrained requests."""
 
     async def load(self, model_dir: Path, adapter: Path | None = None, extra_adapters: Sequence[Path] = ()) -> None:
         """Load the model in ``model_dir`` (and optionally a LoRA adapter as the default one, and

@@ -21,6 +21,7 @@ class HFBackend:
     """``transformers`` causal LM with ``TextIteratorStreamer``."""
 
     kind = "hf"
+    structured_output = False  # the reference backend decodes freely; constrained requests get a 400
 
     def __init__(self, dtype: str = "float32"):
         self.dtype = dtype
@@ -72,6 +73,10 @@ class HFBackend:
             raise BackendError("backend is not loaded")
         if params.adapter:
             raise BackendInputError("the hf reference backend does not take runtime adapters")
+        if params.constraint is not None:
+            raise BackendInputError("structured output (response_format / structured_outputs) needs the openvino "
+                                    "or vllm backend; the hf reference backend decodes unconstrained",
+                                    param="response_format")
         async with self._lock:
             inputs = self._tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
             streamer = TextIteratorStreamer(self._tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -39,6 +39,7 @@ from serving.backends.base import (
     BackendError,
     BackendInputError,
     Chunk,
+    Constraint,
     IncrementalDecoder,
     SamplingParams,
     StopMatcher,
@@ -50,6 +51,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _DONE = object()
+
+
+def structured_output_fields(constraint: Constraint) -> dict[str, str]:
+    """A constraint as ``openvino_genai.StructuredOutputConfig`` keyword arguments (plain strings, so they
+    cross the engine pipe; the engine builds the config)."""
+    if constraint.kind in ("json_schema", "json_object"):
+        return {"json_schema": constraint.json_schema_text()}
+    return {"regex": constraint.as_regex()}
 
 
 class _Request:
@@ -135,6 +144,7 @@ class OpenVINOBackend:
     """
 
     kind = "openvino"
+    structured_output = True  # OpenVINO GenAI's StructuredOutputConfig (XGrammar) in the engine process
 
     def __init__(self, device: str = "CPU", cache_gb: float = 1.0, max_num_seqs: int = 32,
                  num_threads: int | None = None, keep_awake: bool | None = None, regroup_ms: float = 30.0):
@@ -338,6 +348,8 @@ class OpenVINOBackend:
                 fields["rng_seed"] = params.seed
         if params.stop:
             fields["stop_strings"] = list(params.stop)
+        if params.constraint is not None:
+            fields["structured_output_config"] = structured_output_fields(params.constraint)
         return fields
 
     def _adapter_for(self, params: SamplingParams) -> str | None:
@@ -423,7 +435,11 @@ class OpenVINOBackend:
                         continue  # cancelled here already
                     if error is not None:
                         self._forget(request)
-                        out.append((request, BackendError(error)))
+                        # reason "invalid": the engine refused the request as asked (e.g. a schema XGrammar
+                        # cannot compile), a client error; otherwise the engine failed it.
+                        failure = (BackendInputError(error, param="response_format") if reason == "invalid"
+                                   else BackendError(error))
+                        out.append((request, failure))
                         continue
                     out.append((request, (ids, reason)))
                     if reason is not None:

@@ -10,7 +10,8 @@ Protocol over one duplex ``multiprocessing`` connection. Parent -> engine:
 ``("add", rid, prompt, fields, adapter, stream)``, ``("cancel", rid)``,
 ``("adapter", token, name, path)``, ``("close",)``. Engine -> parent: ``("ready", info)`` or
 ``("error", message)`` once; then ``("out", [(rid, ids, reason, engine_s, error)])`` after a step
-(reason None while running; error set when the engine dropped the request), ``("reply", token,
+(reason None while running; error set when the engine dropped the request, with reason "invalid"
+when it refused the request as asked, e.g. a grammar it cannot compile), ``("reply", token,
 error)``, ``("stats", active_adapter, switch_s)`` and, when the engine fails,
 ``("dead", message)``.
 
@@ -81,7 +82,11 @@ class _Engine:
         config = self.pipe.get_config()
         config.apply_chat_template = False
         for key, value in fields.items():
-            setattr(config, key, set(value) if key == "stop_strings" else value)
+            if key == "structured_output_config":
+                value = self.ov.StructuredOutputConfig(**value)
+            elif key == "stop_strings":
+                value = set(value)
+            setattr(config, key, value)
         return config
 
     def handle(self, message: tuple) -> bool:
@@ -89,7 +94,12 @@ class _Engine:
         if kind == "add":
             _, rid, prompt, fields, adapter, stream = message
             self.owed = max(0, self.owed - 1)
-            self.pending.append([rid, prompt, self.config(fields), adapter, stream])
+            try:
+                config = self.config(fields)
+            except Exception as err:  # noqa: BLE001 - a config the engine refuses is the request's fault
+                self.conn.send(("out", [(rid, [], "invalid", 0.0, f"the engine refused the request: {err}")]))
+                return True
+            self.pending.append([rid, prompt, config, adapter, stream])
         elif kind == "cancel":
             self.cancelled.add(message[1])
         elif kind == "adapter":
@@ -132,10 +142,17 @@ class _Engine:
             new = [] if self.hold() else self.admit()
             if new and self.lora and new[0][3] != self.active_adapter:
                 self.switch_adapter(new[0][3])
+            refused: list[tuple[int, list[int], str | None, float, str | None]] = []
             for rid, prompt, config, _, stream in new:
                 self.held.discard(rid)
-                handle = self.pipe.add_request(rid, prompt, config)
+                try:
+                    handle = self.pipe.add_request(rid, prompt, config)
+                except Exception as err:  # noqa: BLE001 - e.g. a grammar XGrammar cannot compile: that request only
+                    refused.append((rid, [], "invalid", 0.0, f"the engine refused the request: {err}"))
+                    continue
                 self.active[rid] = _Running(handle, stream, time.perf_counter(), config.max_new_tokens)
+            if refused:
+                self.conn.send(("out", refused))
             if not self.active:
                 continue
             self.pipe.step()

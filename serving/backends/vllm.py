@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from configs.schema import ServeConfig
-from serving.backends.base import BackendError, BackendInputError, Chunk, SamplingParams
+from serving.backends.base import BackendError, BackendInputError, Chunk, Constraint, SamplingParams
 from serving.imports import import_names
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ class VLLMBackend:
     """Completions against a vLLM (or other OpenAI-compatible) server."""
 
     kind = "vllm"
+    structured_output = True  # passed through as vLLM's structured_outputs
 
     def __init__(self, cfg: ServeConfig, url: str | None = None, served_name: str = "model"):
         self.cfg, self.url, self.served_name = cfg, url.rstrip("/") if url else None, served_name
@@ -217,6 +218,8 @@ class VLLMBackend:
             body["seed"] = params.seed
         if params.ignore_eos:
             body["ignore_eos"] = True
+        if params.constraint is not None:
+            body["structured_outputs"] = _structured_outputs(params.constraint)
         finish, got_done = None, False
         usage: dict[str, Any] = {}
         try:
@@ -224,7 +227,8 @@ class VLLMBackend:
                 if response.status_code >= 400:
                     text = (await response.aread()).decode(errors="replace")[:300]
                     if response.status_code < 500:
-                        raise BackendInputError(f"backend rejected the request ({response.status_code}): {text}")
+                        raise BackendInputError(f"backend rejected the request ({response.status_code}): {text}",
+                                                param=None)
                     raise BackendError(f"backend answered {response.status_code}: {text}")
                 async for line in response.aiter_lines():
                     if not line.startswith("data:"):
@@ -351,3 +355,14 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _structured_outputs(constraint: Constraint) -> dict[str, Any]:
+    """A constraint as vLLM's ``structured_outputs`` request field (vLLM >= 0.12)."""
+    if constraint.kind == "json_schema":
+        return {"json": constraint.value}
+    if constraint.kind == "json_object":
+        return {"json_object": True}
+    if constraint.kind == "choice":
+        return {"choice": list(constraint.value)}
+    return {"regex": constraint.value}

@@ -9,7 +9,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from serving.errors import APIError, validation_message
-from serving.protocol import new_id
+from serving.protocol import APIRequest, new_id
 from serving.router import OVERRIDE_HEADER, USER_HEADER
 from serving.service import Gateway, RequestContext
 
@@ -58,14 +58,21 @@ async def read_json(request: Request) -> Any:
 
 
 def parse(model: type[M], payload: Any) -> M:
-    """Validate ``payload`` against ``model``; errors become a 400 naming the field."""
+    """Validate ``payload`` against ``model``; errors, and fields the gateway would not honour, become a 400
+    naming the field."""
     if not isinstance(payload, dict):
         raise APIError(400, f"request body must be a JSON object, got {type(payload).__name__}")
     try:
-        return model.model_validate(payload)
+        parsed = model.model_validate(payload)
     except ValidationError as err:
         message, param = validation_message(err.errors())
         raise APIError(400, message, param=param) from None
+    unsupported = parsed.unsupported_fields() if isinstance(parsed, APIRequest) else []
+    if unsupported:
+        detail = "; ".join(f"{name}: {why}" for name, why in unsupported)
+        raise APIError(400, f"unsupported request parameter{'s' if len(unsupported) > 1 else ''} ({detail})",
+                       param=unsupported[0][0], code="unsupported_parameter")
+    return parsed
 
 
 def context(request: Request, route: str, user: str | None = None, admin: bool = False,

@@ -14,12 +14,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serving import protocol
-from serving.backends.base import Backend, Chunk
+from serving.backends.base import Backend, Chunk, Constraint
 from serving.errors import APIError
 from serving.protocol import ChatCompletionRequest, CompletionRequest
 from serving.router import VARIANT_HEADER
 from serving.routes.common import context, gateway, parse, read_json
 from serving.service import Gateway, RequestContext
+from serving.structured import check_constraint
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -65,7 +66,7 @@ async def _serve(request: Request, ctx: RequestContext, body, build: Callable[[B
     ctx.user = body.user or ctx.user
     variant = gw.choose_variant(body.model, ctx)
     params = gw.sampling(body.max_tokens, body.temperature, body.top_p, body.stop, body.seed,
-                         ignore_eos=body.ignore_eos, stream=bool(body.stream))
+                         ignore_eos=body.ignore_eos, stream=bool(body.stream), constraint=_constraint(body))
     stream = gw.run(ctx, variant, build, params, body.n)
     model = body.model
     if not body.stream:
@@ -201,7 +202,7 @@ async def _batch_completions(request: Request, ctx: RequestContext, body: Comple
     variant = gw.choose_variant(body.model, ctx)
     stop = cast(list[str], body.stop)  # CompletionRequest's validator made it a list
     params = gw.sampling(body.max_tokens, body.temperature, body.top_p, stop, body.seed,
-                         ignore_eos=body.ignore_eos, stream=False)
+                         ignore_eos=body.ignore_eos, stream=False, constraint=_constraint(body))
 
     async def one(prompt: str) -> tuple[str, str, int, int]:
         text, finish, p_tokens, c_tokens = "", "stop", 0, 0
@@ -222,6 +223,12 @@ async def _batch_completions(request: Request, ctx: RequestContext, body: Comple
         ctx.request_id, body.model, [r[0] for r in results], [r[1] for r in results],
         sum(r[2] for r in results), sum(r[3] for r in results))
     return JSONResponse(payload, headers=_headers(ctx))
+
+
+def _constraint(body: ChatCompletionRequest | CompletionRequest) -> Constraint | None:
+    """The request's structured-output constraint, compiled once here (a 400 if it cannot be)."""
+    param = "structured_outputs" if body.structured_outputs is not None else "response_format"
+    return check_constraint(body.constraint(), param)
 
 
 def _headers(ctx: RequestContext, engine_s: float = 0.0) -> dict[str, str]:

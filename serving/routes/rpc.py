@@ -2,7 +2,9 @@
 
 Methods apply the same instruction templates as training (``data.templates``: system message +
 the first paraphrased instruction) and parse the output with :func:`tasks.parsing.parse_completion`,
-so callers get structured results: a sentiment label, an entity list, a summary, a reply.
+so callers get structured results: a sentiment label, an entity list, a summary, a reply. Label and
+entity tasks decode constrained to their answer format (:func:`tasks.parsing.answer_pattern`) on
+backends with structured output, unless ``serve.constrain_tasks`` is off.
 Task routing (``serve.task_routes``) can pin a task to its own variant and LoRA adapter.
 """
 
@@ -19,11 +21,12 @@ from fastapi.responses import JSONResponse, Response
 
 from configs.tasks import BUILTIN_TASKS
 from serving import protocol
+from serving.backends.base import Backend, Constraint
 from serving.errors import APIError
 from serving.protocol import new_id
 from serving.routes.common import context, gateway, read_body
 from serving.service import Gateway, RequestContext
-from tasks.parsing import parse_completion
+from tasks.parsing import answer_pattern, parse_completion
 
 router = APIRouter()
 
@@ -108,12 +111,19 @@ async def _dispatch(gw: Gateway, base: RequestContext, method: str, params: Any)
                               chosen_by=None)
     route = gw.cfg.task_routes.get(task)
     variant = gw.choose_variant(params.get("model", gw.cfg.served_model), ctx, pinned=route.variant if route else None)
+    pattern = answer_pattern(task) if gw.cfg.constrain_tasks else None
     sampling = gw.sampling(max_tokens, 0.0, 1.0, [], None, adapter=_adapter_name(route.adapter) if route else None,
                            stream=False)
     messages = task_messages(task, text, gw.templates)
+
+    def prompt(backend: Backend) -> str:
+        # Constrained where the engine can (a label from the set, entity lines of known types): the answer parses.
+        sampling.constraint = Constraint("regex", pattern) if pattern and backend.structured_output else None
+        return backend.render_chat(messages)
+
     output, finish, usage = "", "stop", {}
     try:
-        async with contextlib.aclosing(gw.run(ctx, variant, lambda b: b.render_chat(messages), sampling)) as stream:
+        async with contextlib.aclosing(gw.run(ctx, variant, prompt, sampling)) as stream:
             async for _, chunk in stream:
                 output += chunk.text
                 if chunk.finish_reason:
