@@ -129,3 +129,28 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05):
             return value
         time.sleep(interval)
     raise TimeoutError("condition not met in time")
+
+
+def taught_model(tiny_model_dir: Path, out_dir: Path, messages: list[dict[str, str]], answer: str,
+                 steps: int = 60) -> Path:
+    """A copy of the tiny model taught one greedy answer to one chat (a few seconds of full fine-tuning on
+    that example), for tests that need a model which finishes a structured answer: a random one never
+    closes its JSON."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    shutil.copytree(tiny_model_dir, out_dir, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(out_dir))
+    prompt = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                       add_special_tokens=False)["input_ids"]
+    target = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    ids, labels = torch.tensor([prompt + target]), torch.tensor([[-100] * len(prompt) + target])
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(str(out_dir))
+    return out_dir

@@ -13,12 +13,13 @@ import re
 import httpx
 import openai
 import pytest
+from pydantic import BaseModel, ConfigDict, Field
 
 from configs.schema import ServeConfig
 from configs.tasks import get_task
 from serving.app import build_app
 from tasks.parsing import answer_pattern, parse_completion
-from tests.serving_helpers import running_gateway
+from tests.serving_helpers import running_gateway, taught_model
 
 MODEL = "lmforge-assistant"
 ASK = [{"role": "user", "content": "Reply in JSON with keys name and city for: Bob lives in Rome."}]
@@ -59,6 +60,27 @@ def grammar(tiny_model_dir):
     return accepts
 
 
+class Person(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # the schema says additionalProperties: false
+    name: str = Field(max_length=12)
+    city: str = Field(max_length=12)
+
+
+@pytest.fixture(scope="module")
+def taught_client(tmp_path_factory, tiny_model_dir):
+    """A gateway serving the tiny model taught to answer ASK with a JSON document that has one key too many
+    (exported to IR): only a decoder held to the schema returns a valid Person."""
+    from tasks.quantize.export import export_ir
+
+    work = tmp_path_factory.mktemp("taught")
+    model_dir = taught_model(tiny_model_dir, work / "hf", ASK, '{"name": "Bob", "city": "Rome", "zip": 1}')
+    export_ir(model_dir, work / "ir")
+    cfg = ServeConfig(backend="openvino", watch=False, auth=False, cache_gb=1,
+                      variants=[{"name": "champion", "model_uri": str(work / "ir"), "weight": 1.0}])
+    with running_gateway(build_app(cfg, work / "home")) as base:
+        yield openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+
+
 def _chat(client, **kwargs):
     return client.chat.completions.create(model=MODEL, messages=ASK, temperature=0, **kwargs).choices[0]
 
@@ -75,6 +97,21 @@ def test_json_schema_response_format_constrains_the_answer(client, grammar):
 
         jsonschema.validate(json.loads(text), CITY)
     assert not grammar(free.message.content, schema=CITY), "the free answer already fits: the test shows nothing"
+
+
+def test_openai_parse_with_a_pydantic_model_and_a_streamed_schema_answer(taught_client):
+    parsed = taught_client.beta.chat.completions.parse(model=MODEL, messages=ASK, response_format=Person,
+                                                       temperature=0, max_tokens=40)
+    # A valid Person: the "zip" the model was taught is not allowed, so the decoder closed the object (the
+    # tiny model's strings after that are its own; its first answer, the name, is what it learned).
+    person = parsed.choices[0].message.parsed
+    assert isinstance(person, Person) and person.name == "Bob", parsed.choices[0].message.content
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": Person.model_json_schema()}}
+    stream = taught_client.chat.completions.create(model=MODEL, messages=ASK, temperature=0, max_tokens=40,
+                                                   response_format=fmt, stream=True)
+    assert Person.model_validate_json("".join(c.choices[0].delta.content or "" for c in stream if c.choices))
+    free = taught_client.chat.completions.create(model=MODEL, messages=ASK, temperature=0, max_tokens=40)
+    assert '"zip"' in free.choices[0].message.content, "the free answer is already valid: the test shows nothing"
 
 
 def test_json_object_mode(client, grammar):
