@@ -508,6 +508,9 @@ class ServeConfig(Section):
     """Largest max_tokens accepted; larger values are a 400."""
     task_routes: dict[ServeTask, TaskRoute] = {}
     """JSON-RPC task -> variant/adapter; tasks left out use the A/B split."""
+    adapter_roots: list[Path] = []
+    """Directories runtime LoRA adapters may be loaded from (/v1/load_lora_adapter, the admin API), besides the
+    lmforge home (where runs and downloaded registry artifacts live); anything else is refused with 403."""
     constrain_tasks: bool = True
     """JSON-RPC label and entity tasks decode constrained to their answer format (a label out of the set, entity
     lines of the known types) on backends with structured output (openvino, vllm); free text otherwise."""

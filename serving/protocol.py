@@ -306,6 +306,24 @@ class FeedbackRequest(APIRequest):
     comment: str | None = Field(None, max_length=2000)
 
 
+class LoadLoRARequest(APIRequest):
+    """POST /v1/load_lora_adapter (vLLM's shape): make ``lora_path`` servable as model ``lora_name``."""
+
+    lora_name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    lora_path: str = Field(min_length=1)
+    """A PEFT adapter directory or an adapter safetensors file, inside the lmforge home or serve.adapter_roots."""
+    load_inplace: bool = False
+    """vLLM's flag to replace an adapter of the same name; accepted for compatibility (a new load replaces)."""
+
+
+class UnloadLoRARequest(APIRequest):
+    """POST /v1/unload_lora_adapter (vLLM's shape)."""
+
+    lora_name: str = Field(min_length=1, max_length=64)
+    lora_int_id: int | None = None
+    """vLLM's numeric id; ignored (adapters are named)."""
+
+
 class AdminVariantRequest(APIRequest):
     """POST /admin/variants/{name}: load a model version or a LoRA adapter by hand."""
 

@@ -114,6 +114,9 @@ class Gateway:
         self.draining = False
         self._tasks: list[asyncio.Task] = []
         self.watcher: RegistryWatcher | None = None
+        self.loras: dict[str, Path] = {}
+        """LoRA adapters loaded at runtime (POST /v1/load_lora_adapter): a request whose ``model`` names one
+        is served by the A/B variant it is assigned to, with that adapter (vLLM's per-request adapters)."""
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -188,7 +191,57 @@ class Gateway:
 
     # ------------------------------------------------------------------ routing
     def public_models(self) -> list[str]:
-        return [self.cfg.served_model, *self.pool.slots]
+        return [self.cfg.served_model, *self.pool.slots, *self.loras]
+
+    # ------------------------------------------------------------------ runtime adapters
+    def allowed_adapter_path(self, path: str, param: str) -> Path:
+        """``path`` resolved, if it lies inside the lmforge home or ``serve.adapter_roots``; else a 403.
+
+        Why: loading an adapter reads files with the gateway's rights; an admin key is not a licence to
+        point the engine at any file on the machine."""
+        resolved = Path(path).expanduser().resolve()
+        roots = [self.home.resolve(), *(Path(r).expanduser().resolve() for r in self.cfg.adapter_roots)]
+        if not any(resolved.is_relative_to(root) for root in roots):
+            raise APIError(403, f"{param} {path!r} is outside the allowed adapter roots "
+                           f"({', '.join(map(str, roots))}; serve.adapter_roots adds more)",
+                           param=param, code="adapter_path_not_allowed")
+        if not resolved.exists():
+            raise APIError(400, f"{param} {path!r} not found", param=param)
+        return resolved
+
+    async def load_lora(self, name: str, path: str) -> dict[str, Any]:
+        """Load an adapter into every running engine that serves LoRA, under ``name``."""
+        if name in (self.cfg.served_model, *self.pool.slots):
+            raise APIError(400, f"lora_name {name!r} is already a model name", param="lora_name")
+        resolved = self.allowed_adapter_path(path, "lora_path")
+        engines = {id(slot.ref): slot.ref for slot in self.pool.slots.values() if slot.ref is not None}
+        lora = [ref for ref in engines.values() if getattr(ref.backend, "lora_enabled", False)]
+        if not lora:
+            raise APIError(400, "no running engine serves LoRA adapters: load the variants with an adapter "
+                           "(serve.variants[].adapter) to enable runtime adapters", param="lora_name")
+        seconds = {}
+        for ref in lora:
+            try:
+                seconds[",".join(sorted(ref.variants))] = round(await ref.backend.add_adapter(name, resolved), 4)
+            except BackendInputError as err:
+                raise APIError(400, str(err), param="lora_path") from None
+            except BackendError as err:
+                raise APIError(502, f"the engine failed to load the adapter: {err}") from None
+        self.loras[name] = resolved
+        return {"lora_name": name, "lora_path": str(resolved), "read_s": seconds}
+
+    def unload_lora(self, name: str) -> None:
+        """Stop serving ``name`` (engines keep its weights until they are replaced; a new load reuses the name)."""
+        if self.loras.pop(name, None) is None:
+            raise APIError(404, f"no runtime adapter named {name!r}; loaded: {', '.join(self.loras) or 'none'}",
+                           param="lora_name")
+
+    def model_and_adapter(self, model: str) -> tuple[str, str | None]:
+        """A request's ``model`` as (what choose_variant routes by, adapter): a runtime adapter's name is the
+        served model with that adapter."""
+        if model in self.loras:
+            return self.cfg.served_model, model
+        return model, None
 
     def choose_variant(self, model: str, ctx: RequestContext, pinned: str | None = None) -> str:
         """Variant for a request: override header > model naming a variant > task pin > sticky A/B.

@@ -242,9 +242,11 @@ def test_alias_flip_swaps_without_restart_or_failed_requests(tmp_path, mlflow_ur
 
 
 def test_admin_loads_lora_adapters_at_runtime(tmp_path, ir_dir, tiny_model_dir):
-    lora_a = tiny_lora(tiny_model_dir, tmp_path / "lora_a.safetensors", seed=1)
-    lora_b = tiny_lora(tiny_model_dir, tmp_path / "lora_b.safetensors", seed=2)
     home = tmp_path / "home"
+    # Adapters are read only from inside the lmforge home (or serve.adapter_roots).
+    lora_a = tiny_lora(tiny_model_dir, home / "adapters" / "lora_a.safetensors", seed=1)
+    lora_b = tiny_lora(tiny_model_dir, home / "adapters" / "lora_b.safetensors", seed=2)
+    outside = tiny_lora(tiny_model_dir, tmp_path / "elsewhere" / "lora_c.safetensors", seed=3)
     store = KeyStore(home / "serving" / "keys.sqlite")
     admin_key, user_key = store.add("ops", admin=True)[0], store.add("user")[0]
     cfg = ServeConfig(backend="openvino", watch=False, cache_gb=1,
@@ -282,8 +284,10 @@ def test_admin_loads_lora_adapters_at_runtime(tmp_path, ir_dir, tiny_model_dir):
         assert engine["active_adapter"] == lora_a.stem
         assert 0 < engine["adapter_switch_ms"] < min(first_request_ms, 2000), (engine["adapter_switch_ms"],
                                                                               first_request_ms)
-        missing = admin({"adapter": str(tmp_path / "nope.safetensors")})
+        missing = admin({"adapter": str(home / "adapters" / "nope.safetensors")})
         assert missing.status_code == 400 and "not found" in missing.json()["error"]["message"]
+        refused = admin({"adapter": str(outside)})
+        assert refused.status_code == 403 and refused.json()["error"]["param"] == "adapter", refused.text
         assert admin({}).status_code == 400
         assert greedy() == text_a, "a failed admin call leaves the variant as it was"
 

@@ -78,7 +78,7 @@ def gateway(tmp_path_factory, registered):
     adapters = {name: _peft_adapter(model_dir, work / name, seed) for name, seed in (("lora-a", 1), ("lora-b", 2))}
     variant = {"name": "champion", "model_uri": f"models:/{REGISTERED}@champion", "adapter": str(adapters["lora-a"])}
     cfg = ServeConfig(backend="vllm", watch=False, auth=False, vllm_python=VLLM_PYTHON, vllm_startup_timeout_s=600,
-                      variants=[variant])
+                      variants=[variant], adapter_roots=[work])
     app = build_app(cfg, work / "home", tracking_uri=registered["uri"])
     with running_gateway(app, ready_timeout=660) as base:
         variant_info = httpx.get(base + "/admin/variants").json()["variants"][0]

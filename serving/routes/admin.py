@@ -30,6 +30,8 @@ async def update_variant(name: str, request: Request) -> JSONResponse:
     if name not in gw.pool.slots:
         raise APIError(404, f"unknown variant {name!r}; variants: {', '.join(gw.pool.slots)}", param="name")
     body = parse(AdminVariantRequest, await read_json(request))
+    if body.adapter is not None:  # read with the gateway's rights: only from the allowed roots
+        gw.allowed_adapter_path(body.adapter, "adapter")
     result: dict = {"variant": name}
     try:
         if body.model_uri is not None:

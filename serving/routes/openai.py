@@ -31,9 +31,28 @@ async def list_models(request: Request) -> JSONResponse:
     context(request, "models")
     gw = gateway(request)
     cards = [protocol.model_card(gw.cfg.served_model, variants=list(gw.pool.slots))]
-    cards += [protocol.model_card(name, version=slot.ref.version if slot.ref else None, state=slot.state)
+    cards += [protocol.model_card(name, version=slot.ref.version if slot.ref else None, state=slot.state,
+                                  adapters=slot.ref.backend.adapters() if slot.ref else [])
               for name, slot in gw.pool.slots.items()]
+    # Runtime adapters as vLLM lists them: a model whose parent is the served model, root its path.
+    cards += [protocol.model_card(name, parent=gw.cfg.served_model, root=str(path)) for name, path in gw.loras.items()]
     return JSONResponse({"object": "list", "data": cards})
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(request: Request) -> JSONResponse:
+    """vLLM's runtime adapter loading (same request shape); admin keys only, paths inside the allowed roots."""
+    context(request, "admin", admin=True)
+    body = parse(protocol.LoadLoRARequest, await read_json(request))
+    return JSONResponse(await gateway(request).load_lora(body.lora_name, body.lora_path))
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(request: Request) -> JSONResponse:
+    context(request, "admin", admin=True)
+    body = parse(protocol.UnloadLoRARequest, await read_json(request))
+    gateway(request).unload_lora(body.lora_name)
+    return JSONResponse({"lora_name": body.lora_name, "unloaded": True})
 
 
 @router.post("/v1/chat/completions")
@@ -64,8 +83,9 @@ async def _serve(request: Request, ctx: RequestContext, body, build: Callable[[B
                  echo: str = "") -> Response:
     gw = gateway(request)
     ctx.user = body.user or ctx.user
-    variant = gw.choose_variant(body.model, ctx)
-    params = gw.sampling(body.max_tokens, body.temperature, body.top_p, body.stop, body.seed,
+    routed, adapter = gw.model_and_adapter(body.model)
+    variant = gw.choose_variant(routed, ctx)
+    params = gw.sampling(body.max_tokens, body.temperature, body.top_p, body.stop, body.seed, adapter=adapter,
                          ignore_eos=body.ignore_eos, stream=bool(body.stream), constraint=_constraint(body))
     stream = gw.run(ctx, variant, build, params, body.n)
     model = body.model
@@ -199,9 +219,10 @@ def _event(payload: dict) -> bytes:
 async def _batch_completions(request: Request, ctx: RequestContext, body: CompletionRequest) -> Response:
     gw = gateway(request)
     ctx.user = body.user or ctx.user
-    variant = gw.choose_variant(body.model, ctx)
+    routed, adapter = gw.model_and_adapter(body.model)
+    variant = gw.choose_variant(routed, ctx)
     stop = cast(list[str], body.stop)  # CompletionRequest's validator made it a list
-    params = gw.sampling(body.max_tokens, body.temperature, body.top_p, stop, body.seed,
+    params = gw.sampling(body.max_tokens, body.temperature, body.top_p, stop, body.seed, adapter=adapter,
                          ignore_eos=body.ignore_eos, stream=False, constraint=_constraint(body))
 
     async def one(prompt: str) -> tuple[str, str, int, int]:
