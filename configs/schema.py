@@ -528,6 +528,10 @@ class ServeConfig(Section):
     step instead of a step apart, and holds new requests out of a step that ends every running request;
     0 = neither. A lone finished request never waits; a group that does not come back costs one wait
     (docs/SERVING_RESULTS.md)."""
+    prefix_caching: bool = True
+    """Reuse the KV cache of prompt prefixes already computed (every JSON-RPC call of a task repeats its system
+    prompt and instruction): OpenVINO's enable_prefix_caching, vLLM's --enable-prefix-caching /
+    --no-enable-prefix-caching. bench/bench_prefix_cache.py measures it."""
     warmup_tokens: int = Field(4, ge=1)
     """Tokens generated to warm a freshly loaded engine before it takes traffic."""
     drain_timeout_s: float = Field(30.0, ge=0)

@@ -206,6 +206,7 @@ def test_serves_the_registered_merged_weights_from_the_alias(gateway, registered
     assert not (model_dir / "openvino_model.xml").exists()
     assert f"--model {model_dir}" in engine["command"]
     assert "--dtype bfloat16" in engine["command"], "vLLM on a CPU runs bf16, not the float16 'auto' picks"
+    assert "--enable-prefix-caching" in engine["command"], "serve.prefix_caching (on by default) reaches vLLM"
     raw = client.completions.with_raw_response.create(model=MODEL, prompt="Hello", max_tokens=2, temperature=0)
     assert raw.headers["x-lmforge-version"] == registered["version"]
 

@@ -33,7 +33,8 @@ def make_backend(kind: str, cfg: ServeConfig, url: str | None = None, name: str 
     if kind == "openvino":
         from serving.backends.openvino import OpenVINOBackend
 
-        return OpenVINOBackend(cfg.device, cfg.cache_gb, cfg.max_num_seqs, cfg.num_threads, regroup_ms=cfg.regroup_ms)
+        return OpenVINOBackend(cfg.device, cfg.cache_gb, cfg.max_num_seqs, cfg.num_threads, regroup_ms=cfg.regroup_ms,
+                              prefix_caching=cfg.prefix_caching)
     if kind == "vllm":
         from serving.backends.vllm import VLLMBackend
 

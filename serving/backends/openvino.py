@@ -147,9 +147,10 @@ class OpenVINOBackend:
     structured_output = True  # OpenVINO GenAI's StructuredOutputConfig (XGrammar) in the engine process
 
     def __init__(self, device: str = "CPU", cache_gb: float = 1.0, max_num_seqs: int = 32,
-                 num_threads: int | None = None, keep_awake: bool | None = None, regroup_ms: float = 30.0):
+                 num_threads: int | None = None, keep_awake: bool | None = None, regroup_ms: float = 30.0,
+                 prefix_caching: bool = True):
         self.device, self.cache_gb, self.max_num_seqs, self.num_threads = device, cache_gb, max_num_seqs, num_threads
-        self.regroup_ms = regroup_ms
+        self.regroup_ms, self.prefix_caching = regroup_ms, prefix_caching
         if keep_awake is None:  # LMFORGE_OV_KEEP_AWAKE=1 turns the CorePacer on
             keep_awake = os.environ.get("LMFORGE_OV_KEEP_AWAKE", "0").lower() in ("1", "true", "yes")
         self.keep_awake = keep_awake and device.upper().startswith("CPU")
@@ -215,7 +216,7 @@ class OpenVINOBackend:
         self._proc = context.Process(
             target=engine_main, name=f"lmforge-ov-engine-{model_dir.name}", daemon=True,
             args=(child, str(model_dir), self.device, self.cache_gb, self.max_num_seqs, self.num_threads,
-                  {name: str(path) for name, path in self._adapters.items()}, self.regroup_ms))
+                  {name: str(path) for name, path in self._adapters.items()}, self.regroup_ms, self.prefix_caching))
         self._proc.start()
         child.close()
         try:

