@@ -51,6 +51,21 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def atomic_save_figure(fig, path: Path, **savefig_kwargs) -> Path:
+    """Save a matplotlib figure as PNG through a temp file and one ``os.replace``, then close it.
+
+    No version stamp in the PNG metadata: the same plot gives the same bytes."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    fig.savefig(tmp, format="png", metadata={"Software": None}, **savefig_kwargs)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def read_pointer(path: Path) -> str | None:
     """The name a pointer file (``LATEST``) holds, or None when it is missing or empty."""
     try:

@@ -8,6 +8,7 @@ from typing import Any
 from prefect import task
 
 from configs.data_schema import TASKS
+from tasks.files import atomic_save_figure
 
 SPLITS = ("train", "validation", "test")
 
@@ -97,9 +98,7 @@ def plot_lengths(lengths: dict[str, list[int]], path: Path) -> Path:
     if present:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})  # no version stamp: same data, same bytes
-    plt.close(fig)
-    return Path(path)
+    return atomic_save_figure(fig, path)
 
 
 @task(name="publish-data-card")

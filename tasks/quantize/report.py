@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from configs.schema import EvaluateConfig, QuantizeConfig
+from tasks.files import atomic_save_figure
 from tasks.quantize.variants import IR_VARIANTS, ir_size_bytes, read_variant
 
 log = logging.getLogger(__name__)
@@ -263,9 +264,4 @@ def render_chart(rows: list[dict[str, Any]], cfg: QuantizeConfig, out_png: Path,
     for ax in axes:
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
-    out_png = Path(out_png)
-    tmp = out_png.with_name(f".tmp-{out_png.name}")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    return atomic_save_figure(fig, out_png, dpi=110)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 from configs.schema import EvaluateConfig
 from configs.tasks import get_task
 from tasks.evaluate import aggregate, evaluate_model
-from tasks.files import atomic_write_text
+from tasks.files import atomic_save_figure, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +105,7 @@ def plot_curve(points: Sequence[dict[str, Any]], out_png: Path) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle("SFT learning curve (validation)")
     fig.tight_layout()
-    out_png = Path(out_png)
-    tmp = out_png.with_name(f".tmp-{out_png.name}")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    return atomic_save_figure(fig, out_png, dpi=110)
 
 
 def curve_markdown(points: Sequence[dict[str, Any]]) -> str:
