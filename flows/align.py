@@ -26,6 +26,7 @@ from tasks.align import run as align_run
 from tasks.align import tracking
 from tasks.evaluate import evaluate_task
 from tasks.models import import_base_model
+from tasks.results import AlignResult
 from tasks.runtime import torch_threads
 from tasks.sft.data import validation_records
 from tasks.tracking import DATA_VERSION_TAG, mark_failed
@@ -33,7 +34,7 @@ from tasks.tracking import DATA_VERSION_TAG, mark_failed
 
 @flow(name="align", log_prints=True)
 def align_flow(cfg: LmforgeConfig, sft_adapter: Path | None = None, sft_run: str | None = None,
-               data_version: str | None = None) -> dict[str, Any]:
+               data_version: str | None = None) -> AlignResult:
     """Align the SFT adapter with the ``align`` section's reward stages.
 
     Args:
@@ -82,13 +83,12 @@ def align_flow(cfg: LmforgeConfig, sft_adapter: Path | None = None, sft_run: str
     align_run.write_latest_run(cfg.home, run["name"])
     if table:
         print("alignment before/after on the validation split:\n" + tracking.compare_markdown(table))
-    return {
-        "adapter_dir": result["adapter_dir"], "run_dir": run["run_dir"], "run_name": run["name"],
-        "mlflow_run_id": run_id, "data_version": version, "sft_adapter": sft["adapter_dir"], "method": method,
-        "stages": result["stages"], "before": evaluations.get("before", {}), "after": evaluations.get("after", {}),
-        "compare": table, "judge_stats": result.get("judge_stats"),
-        "stage_seconds": round(time.perf_counter() - started, 1),
-    }
+    return AlignResult(
+        adapter_dir=result["adapter_dir"], run_dir=run["run_dir"], run_name=run["name"], mlflow_run_id=run_id,
+        data_version=version, sft_adapter=sft["adapter_dir"], method=method, stages=result["stages"],
+        before=evaluations.get("before", {}), after=evaluations.get("after", {}), compare=table,
+        judge_stats=result.get("judge_stats"), stage_seconds=round(time.perf_counter() - started, 1),
+    )
 
 
 def _evaluate(cfg: LmforgeConfig, model_dir: str, run: dict[str, Any], prefix: str, adapter: str,

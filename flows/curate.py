@@ -9,7 +9,6 @@ Re-running with the same inputs reuses the version: the build task is cached on 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from prefect import flow
 
@@ -19,12 +18,13 @@ from tasks.data.card import publish_card_task
 from tasks.data.store import data_version_task, is_complete, mark_latest_task
 from tasks.data.tracking import log_curated_task
 from tasks.models import import_base_model
+from tasks.results import CurateResult
 
 
 # log_prints off, also when run inside a flow that turns it on: datasets fingerprints functions with
 # dill, which disassembles them with print(); captured as logs that is pages of bytecode.
 @flow(name="curate", log_prints=False)
-def curate_flow(cfg: LmforgeConfig, force: bool = False) -> dict[str, Any]:
+def curate_flow(cfg: LmforgeConfig, force: bool = False) -> CurateResult:
     """Curate ``cfg.data`` into ``<home>/data/<version>/`` and record it.
 
     Args:
@@ -48,4 +48,4 @@ def curate_flow(cfg: LmforgeConfig, force: bool = False) -> dict[str, Any]:
     card_md = Path(summary["card_md"]).read_text(encoding="utf-8")
     publish_card_task(version, card_md)
     run_id = log_curated_task(cfg.home, version, cfg.tracking_uri(), cfg.registry.experiment, cfg.artifact_root())
-    return {**summary, "mlflow_run_id": run_id}
+    return CurateResult.model_validate({**summary, "mlflow_run_id": run_id})

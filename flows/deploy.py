@@ -27,8 +27,10 @@ def scheduled_pipeline(config: str | None = None, overrides: list[str] | None = 
     from flows.pipeline import pipeline_flow
 
     cfg = load(config, overrides or [])
-    result = curate_flow(cfg) if stage == "curate" else pipeline_flow(cfg)
-    return {"stage": stage, "version": result.get("version"), "register": result.get("register")}
+    if stage == "curate":
+        return {"stage": stage, "version": curate_flow(cfg).version, "register": None}
+    result = pipeline_flow(cfg)
+    return {"stage": stage, "version": result.data.version, "register": result.register.as_json()}
 
 
 class NoPrefectServer(RuntimeError):

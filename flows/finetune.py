@@ -12,13 +12,13 @@ learning curve -> log results and the adapter.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from prefect import flow
 
 from configs.schema import LmforgeConfig
 from tasks.evaluate import evaluate_task
 from tasks.models import import_base_model
+from tasks.results import FinetuneResult
 from tasks.runtime import torch_threads
 from tasks.sft import tracking
 from tasks.sft.data import validation_records
@@ -29,7 +29,7 @@ from tasks.tracking import mark_failed
 
 @flow(name="finetune", log_prints=True)
 def finetune_flow(cfg: LmforgeConfig, resume: bool = False, data_version: str | None = None,
-                  progress_bar: bool = True) -> dict[str, Any]:
+                  progress_bar: bool = True) -> FinetuneResult:
     """Fine-tune ``cfg.model.base`` on curated data with the ``sft`` section.
 
     Args:
@@ -87,8 +87,8 @@ def finetune_flow(cfg: LmforgeConfig, resume: bool = False, data_version: str | 
                            tables.get("base"), tables.get("tuned"), summary["steps"], summary["train_seconds"],
                            cfg.model.max_seq_len, cfg.tracking_uri(), run_id)
     log_results_task(cfg.tracking_uri(), run_id, summary, run["run_dir"], evaluations)
-    return {
-        "adapter_dir": summary["adapter_dir"], "run_dir": run["run_dir"], "run_name": run["name"],
-        "mlflow_run_id": run_id, "data_version": run["data_version"], "train": summary,
-        "base": evaluations.get("base", {}), "tuned": evaluations.get("tuned", {}),
-    }
+    return FinetuneResult(
+        adapter_dir=summary["adapter_dir"], run_dir=run["run_dir"], run_name=run["name"], mlflow_run_id=run_id,
+        data_version=run["data_version"], train=summary, base=evaluations.get("base", {}),
+        tuned=evaluations.get("tuned", {}),
+    )

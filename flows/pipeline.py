@@ -22,6 +22,15 @@ from tasks.code_hash import STAGE_ENTRY_MODULES, stage_code_hash
 from tasks.holdout import evaluate_holdout_task
 from tasks.models import import_base_model
 from tasks.registry import gate_inputs, holds_registration, register_task, version_aliases
+from tasks.results import (
+    AlignResult,
+    CurateResult,
+    EvaluationResult,
+    ExportResult,
+    FinetuneResult,
+    PipelineResult,
+    RegistrationResult,
+)
 from tasks.stage_cache import cached_stage, stage_key
 from tasks.tracking import use_mlflow
 
@@ -29,7 +38,7 @@ STAGES = ("curate", "finetune", "align", "quantize", "evaluate", "register")
 
 
 @flow(name="pipeline")
-def pipeline_flow(cfg: LmforgeConfig) -> dict[str, Any]:
+def pipeline_flow(cfg: LmforgeConfig) -> PipelineResult:
     """Run every stage on ``cfg``; returns per-stage results, the registered version and its aliases."""
     from flows.align import align_flow
     from flows.curate import curate_flow
@@ -41,55 +50,56 @@ def pipeline_flow(cfg: LmforgeConfig) -> dict[str, Any]:
     reused: dict[str, bool] = {}
 
     data = curate_flow(cfg)
-    reused["curate"] = bool(data.get("reused"))
-    inputs = stage_inputs(cfg, manifest["source_sha256"], data["version"])
+    reused["curate"] = data.reused
+    inputs = stage_inputs(cfg, manifest["source_sha256"], data.version)
 
     sft, reused["finetune"] = cached_stage(
-        cfg.home, "finetune", inputs["finetune"],
-        lambda: finetune_flow(cfg, data_version=data["version"]), path_keys=("adapter_dir",))
+        cfg.home, "finetune", inputs["finetune"], lambda: finetune_flow(cfg, data_version=data.version),
+        FinetuneResult, path_keys=("adapter_dir",))
     aligned, reused["align"] = cached_stage(
         cfg.home, "align", inputs["align"],
-        lambda: align_flow(cfg, sft_adapter=Path(sft["adapter_dir"]), data_version=data["version"]),
-        path_keys=("adapter_dir",))
+        lambda: align_flow(cfg, sft_adapter=sft.adapter_dir, data_version=data.version),
+        AlignResult, path_keys=("adapter_dir",))
     exported, reused["quantize"] = cached_stage(
         cfg.home, "quantize", inputs["quantize"],
-        lambda: quantize_flow(cfg, adapter_dir=Path(aligned["adapter_dir"]), data_version=data["version"]),
-        path_keys=("selected_path",))
+        lambda: quantize_flow(cfg, adapter_dir=aligned.adapter_dir, data_version=data.version),
+        ExportResult, path_keys=("selected_path",))
     evaluated, reused["evaluate"] = cached_stage(
         cfg.home, "evaluate", inputs["evaluate"],
-        lambda: evaluate_holdout_task(cfg.home, Path(exported["selected_path"]), data["version"], cfg.evaluate))
+        lambda: evaluate_holdout_task(cfg.home, exported.selected_path, data.version, cfg.evaluate),
+        EvaluationResult)
 
     lineage = {
-        "data_version": data["version"], "config_hash": cfg.fingerprint(),
+        "data_version": data.version, "config_hash": cfg.fingerprint(),
         # The commit that built the registered files (the export), recorded when that stage ran.
-        "code_commit": exported.get("code_commit") or "unknown",
-        "stage_code": json.dumps({stage: {"commit": result.get("code_commit"), "code_hash": result.get("code_hash")}
+        "code_commit": exported.code_commit or "unknown",
+        "stage_code": json.dumps({stage: {"commit": result.code_commit, "code_hash": result.code_hash}
                                   for stage, result in (("finetune", sft), ("align", aligned),
                                                         ("quantize", exported), ("evaluate", evaluated))}),
         "base_model": cfg.model.base, "base_sha256": manifest["source_sha256"],
-        "quant_format": exported["selected"], "sft_method": cfg.sft.method,
-        "curate_run_id": data.get("mlflow_run_id") or "", "sft_run_id": sft.get("mlflow_run_id") or "",
-        "align_run_id": aligned.get("mlflow_run_id") or "", "quantize_run_id": exported.get("mlflow_run_id") or "",
+        "quant_format": exported.selected, "sft_method": cfg.sft.method,
+        "curate_run_id": data.mlflow_run_id or "", "sft_run_id": sft.mlflow_run_id or "",
+        "align_run_id": aligned.mlflow_run_id or "", "quantize_run_id": exported.mlflow_run_id or "",
         # Why this variant: per task, its paired 95% interval against the fp32 IR (empty when fp32 won).
-        "quality_vs_fp32": json.dumps(exported.get("selection", {}).get("compare", {}).get(exported["selected"], {})),
+        "quality_vs_fp32": json.dumps(exported.quality_vs_fp32()),
     }
-    artifacts = {"openvino": Path(exported["selected_path"]), "adapter": Path(aligned["adapter_dir"])}
-    merged = Path(exported["root"]) / "merged_hf"
-    if merged.is_dir():
-        artifacts["merged_hf"] = merged
+    artifacts = {"openvino": exported.selected_path, "adapter": aligned.adapter_dir}
+    if exported.merged_hf is not None:
+        artifacts["merged_hf"] = exported.merged_hf
     key = register_key(inputs["register"])
     registered, reused["register"] = cached_stage(
         cfg.home, "register", inputs["register"],
-        lambda: _register_and_gate(cfg, artifacts, evaluated["metrics"], lineage, exported, key),
+        lambda: _register_and_gate(cfg, artifacts, evaluated.metrics, lineage, exported, key), RegistrationResult,
         # A stored registration counts only while this registry still has that version.
-        still_valid=lambda stored: holds_registration(cfg.registry.model_name, stored["version"], key))
+        still_valid=lambda stored: holds_registration(cfg.registry.model_name, stored.version, key))
     if reused["register"]:  # aliases move after registration (promote, rollback, the MLflow UI)
-        registered = {**registered, "aliases": version_aliases(cfg.registry.model_name, registered["version"])}
+        registered = registered.model_copy(update={"aliases": version_aliases(cfg.registry.model_name,
+                                                                              registered.version)})
 
     report = _report(cfg, data, sft, aligned, exported, evaluated, registered, reused)
     create_markdown_artifact(markdown=report, key="lmforge-pipeline", description="lmforge pipeline run")
-    return {"data": data, "finetune": sft, "align": aligned, "quantize": exported, "evaluate": evaluated,
-            "register": registered, "reused": reused, "report": report}
+    return PipelineResult(data=data, finetune=sft, align=aligned, quantize=exported, evaluate=evaluated,
+                          register=registered, reused=reused, report=report)
 
 
 def stage_inputs(cfg: LmforgeConfig, base_sha256: str, data_version: str,
@@ -128,33 +138,34 @@ def register_key(register_inputs: dict[str, Any]) -> str:
 
 
 def _register_and_gate(cfg: LmforgeConfig, artifacts: dict[str, Path], metrics: dict[str, float],
-                       lineage: dict[str, str], exported: dict[str, Any], key: str) -> dict[str, Any]:
-    row: dict[str, Any] = next((r for r in exported.get("rows", []) if r.get("variant") == exported["selected"]), {})
-    measured = gate_inputs(row)
+                       lineage: dict[str, str], exported: ExportResult, key: str) -> RegistrationResult:
+    measured = gate_inputs(exported.selected_row())
     registered = register_task(cfg.registry, artifacts, metrics, {**lineage, "gate_measurements": json.dumps(measured)},
                                key, size_mb=measured["size_mb"], latency_ms=measured["latency_ms"],
                                run_name=f"register-{lineage['data_version'][:8]}")
-    return {**dataclasses.asdict(registered), "gate_inputs": measured}
+    return RegistrationResult(**dataclasses.asdict(registered), gate_inputs=measured)
 
 
-def _report(cfg, data, sft, aligned, exported, evaluated, registered, reused) -> str:
-    seconds = {"finetune": sft.get("stage_seconds"), "align": aligned.get("stage_seconds"),
-               "quantize": exported.get("stage_seconds"), "evaluate": evaluated.get("stage_seconds"),
-               "register": registered.get("stage_seconds"), "curate": data.get("seconds")}
+def _report(cfg: LmforgeConfig, data: CurateResult, sft: FinetuneResult, aligned: AlignResult,
+            exported: ExportResult, evaluated: EvaluationResult, registered: RegistrationResult,
+            reused: dict[str, bool]) -> str:
+    seconds = {"curate": data.stage_seconds, "finetune": sft.stage_seconds, "align": aligned.stage_seconds,
+               "quantize": exported.stage_seconds, "evaluate": evaluated.stage_seconds,
+               "register": registered.stage_seconds}
     stage_rows = "\n".join(
         f"| {s} | {'reused' if reused.get(s) else 'ran'} | {seconds.get(s) if seconds.get(s) is not None else '-'} |"
         for s in STAGES)
-    metric_rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(evaluated["metrics"].items()))
-    gate = "passed" if not registered["gate_reasons"] else "failed: " + "; ".join(registered["gate_reasons"])
+    metric_rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(evaluated.metrics.items()))
+    gate = "passed" if not registered.gate_reasons else "failed: " + "; ".join(registered.gate_reasons)
     return (
         f"# lmforge pipeline: {cfg.name}\n\n"
         f"- tracking: `{cfg.tracking_uri()}` experiment `{cfg.registry.experiment}`\n"
-        f"- data version `{data['version']}`; base `{cfg.model.base}`; selected variant `{exported['selected']}`\n"
-        f"- registered **{registered['name']} v{registered['version']}** (`{registered['model_uri']}`), "
-        f"aliases: {', '.join(registered['aliases']) or 'none'}; gates {gate}\n"
-        f"- MLflow runs: curate `{data.get('mlflow_run_id')}`, finetune `{sft.get('mlflow_run_id')}`, "
-        f"align `{aligned.get('mlflow_run_id')}`, quantize `{exported.get('mlflow_run_id')}`, "
-        f"register `{registered['run_id']}`\n\n"
+        f"- data version `{data.version}`; base `{cfg.model.base}`; selected variant `{exported.selected}`\n"
+        f"- registered **{registered.name} v{registered.version}** (`{registered.model_uri}`), "
+        f"aliases: {', '.join(registered.aliases) or 'none'}; gates {gate}\n"
+        f"- MLflow runs: curate `{data.mlflow_run_id}`, finetune `{sft.mlflow_run_id}`, "
+        f"align `{aligned.mlflow_run_id}`, quantize `{exported.mlflow_run_id}`, "
+        f"register `{registered.run_id}`\n\n"
         f"## Stages\n| stage | status | seconds |\n|---|---|---|\n{stage_rows}\n\n"
         f"## Test-split metrics of the registered variant\n| metric | value |\n|---|---|\n{metric_rows}\n"
     )

@@ -6,11 +6,14 @@ import atexit
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from flows.cli import ConfigOption, Overrides, app, console, err_console, fail, load_or_exit
+
+if TYPE_CHECKING:
+    from tasks.results import RegistrationResult
 
 
 @app.command("run")
@@ -30,21 +33,21 @@ def run_cmd(
 
     cfg = load_or_exit(config, overrides)
     result = pipeline_flow(cfg)
-    console.print(result["report"], highlight=False, markup=False)
+    console.print(result.report, highlight=False, markup=False)
     if serve:
-        _serve_after_run(cfg, result["register"], config, overrides or [])
+        _serve_after_run(cfg, result.register, config, overrides or [])
 
 
-def _serve_after_run(cfg, registered: dict, config: str | None, overrides: list[str]) -> None:
+def _serve_after_run(cfg, registered: RegistrationResult, config: str | None, overrides: list[str]) -> None:
     from serving.auth import KeyStore
     from serving.db import state_locations
 
     # Asked of the registry, not the run's (possibly reused) result: aliases move after registration.
     if not _any_champion(cfg):
-        why = ("failed its gates" if registered.get("gate_reasons") else "passed its gates") + \
+        why = ("failed its gates" if registered.gate_reasons else "passed its gates") + \
             f" and {cfg.registry.model_name} has no champion to serve"
-        fail(f"{registered['name']} v{registered['version']} {why}; see the report above, or "
-             f"`lmforge promote {registered['version']}{' --force' if registered.get('gate_reasons') else ''}`")
+        fail(f"{registered.name} v{registered.version} {why}; see the report above, or "
+             f"`lmforge promote {registered.version}{' --force' if registered.gate_reasons else ''}`")
     if cfg.serve.auth:
         store = KeyStore(state_locations(cfg.serve.database_url, cfg.home)[0])
         if not any(k.revoked_at is None for k in store.list()):

@@ -26,6 +26,7 @@ from tasks.quantize.steps import (
     validate_task,
 )
 from tasks.quantize.tracking import log_export_task, publish_markdown_task
+from tasks.results import ExportResult
 
 
 @flow(name="quantize", log_prints=True)
@@ -36,7 +37,7 @@ def quantize_flow(
     samples: list[tuple[str, str]] | None = None,
     eval_records: list[dict] | None = None,
     log_mlflow: bool = True,
-) -> dict[str, Any]:
+) -> ExportResult:
     """Export every configured variant, measure and compare them, select one by policy, record it.
 
     Args:
@@ -80,4 +81,4 @@ def quantize_flow(
     if log_mlflow:
         run_id = log_export_task(summary, cfg.tracking_uri(), cfg.registry.experiment, cfg.artifact_root(),
                                  data_version)
-    return {**summary, "mlflow_run_id": run_id}
+    return ExportResult.model_validate({**summary, "mlflow_run_id": run_id})

@@ -40,12 +40,12 @@ def curate(
     except DataError as err:
         fail(str(err))
     if as_json:
-        console.print_json(json.dumps(summary))
+        console.print_json(json.dumps(summary.as_json()))
         return
-    console.print(Markdown(Path(summary["card_md"]).read_text(encoding="utf-8")))
-    status = "reused" if summary["reused"] else "built"
-    console.print(f"data version {summary['version']} ({status}): {summary['path']}  "
-                  f"mlflow run {summary['mlflow_run_id']}", highlight=False)
+    console.print(Markdown(summary.card_md.read_text(encoding="utf-8")))
+    status = "reused" if summary.reused else "built"
+    console.print(f"data version {summary.version} ({status}): {summary.path}  "
+                  f"mlflow run {summary.mlflow_run_id}", highlight=False)
 
 
 @app.command("quantize")
@@ -87,11 +87,11 @@ def quantize(
     except (DataError, ExportError) as err:
         fail(str(err))
     if as_json:
-        console.print_json(json.dumps({k: v for k, v in summary.items() if k != "markdown"}, default=str))
+        console.print_json(json.dumps({k: v for k, v in summary.as_json().items() if k != "markdown"}))
         return
-    console.print(Markdown(summary["markdown"]))
-    console.print(f"export {summary['export_id']}: {summary['root']}  selected {summary['selected']} "
-                  f"({summary['selected_path']})  mlflow run {summary['mlflow_run_id']}", highlight=False)
+    console.print(Markdown(summary.markdown))
+    console.print(f"export {summary.export_id}: {summary.root}  selected {summary.selected} "
+                  f"({summary.selected_path})  mlflow run {summary.mlflow_run_id}", highlight=False)
 
 
 @app.command("finetune")
@@ -127,15 +127,15 @@ def finetune(
     except (SFTDataError, SFTModelError, SFTRunError, DataError, ModelImportError) as err:
         fail(str(err), code=2)
     if as_json:
-        console.print_json(json.dumps(summary, default=str))
+        console.print_json(json.dumps(summary.as_json()))
         return
-    train = summary["train"]
-    table = Table(title=f"finetune {summary['run_name']} ({train['method']}, data {summary['data_version']})")
+    train = summary.train
+    table = Table(title=f"finetune {summary.run_name} ({train['method']}, data {summary.data_version})")
     for column in ("metric", "base", "tuned"):
         table.add_column(column)
-    for name in sorted(set(summary["base"]) | set(summary["tuned"])):
+    for name in sorted(set(summary.base) | set(summary.tuned)):
         if name.endswith(("accuracy", "f1", "rougeL", "compliance", "perplexity")):
-            cells = [summary[k].get(name) for k in ("base", "tuned")]
+            cells = [summary.base.get(name), summary.tuned.get(name)]
             table.add_row(name, *(f"{v:.4f}" if isinstance(v, float) else "-" for v in cells))
     if table.row_count:
         console.print(table)
@@ -143,7 +143,7 @@ def finetune(
     console.print(
         f"steps {train['steps']}  final loss {loss}  {train['tokens_per_s']:.0f} tokens/s  "
         f"peak RSS {train['peak_rss_mb']:.0f} MB  {train['train_seconds']:.0f}s\n"
-        f"adapter {summary['adapter_dir']}\nmlflow run {summary['mlflow_run_id']}",
+        f"adapter {summary.adapter_dir}\nmlflow run {summary.mlflow_run_id}",
         highlight=False,
     )
 
@@ -185,19 +185,19 @@ def align_cmd(
     except (AlignRunError, AlignDataError, AlignModelError, DataError, ModelImportError) as err:
         fail(str(err), code=2)
     if as_json:
-        console.print_json(json.dumps(summary, default=str))
+        console.print_json(json.dumps(summary.as_json()))
         return
-    table = Table(title=f"align {summary['run_name']} ({summary['method']}, data {summary['data_version']})")
+    table = Table(title=f"align {summary.run_name} ({summary.method}, data {summary.data_version})")
     for column in ("metric", "SFT (before)", "aligned (after)", "delta"):
         table.add_column(column)
-    for name, row in summary["compare"].items():
+    for name, row in (summary.compare or {}).items():
         cells = [(row["before"], ".4f"), (row["after"], ".4f"), (row["delta"], "+.4f")]
         table.add_row(name, *("-" if v is None else format(v, spec) for v, spec in cells))
     if table.row_count:
         console.print(table)
-    for stage in summary["stages"]:
+    for stage in summary.stages:
         weights = ", ".join(f"{k}={v:.2f}" for k, v in stage["weights_final"].items())
         console.print(f"stage {stage['name']}: {stage['steps']} steps in {stage['seconds']:.0f}s on "
                       f"{', '.join(stage['tasks'])}; final weights {weights}", highlight=False)
-    console.print(f"adapter {summary['adapter_dir']}\nmlflow run {summary['mlflow_run_id']}  "
-                  f"({summary['stage_seconds']:.0f}s)", highlight=False)
+    console.print(f"adapter {summary.adapter_dir}\nmlflow run {summary.mlflow_run_id}  "
+                  f"({summary.stage_seconds or 0:.0f}s)", highlight=False)

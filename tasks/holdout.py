@@ -7,14 +7,14 @@ the registry version carries and the promotion gates compare.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from prefect import task
 
 from configs.schema import EvaluateConfig
+from tasks.results import EvaluationResult
 
 
-def evaluate_holdout(home: Path, ir_dir: Path, data_version: str, eval_cfg: EvaluateConfig) -> dict[str, Any]:
+def evaluate_holdout(home: Path, ir_dir: Path, data_version: str, eval_cfg: EvaluateConfig) -> EvaluationResult:
     """Metrics of the IR at ``ir_dir`` on the test split of ``data_version``."""
     from tasks.data import load_curated
     from tasks.evaluate import evaluate_records
@@ -23,10 +23,11 @@ def evaluate_holdout(home: Path, ir_dir: Path, data_version: str, eval_cfg: Eval
     test = list(load_curated(home, data_version)["test"])
     generate = OpenVINOGenerator(ir_dir, batch_size=eval_cfg.batch_size, cache_gb=eval_cfg.cache_gb)
     result = evaluate_records(test, generate, eval_cfg)
-    return {"metrics": result.metrics, "ir_dir": str(ir_dir), "split": "test"}
+    return EvaluationResult(metrics=result.metrics, ir_dir=ir_dir, split="test")
 
 
 @task(name="evaluate-selected")
-def evaluate_holdout_task(home: Path, ir_dir: Path, data_version: str, eval_cfg: EvaluateConfig) -> dict[str, Any]:
+def evaluate_holdout_task(home: Path, ir_dir: Path, data_version: str,
+                          eval_cfg: EvaluateConfig) -> EvaluationResult:
     """Prefect wrapper of :func:`evaluate_holdout`."""
     return evaluate_holdout(home, ir_dir, data_version, eval_cfg)

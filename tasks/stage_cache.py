@@ -16,10 +16,15 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
 
 from tasks.files import atomic_write_text
+from tasks.results import StageResult
 from tasks.tracking import code_commit
+
+R = TypeVar("R", bound=StageResult)
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +35,19 @@ def stage_key(stage: str, inputs: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def cached_stage(home: Path, stage: str, inputs: dict[str, Any], run: Callable[[], dict[str, Any]],
-                 path_keys: tuple[str, ...] = (),
-                 still_valid: Callable[[dict[str, Any]], bool] | None = None) -> tuple[dict[str, Any], bool]:
+def cached_stage(home: Path, stage: str, inputs: dict[str, Any], run: Callable[[], R | dict[str, Any]],
+                 result_type: type[R], path_keys: tuple[str, ...] = (),
+                 still_valid: Callable[[R], bool] | None = None) -> tuple[R, bool]:
     """Return the stored result for these inputs, or run the stage and store its result.
 
     Args:
         home: state directory.
         stage: stage name.
         inputs: everything the result depends on (JSON-serialisable, ``str()`` used otherwise).
-        run: computes the result (a JSON-serialisable dict).
-        path_keys: result keys holding paths that must still exist for the result to be reused.
+        run: computes the result (a ``result_type``, or a dict of its fields).
+        result_type: the stage's typed result (:mod:`tasks.results`); a stored result that no longer
+            validates against it (written by older code) is computed again.
+        path_keys: result fields holding paths that must still exist for the result to be reused.
         still_valid: a further check of a stored result (e.g. that a registered version still
             exists in the registry); False means run the stage again.
 
@@ -50,8 +57,8 @@ def cached_stage(home: Path, stage: str, inputs: dict[str, Any], run: Callable[[
     """
     key = stage_key(stage, inputs)
     file = Path(home) / "pipeline" / "cache" / f"{stage}-{key}.json"
-    stored = _read(file)
-    if stored is not None and all(stored.get(k) and Path(stored[k]).exists() for k in path_keys):
+    stored = _load(file, result_type)
+    if stored is not None and all(getattr(stored, k, None) and Path(getattr(stored, k)).exists() for k in path_keys):
         if still_valid is None or still_valid(stored):
             log.info("stage %s: reusing result %s (inputs unchanged)", stage, key)
             _progress(home, stage, "reused", key)
@@ -60,13 +67,27 @@ def cached_stage(home: Path, stage: str, inputs: dict[str, Any], run: Callable[[
     _progress(home, stage, "running", key)
     started = time.perf_counter()
     commit = code_commit()  # before running: the code this process loads for the stage
-    result = run()
-    result = json.loads(json.dumps(result, default=str))
-    result["code_commit"], result["code_hash"] = commit, inputs.get("code")
-    result["stage_seconds"] = round(time.perf_counter() - started, 1)
-    _write_atomic(file, result)
+    produced = run()
+    payload = (produced.as_json() if isinstance(produced, StageResult)
+               else json.loads(json.dumps(produced, default=str)))
+    payload.update(code_commit=commit, code_hash=inputs.get("code"),
+                   stage_seconds=round(time.perf_counter() - started, 1))
+    result = result_type.model_validate(payload)
+    _write_atomic(file, result.as_json())
     _progress(home, stage, "done", key)
     return result, False
+
+
+def _load(file: Path, result_type: type[R]) -> R | None:
+    stored = _read(file)
+    if stored is None:
+        return None
+    try:
+        return result_type.model_validate(stored)
+    except ValidationError as err:
+        log.info("stored result %s does not fit %s (%s); computing it again", file.name, result_type.__name__,
+                 err.errors()[0].get("msg"))
+        return None
 
 
 def read_progress(home: Path) -> dict[str, Any]:

@@ -61,28 +61,28 @@ def test_align_flow_trains_stages_evaluates_and_tracks(prefect_harness, align_en
     result = align_flow(cfg)
 
     # Adapter and run bookkeeping
-    assert result["sft_adapter"] == str(sft_adapter.resolve()) and result["data_version"] == version
-    assert result["method"] == "lora"
-    assert (home / "runs" / "align" / "LATEST").read_text().strip() == result["run_name"]
-    assert (home / "runs" / "align" / result["run_name"] / "adapter" / "adapter_config.json").is_file()
-    assert [(s["name"], s["steps"], s["tasks"]) for s in result["stages"]] == [
+    assert result.sft_adapter == sft_adapter.resolve() and result.data_version == version
+    assert result.method == "lora"
+    assert (home / "runs" / "align" / "LATEST").read_text().strip() == result.run_name
+    assert (home / "runs" / "align" / result.run_name / "adapter" / "adapter_config.json").is_file()
+    assert [(s["name"], s["steps"], s["tasks"]) for s in result.stages] == [
         ("instruction", 1, ["sentiment", "ner", "summarization", "generation"]),
         ("tasks", 2, ["sentiment", "ner"]),
     ]
     # The judge port is closed: stage 1 still ran, scored by the rule-based fallback.
-    assert result["judge_stats"]["failures"] >= 1 and result["judge_stats"]["fallback"] == 4
-    assert result["judge_stats"]["judged"] == 0
+    assert result.judge_stats["failures"] >= 1 and result.judge_stats["fallback"] == 4
+    assert result.judge_stats["judged"] == 0
 
     # Before/after evaluation on the validation split
     for name in ("sentiment_accuracy", "ner_f1", "summarization_rougeL", "format_compliance"):
-        row = result["compare"][name]
-        assert row["before"] == result["before"][name] and row["after"] == result["after"][name]
+        row = result.compare[name]
+        assert row["before"] == result.before[name] and row["after"] == result.after[name]
         assert row["delta"] == pytest.approx(row["after"] - row["before"])
-    assert result["before"]["n_examples"] == 8
+    assert result.before["n_examples"] == 8
 
     # MLflow: params, lineage tags, per-step metrics across both stages, results, artifacts
     client = MlflowClient(mlflow_uri)
-    run = client.get_run(result["mlflow_run_id"])
+    run = client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["lmforge.stage"] == "align" and run.data.tags["lmforge.data_version"] == version
     assert run.data.params["align.kl_beta"] == "0.04" and run.data.params["method"] == "lora"
@@ -94,9 +94,9 @@ def test_align_flow_trains_stages_evaluates_and_tracks(prefect_harness, align_en
         assert steps(key) == [1, 2, 3], key
     assert [m.value for m in client.get_metric_history(run.info.run_id, "weight/label_match")] == [0.5, 0.5]
     metrics = run.data.metrics
-    assert metrics["before_format_compliance"] == result["before"]["format_compliance"]
-    assert metrics["after_ner_f1"] == result["after"]["ner_f1"]
-    assert metrics["delta_sentiment_accuracy"] == pytest.approx(result["compare"]["sentiment_accuracy"]["delta"])
+    assert metrics["before_format_compliance"] == result.before["format_compliance"]
+    assert metrics["after_ner_f1"] == result.after["ner_f1"]
+    assert metrics["delta_sentiment_accuracy"] == pytest.approx(result.compare["sentiment_accuracy"]["delta"])
     assert metrics["align_steps"] == 3
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"adapter", "compare.md", "stages", "eval"} <= artifacts

@@ -61,19 +61,19 @@ def test_curate_flow_publishes_card_logs_dataset_and_reuses_version(prefect_harn
     root, overrides = flow_env
     cfg = load(REPO / "configs" / "tiny.yaml", overrides)
     first = curate_flow(cfg)
-    path = Path(first["path"])
-    assert first["reused"] is False and path.parent == cfg.home / "data"
+    path = Path(first.path)
+    assert first.reused is False and path.parent == cfg.home / "data"
     assert len(load_curated(cfg.home)["train"]) == 24
 
     artifact = _artifact("data-card")
-    assert f"Data card `{first['version']}`" in artifact.data and "## Quarantine" in artifact.data
+    assert f"Data card `{first.version}`" in artifact.data and "## Quarantine" in artifact.data
 
     client = mlflow.MlflowClient(cfg.tracking_uri())
-    run = client.get_run(first["mlflow_run_id"])
-    assert run.info.run_name == f"curate-{first['version']}"
-    assert run.data.tags["lmforge.data_version"] == first["version"]
+    run = client.get_run(first.mlflow_run_id)
+    assert run.info.run_name == f"curate-{first.version}"
+    assert run.data.tags["lmforge.data_version"] == first.version
     inputs = {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
-    assert inputs == {(f"lmforge-data-{s}", f"{first['version']}-{s}") for s in ("train", "validation", "test")}
+    assert inputs == {(f"lmforge-data-{s}", f"{first.version}-{s}") for s in ("train", "validation", "test")}
     contexts = {t.value for d in run.inputs.dataset_inputs for t in d.tags if t.key == "mlflow.data.context"}
     assert contexts == {"train", "validation", "test"}
     assert run.data.metrics["examples.train.total"] == 24
@@ -85,16 +85,16 @@ def test_curate_flow_publishes_card_logs_dataset_and_reuses_version(prefect_harn
     # Same inputs again: the Prefect cache hands back the same version; nothing is rebuilt or re-logged.
     stamp = (path / "card.json").stat().st_mtime_ns
     second = curate_flow(cfg)
-    assert second["reused"] is True and second["version"] == first["version"]
+    assert second.reused is True and second.version == first.version
     assert (path / "card.json").stat().st_mtime_ns == stamp
-    assert second["mlflow_run_id"] == first["mlflow_run_id"]
-    runs = client.search_runs([run.info.experiment_id], f"tags.`lmforge.data_version` = '{first['version']}'")
+    assert second.mlflow_run_id == first.mlflow_run_id
+    runs = client.search_runs([run.info.experiment_id], f"tags.`lmforge.data_version` = '{first.version}'")
     assert len(runs) == 1
 
     # The cached result points at a deleted directory: the flow notices and rebuilds.
     shutil.rmtree(path)
     third = curate_flow(cfg)
-    assert third["version"] == first["version"] and (path / "card.json").is_file()
+    assert third.version == first.version and (path / "card.json").is_file()
 
 
 def test_cli_curate_prints_card_and_exits_2_on_missing_sources(prefect_harness, flow_env):

@@ -77,53 +77,53 @@ def test_pipeline_resumes_gates_and_registers_only_what_the_registry_confirms(pr
     result = pipeline_flow(cfg)
 
     # Resumed at quantize: the earlier stages were reused with the same keys (same versions).
-    assert result["reused"] == {"curate": True, "finetune": True, "align": True, "quantize": False,
+    assert result.reused == {"curate": True, "finetune": True, "align": True, "quantize": False,
                                 "evaluate": False, "register": False}
     progress = read_progress(home)
     for stage in ("finetune", "align"):
         assert progress[stage]["key"] == killed[stage]["key"]
     # The keys are the ones stage_inputs computes (config, upstream keys, code hashes).
     client = mlflow.MlflowClient()
-    registered = result["register"]
-    version = client.get_model_version(cfg.registry.model_name, registered["version"])
-    inputs = stage_inputs(cfg, version.tags["base_sha256"], result["data"]["version"])
+    registered = result.register
+    version = client.get_model_version(cfg.registry.model_name, registered.version)
+    inputs = stage_inputs(cfg, version.tags["base_sha256"], result.data.version)
     assert {s: progress[s]["key"] for s in STAGES} == {s: stage_key(s, inputs[s]) for s in STAGES}
 
     # Nothing half-written was used: staging is gone, complete variants from the killed run were
     # reused as they were, and every variant of the export is complete for these inputs.
-    exported = result["quantize"]
-    assert exported["root"] == str(export_root) and not list(export_root.glob(".tmp-*"))
+    exported = result.quantize
+    assert exported.root == export_root and not list(export_root.glob(".tmp-*"))
     for name, meta in visible.items():
         assert read_variant(export_root / name)["created_at"] == meta["created_at"], f"{name} was rebuilt"
-    for name in {r["variant"] for r in exported["rows"]}:
-        assert is_complete(export_root / name, exported["inputs_sha256"]), name
+    for name in {r["variant"] for r in exported.rows}:
+        assert is_complete(export_root / name, exported.inputs_sha256), name
 
     # The default gates: a random 2-layer model's sentiment/NER answers do not parse, so it gets no alias.
-    reasons = registered["gate_reasons"]
+    reasons = registered.gate_reasons
     assert any(r.startswith("format_compliance_sentiment") and r.endswith("< 0.9") for r in reasons), reasons
-    assert registered["aliases"] == [] and version.tags["gate_status"] == "failed"
+    assert registered.aliases == [] and version.tags["gate_status"] == "failed"
     assert version.aliases == []
     assert LINEAGE_TAGS <= set(version.tags)
-    assert version.tags["data_version"] == result["data"]["version"]
-    assert version.tags["code_commit"] == exported["code_commit"]
+    assert version.tags["data_version"] == result.data.version
+    assert version.tags["code_commit"] == exported.code_commit
     assert json.loads(version.tags["stage_code"])["finetune"]["code_hash"] == inputs["finetune"]["code"]
     assert float(version.tags["metric.format_compliance_sentiment"]) < 0.9
     intervals = json.loads(version.tags["quality_vs_fp32"])  # the selected variant's paired intervals
-    assert intervals == exported["selection"]["compare"].get(exported["selected"], {})
+    assert intervals == exported.selection["compare"].get(exported.selected, {})
     assert all({"difference", "low", "high", "drop_upper", "n"} <= set(c) for c in intervals.values())
-    report = result["report"]
-    assert f"registered **{cfg.registry.model_name} v{registered['version']}**" in report
+    report = result.report
+    assert f"registered **{cfg.registry.model_name} v{registered.version}**" in report
     assert "aliases: none; gates failed: format_compliance_sentiment" in report
     assert "| finetune | reused |" in report and "| quantize | ran |" in report and "| register | ran |" in report
 
     # tiny.yaml's threshold (0) re-gates the same version (no duplicate): challenger and champion.
     cfg = load("tiny", [f"home={home}"])
     result = pipeline_flow(cfg)
-    assert result["reused"] == {"curate": True, "finetune": True, "align": True, "quantize": True, "evaluate": True,
+    assert result.reused == {"curate": True, "finetune": True, "align": True, "quantize": True, "evaluate": True,
                                 "register": False}
-    passed = result["register"]
-    assert passed["version"] == registered["version"] and passed["gate_reasons"] == []
-    assert set(passed["aliases"]) == {"challenger", "champion"}
+    passed = result.register
+    assert passed.version == registered.version and passed.gate_reasons == []
+    assert set(passed.aliases) == {"challenger", "champion"}
     assert len(client.search_model_versions(f"name='{cfg.registry.model_name}'")) == 1
 
     model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@champion")
@@ -134,8 +134,8 @@ def test_pipeline_resumes_gates_and_registers_only_what_the_registry_confirms(pr
     # A reviewer moved the champion away: a reused registration reports the registry's aliases.
     client.delete_registered_model_alias(cfg.registry.model_name, "champion")
     moved = pipeline_flow(cfg)
-    assert moved["reused"]["register"] and moved["register"]["aliases"] == ["challenger"]
-    client.set_registered_model_alias(cfg.registry.model_name, "champion", passed["version"])
+    assert moved.reused["register"] and moved.register.aliases == ["challenger"]
+    client.set_registered_model_alias(cfg.registry.model_name, "champion", passed.version)
 
     _another_registry_gets_its_own_version(cfg, home, tmp_path, monkeypatch, result)
     _size_gate_refuses_promotion_with_the_measured_size(home, exported)
@@ -152,19 +152,19 @@ def _another_registry_gets_its_own_version(cfg, home, tmp_path, monkeypatch, ear
     other_uri = f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"
     other = load("tiny", [f"home={home}", f"registry.tracking_uri={other_uri}"])
     result = pipeline_flow(other)
-    assert result["reused"]["quantize"] and not result["reused"]["register"]
+    assert result.reused["quantize"] and not result.reused["register"]
     client = mlflow.MlflowClient(other_uri, other_uri)
     [version] = client.search_model_versions(f"name='{other.registry.model_name}'")
-    assert str(version.version) == result["register"]["version"]
+    assert str(version.version) == result.register.version
     assert version.tags["lmforge.register_key"] == register_key(
-        stage_inputs(other, version.tags["base_sha256"], result["data"]["version"])["register"])
-    assert version.tags["code_commit"] == earlier["quantize"]["code_commit"] != "a-later-checkout"
+        stage_inputs(other, version.tags["base_sha256"], result.data.version)["register"])
+    assert version.tags["code_commit"] == earlier.quantize.code_commit != "a-later-checkout"
     assert set(client.get_registered_model(other.registry.model_name).aliases) == {"champion", "challenger"}
     # A stored registration whose version was deleted since is not reused either.
     client.delete_model_version(other.registry.model_name, version.version)
     again = pipeline_flow(other)
-    assert not again["reused"]["register"]
-    assert client.get_model_version(other.registry.model_name, again["register"]["version"])
+    assert not again.reused["register"]
+    assert client.get_model_version(other.registry.model_name, again.register.version)
     first_store = mlflow.MlflowClient(cfg.tracking_uri(), cfg.tracking_uri())
     assert len(first_store.search_model_versions(f"name='{cfg.registry.model_name}'")) == 1
     monkeypatch.undo()
@@ -176,7 +176,7 @@ def _another_registry_gets_its_own_version(cfg, home, tmp_path, monkeypatch, ear
 def _size_gate_refuses_promotion_with_the_measured_size(home, exported) -> None:
     """`lmforge run -c tiny registry.gates.max_size_mb=1 --serve`: the measured IR size fails the gate,
     so the new registered model gets no alias and there is nothing to serve."""
-    selected = next(r for r in exported["rows"] if r["variant"] == exported["selected"])
+    selected = next(r for r in exported.rows if r["variant"] == exported.selected)
     name = "lmforge-size-gated"
     done = subprocess.run(
         [sys.executable, "-m", "flows.cli", "run", "-c", "tiny", "--serve", f"registry.model_name={name}",

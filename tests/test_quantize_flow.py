@@ -37,7 +37,8 @@ def export(tiny_model_dir, tmp_path_factory, prefect_harness):
     adapter = make_adapter(tiny_model_dir, root / "adapter")
     records = sentiment_records(tiny_model_dir)
     started = time.perf_counter()
-    summary = quantize_flow(cfg, adapter_dir=adapter, samples=samples_of(records), eval_records=records)
+    # The typed result as the JSON `lmforge quantize --json` prints (every field, paths as strings).
+    summary = quantize_flow(cfg, adapter_dir=adapter, samples=samples_of(records), eval_records=records).as_json()
     summary["seconds"] = time.perf_counter() - started
     return {"summary": summary, "cfg": cfg, "adapter": adapter, "records": records, "base": tiny_model_dir}
 

@@ -50,14 +50,14 @@ def test_finetune_flow_trains_evaluates_and_tracks(prefect_harness, flow_config)
     cfg, _ = flow_config
     result = finetune_flow(cfg, progress_bar=False)
 
-    adapter = Path(result["adapter_dir"])
+    adapter = Path(result.adapter_dir)
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
-    assert read_latest_run(cfg.home) == result["run_name"] and result["data_version"] == VERSION
-    assert result["train"]["steps"] == 4 and result["train"]["data"]["kept"] == 40
-    assert "sentiment_accuracy" in result["base"] and "sentiment_accuracy" in result["tuned"]
+    assert read_latest_run(cfg.home) == result.run_name and result.data_version == VERSION
+    assert result.train["steps"] == 4 and result.train["data"]["kept"] == 40
+    assert "sentiment_accuracy" in result.base and "sentiment_accuracy" in result.tuned
 
     client = MlflowClient(cfg.tracking_uri())
-    run = client.get_run(result["mlflow_run_id"])
+    run = client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.info.artifact_uri.startswith(cfg.artifact_root().resolve().as_uri())
     assert run.data.tags["lmforge.data_version"] == VERSION
@@ -77,9 +77,9 @@ def test_finetune_flow_trains_evaluates_and_tracks(prefect_harness, flow_config)
     # --resume continues the same run directory and MLflow run (here: 2 more steps, no evaluation).
     longer = cfg.model_copy(update={"sft": cfg.sft.model_copy(update={"max_steps": 6, "evaluate": False})})
     resumed = finetune_flow(longer, resume=True, progress_bar=False)
-    assert resumed["run_name"] == result["run_name"] and resumed["mlflow_run_id"] == result["mlflow_run_id"]
-    assert resumed["train"]["resumed_from"].endswith("step-00000004/state.ckpt")
-    assert [s for s, _ in resumed["train"]["loss_curve"]] == [1, 2, 3, 4, 5, 6]
+    assert resumed.run_name == result.run_name and resumed.mlflow_run_id == result.mlflow_run_id
+    assert resumed.train["resumed_from"].endswith("step-00000004/state.ckpt")
+    assert [s for s, _ in resumed.train["loss_curve"]] == [1, 2, 3, 4, 5, 6]
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 6
 
 

@@ -10,6 +10,7 @@ import pytest
 from configs.schema import load
 from flows.pipeline import stage_inputs
 from tasks.code_hash import PACKAGES, REPO_ROOT, stage_sources
+from tasks.results import FinetuneResult, RegistrationResult, StageResult
 from tasks.stage_cache import cached_stage, stage_key
 
 STAGES = ("finetune", "align", "quantize", "evaluate", "register")
@@ -68,13 +69,31 @@ def test_a_stored_result_keeps_the_commit_it_was_computed_with(tmp_path, monkeyp
     import tasks.stage_cache
 
     monkeypatch.setattr(tasks.stage_cache, "code_commit", lambda: "commit-that-trained")
-    first, reused = cached_stage(tmp_path, "finetune", {"code": "h1"}, lambda: {"adapter_dir": str(tmp_path)},
+    def trained() -> dict:
+        return {"adapter_dir": str(tmp_path), "run_dir": str(tmp_path), "run_name": "r1", "data_version": "v1"}
+
+    first, reused = cached_stage(tmp_path, "finetune", {"code": "h1"}, trained, FinetuneResult,
                                  path_keys=("adapter_dir",))
-    assert not reused and first["code_commit"] == "commit-that-trained" and first["code_hash"] == "h1"
+    assert not reused and first.code_commit == "commit-that-trained" and first.code_hash == "h1"
+    assert isinstance(first, FinetuneResult) and first.adapter_dir == tmp_path
     monkeypatch.setattr(tasks.stage_cache, "code_commit", lambda: "commit-checked-out-later")
     again, reused = cached_stage(tmp_path, "finetune", {"code": "h1"}, lambda: pytest.fail("must be reused"),
-                                 path_keys=("adapter_dir",))
-    assert reused and again["code_commit"] == "commit-that-trained"
+                                 FinetuneResult, path_keys=("adapter_dir",))
+    assert reused and again.code_commit == "commit-that-trained" and again == first
+
+
+def test_a_stored_result_older_code_cannot_read_is_computed_again(tmp_path):
+    """A stored file that no longer validates against the stage's result type (written before a field was
+    added) is a cache miss, not a crash or a half-filled result."""
+    runs = []
+
+    def run() -> dict:
+        runs.append(1)
+        return {"name": "m", "version": str(len(runs)), "model_uri": "models:/m/1"}
+
+    cached_stage(tmp_path, "register", {"k": 1}, lambda: {"version": "0"}, StageResult)  # an old, thinner result
+    result, reused = cached_stage(tmp_path, "register", {"k": 1}, run, RegistrationResult)
+    assert not reused and result.version == "1" and runs == [1]
 
 
 def test_still_valid_can_refuse_a_stored_result(tmp_path):
@@ -82,10 +101,12 @@ def test_still_valid_can_refuse_a_stored_result(tmp_path):
 
     def run():
         runs.append(1)
-        return {"version": str(len(runs))}
+        return {"name": "m", "version": str(len(runs)), "model_uri": "models:/m/1"}
 
-    cached_stage(tmp_path, "register", {"k": 1}, run)
-    result, reused = cached_stage(tmp_path, "register", {"k": 1}, run, still_valid=lambda stored: True)
-    assert reused and result["version"] == "1"
-    result, reused = cached_stage(tmp_path, "register", {"k": 1}, run, still_valid=lambda stored: False)
-    assert not reused and result["version"] == "2" and len(runs) == 2
+    cached_stage(tmp_path, "register", {"k": 1}, run, RegistrationResult)
+    result, reused = cached_stage(tmp_path, "register", {"k": 1}, run, RegistrationResult,
+                                  still_valid=lambda stored: True)
+    assert reused and result.version == "1"
+    result, reused = cached_stage(tmp_path, "register", {"k": 1}, run, RegistrationResult,
+                                  still_valid=lambda stored: stored.version != "1")
+    assert not reused and result.version == "2" and len(runs) == 2
