@@ -24,6 +24,7 @@ import pytest
 from configs.schema import ServeConfig
 from serving.app import build_app
 from serving.auth import KeyStore
+from serving.backends import engine_messages as msg
 from serving.errors import APIError
 from serving.metrics import Metrics
 from serving.router import ABRouter
@@ -388,9 +389,9 @@ def _finished_groups(parent, n: int) -> list[set[int]]:
     groups: list[set[int]] = []
     while sum(map(len, groups)) < n:
         assert parent.poll(60), "the engine stopped answering"
-        kind, items = parent.recv()
-        assert kind == "out" and all(error is None for *_, error in items)
-        groups.append({rid for rid, _, reason, _, _ in items if reason})
+        message = parent.recv()
+        assert isinstance(message, msg.Out) and all(t.error is None for t in message.tokens)
+        groups.append({t.rid for t in message.tokens if t.reason})
     return [g for g in groups if g]
 
 
@@ -407,7 +408,7 @@ def _engine_over_pipe(ir_dir, regroup_ms: float, queued: list[int]):
 
     def add(new_tokens: int = 3, stream: bool = False) -> None:
         fields = {"max_new_tokens": new_tokens, "ignore_eos": True, "do_sample": False}
-        parent.send(("add", next(rids), "Hello there", fields, None, stream))
+        parent.send(msg.Add(next(rids), "Hello there", fields, None, stream))
 
     for new_tokens in queued:
         add(new_tokens)
@@ -419,7 +420,7 @@ def _engine_over_pipe(ir_dir, regroup_ms: float, queued: list[int]):
         yield add, parent
     finally:
         if thread is not None:
-            parent.send(("close",))
+            parent.send(msg.Close())
             thread.join(timeout=30)
         parent.close()
         child.close()
@@ -477,16 +478,17 @@ def test_openvino_engine_sends_non_streaming_output_once_and_streaming_output_pe
     and every message wakes the gateway beside a running step); a streaming one's arrive step by step."""
     with _engine_over_pipe(ir_dir, 0.0, [4, 4]) as (add, parent):
         assert parent.poll(60)
-        kind, items = parent.recv()
-        assert kind == "out" and [(rid, len(ids), reason) for rid, ids, reason, _, _ in items] == [
-            (0, 4, "length"), (1, 4, "length")], items
+        message = parent.recv()
+        assert isinstance(message, msg.Out) and [(t.rid, len(t.ids), t.reason) for t in message.tokens] == [
+            (0, 4, "length"), (1, 4, "length")], message
         add(4, stream=True)
         streamed: list[list[int]] = []
         reason = None
         while reason is None:
             assert parent.poll(60), "the engine stopped answering"
-            kind, [(rid, ids, reason, _, _)] = parent.recv()
-            streamed.append(ids)
+            [tokens] = parent.recv().tokens
+            reason = tokens.reason
+            streamed.append(tokens.ids)
         assert reason == "length" and len(streamed) >= 2 and sum(map(len, streamed)) == 4, streamed
 
 

@@ -35,6 +35,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from serving.backends import engine_messages as msg
 from serving.backends.base import (
     BackendError,
     BackendInputError,
@@ -223,10 +224,10 @@ class OpenVINOBackend:
             message = self._conn.recv()
         except EOFError:
             self._proc.join(5)
-            message = ("error", f"the engine process exited with code {self._proc.exitcode}")
-        if message[0] != "ready":
+            message = msg.LoadFailed(f"the engine process exited with code {self._proc.exitcode}")
+        if not isinstance(message, msg.Ready):
             self._stop_process()
-            raise BackendError(f"could not load {model_dir} with OpenVINO: {message[1]}")
+            raise BackendError(f"could not load {model_dir} with OpenVINO: {getattr(message, 'message', message)}")
         try:
             self._tokenizer = ov_genai.Tokenizer(str(model_dir))
         except Exception as err:  # noqa: BLE001
@@ -261,7 +262,7 @@ class OpenVINOBackend:
         token = next(self._ids)
         future = self._replies[token] = asyncio.get_running_loop().create_future()
         started = time.perf_counter()
-        self._send(("adapter", token, name, str(file)))
+        self._send(msg.LoadAdapter(token, name, str(file)))
         error = await future
         if error:
             raise BackendInputError(error)
@@ -302,7 +303,7 @@ class OpenVINOBackend:
             return
         try:
             with self._send_lock:
-                conn.send(("close",))
+                conn.send(msg.Close())
         except (OSError, ValueError):
             pass
         proc.join(10)
@@ -373,7 +374,7 @@ class OpenVINOBackend:
         if self._pacer is not None:
             self._pacer.busy(True)
         try:
-            self._send(("add", request.rid, prompt, self._generation_fields(params), adapter, params.stream))
+            self._send(msg.Add(request.rid, prompt, self._generation_fields(params), adapter, params.stream))
         except (OSError, ValueError) as err:
             self._forget(request)
             raise BackendError(f"engine is down: {err}") from err
@@ -408,7 +409,7 @@ class OpenVINOBackend:
             if request.rid in self._requests:  # still generating: client gone, stop string or timeout
                 self._forget(request)
                 with contextlib.suppress(OSError, ValueError):
-                    self._send(("cancel", request.rid))
+                    self._send(msg.Cancel(request.rid))
 
     def _forget(self, request: _Request) -> None:
         self._requests.pop(request.rid, None)
@@ -427,10 +428,9 @@ class OpenVINOBackend:
                 if not self._closing:
                     self._fail(f"the engine process exited (code {self._proc.exitcode if self._proc else None})")
                 return
-            kind = message[0]
-            if kind == "out":
+            if isinstance(message, msg.Out):
                 out: list[tuple[_Request, Any]] = []
-                for rid, ids, reason, engine_s, error in message[1]:
+                for rid, ids, reason, engine_s, error in message.tokens:
                     request = self._requests.get(rid)
                     if request is None:
                         continue  # cancelled here already
@@ -449,13 +449,12 @@ class OpenVINOBackend:
                         out.append((request, _DONE))
                 if out:
                     _post(out)
-            elif kind == "reply":
-                _, token, error = message
-                _answer(self._replies.pop(token), error)
-            elif kind == "stats":
-                self._active_adapter, self.adapter_switch_s = message[1], message[2]
-            elif kind == "dead":
-                self._fail(message[1])
+            elif isinstance(message, msg.Reply):
+                _answer(self._replies.pop(message.token), message.error)
+            elif isinstance(message, msg.Stats):
+                self._active_adapter, self.adapter_switch_s = message.active_adapter, message.switch_s
+            elif isinstance(message, msg.Dead):
+                self._fail(message.message)
                 return
 
     def _fail(self, reason: str) -> None:

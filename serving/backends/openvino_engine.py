@@ -6,14 +6,11 @@ the gateway's process the event loop could only parse requests and send response
 at 8 clients a request spent 5% of its life waiting there while its batch slot idled. vLLM runs
 its EngineCore in a separate process for the same reason.
 
-Protocol over one duplex ``multiprocessing`` connection. Parent -> engine:
-``("add", rid, prompt, fields, adapter, stream)``, ``("cancel", rid)``,
-``("adapter", token, name, path)``, ``("close",)``. Engine -> parent: ``("ready", info)`` or
-``("error", message)`` once; then ``("out", [(rid, ids, reason, engine_s, error)])`` after a step
-(reason None while running; error set when the engine dropped the request, with reason "invalid"
-when it refused the request as asked, e.g. a grammar it cannot compile), ``("reply", token,
-error)``, ``("stats", active_adapter, switch_s)`` and, when the engine fails,
-``("dead", message)``.
+Protocol over one duplex ``multiprocessing`` connection, in the named messages of
+:mod:`serving.backends.engine_messages`. Parent -> engine: ``Add``, ``Cancel``, ``LoadAdapter``,
+``Close``. Engine -> parent: ``Ready`` or ``LoadFailed`` once; then ``Out`` (a ``Tokens`` per request
+with new output) after a step, ``Reply`` to a ``LoadAdapter``, ``Stats`` after an adapter switch and,
+when the engine fails, ``Dead``.
 
 Regrouping: when more finished requests are owed a successor than are still running (a group of
 requests sent together finished together), the engine waits until ``regroup_ms`` after that step for
@@ -31,6 +28,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from typing import Any
+
+from serving.backends import engine_messages as msg
 
 
 def read_adapter(path: str):
@@ -90,27 +89,25 @@ class _Engine:
             setattr(config, key, value)
         return config
 
-    def handle(self, message: tuple) -> bool:
-        kind = message[0]
-        if kind == "add":
-            _, rid, prompt, fields, adapter, stream = message
+    def handle(self, message: msg.Add | msg.Cancel | msg.LoadAdapter | msg.Close) -> bool:
+        if isinstance(message, msg.Add):
             self.owed = max(0, self.owed - 1)
             try:
-                config = self.config(fields)
+                config = self.config(message.fields)
             except Exception as err:  # noqa: BLE001 - a config the engine refuses is the request's fault
-                self.conn.send(("out", [(rid, [], "invalid", 0.0, f"the engine refused the request: {err}")]))
+                refused = msg.Tokens(message.rid, [], "invalid", 0.0, f"the engine refused the request: {err}")
+                self.conn.send(msg.Out([refused]))
                 return True
-            self.pending.append([rid, prompt, config, adapter, stream])
-        elif kind == "cancel":
-            self.cancelled.add(message[1])
-        elif kind == "adapter":
-            _, token, name, path = message
+            self.pending.append([message.rid, message.prompt, config, message.adapter, message.stream])
+        elif isinstance(message, msg.Cancel):
+            self.cancelled.add(message.rid)
+        elif isinstance(message, msg.LoadAdapter):
             try:
-                self.adapters[name] = read_adapter(path)
-                self.conn.send(("reply", token, None))
+                self.adapters[message.name] = read_adapter(message.path)
+                self.conn.send(msg.Reply(message.token, None))
             except Exception as err:  # noqa: BLE001 - reported to the caller as a bad adapter
-                self.conn.send(("reply", token, f"could not read LoRA adapter {path}: {err}"))
-        elif kind == "close":
+                self.conn.send(msg.Reply(message.token, f"could not read LoRA adapter {message.path}: {err}"))
+        elif isinstance(message, msg.Close):
             return False
         return True
 
@@ -143,21 +140,21 @@ class _Engine:
             new = [] if self.hold() else self.admit()
             if new and self.lora and new[0][3] != self.active_adapter:
                 self.switch_adapter(new[0][3])
-            refused: list[tuple[int, list[int], str | None, float, str | None]] = []
+            refused: list[msg.Tokens] = []
             for rid, prompt, config, _, stream in new:
                 self.held.discard(rid)
                 try:
                     handle = self.pipe.add_request(rid, prompt, config)
                 except Exception as err:  # noqa: BLE001 - e.g. a grammar XGrammar cannot compile: that request only
-                    refused.append((rid, [], "invalid", 0.0, f"the engine refused the request: {err}"))
+                    refused.append(msg.Tokens(rid, [], "invalid", 0.0, f"the engine refused the request: {err}"))
                     continue
                 self.active[rid] = _Running(handle, stream, time.perf_counter(), config.max_new_tokens)
             if refused:
-                self.conn.send(("out", refused))
+                self.conn.send(msg.Out(refused))
             if not self.active:
                 continue
             self.pipe.step()
-            out: list[tuple[int, list[int], str | None, float, str | None]] = []
+            out: list[msg.Tokens] = []
             finished_now = 0
             for rid, request in list(self.active.items()):
                 handle, stream, added_at = request.handle, request.stream, request.added_at
@@ -178,14 +175,15 @@ class _Engine:
                 if status in finished:
                     del self.active[rid]
                     finished_now += 1
-                    out.append((rid, ids, reason or "stop", time.perf_counter() - added_at, None))
+                    out.append(msg.Tokens(rid, ids, reason or "stop", time.perf_counter() - added_at, None))
                 elif status in failed:
                     del self.active[rid]
-                    out.append((rid, [], None, 0.0, f"engine dropped the request ({status.name}): KV cache exhausted?"))
+                    out.append(msg.Tokens(rid, [], None, 0.0,
+                                          f"engine dropped the request ({status.name}): KV cache exhausted?"))
                 elif ids:
-                    out.append((rid, ids, None, 0.0, None))
+                    out.append(msg.Tokens(rid, ids, None, 0.0, None))
             if out:
-                self.conn.send(("out", out))
+                self.conn.send(msg.Out(out))
             if finished_now and self.regroup_s:
                 now = time.perf_counter()
                 if now - self.finished_at > self.regroup_s:
@@ -264,7 +262,7 @@ class _Engine:
         config.adapters = self.ov.AdapterConfig(self.adapters[name]) if name else self.ov.AdapterConfig()
         self.pipe.generate(["."], [config])
         self.active_adapter = name
-        self.conn.send(("stats", name, time.perf_counter() - started))
+        self.conn.send(msg.Stats(name, time.perf_counter() - started))
 
 
 def engine_main(conn, model_dir: str, device: str, cache_gb: float, max_num_seqs: int, num_threads: int | None,
@@ -279,15 +277,15 @@ def engine_main(conn, model_dir: str, device: str, cache_gb: float, max_num_seqs
         engine = _Engine(conn, model_dir, device, cache_gb, max_num_seqs, num_threads, adapters, regroup_ms,
                          prefix_caching)
     except Exception as err:  # noqa: BLE001 - reported to the parent, which raises BackendError
-        conn.send(("error", f"{type(err).__name__}: {err}"))
+        conn.send(msg.LoadFailed(f"{type(err).__name__}: {err}"))
         return
-    conn.send(("ready", {"lora": engine.lora}))
+    conn.send(msg.Ready({"lora": engine.lora}))
     try:
         engine.run()
     except (EOFError, BrokenPipeError):
         return  # the gateway went away
     except Exception as err:  # noqa: BLE001 - the engine is unusable: say so, the parent fails its requests
         try:
-            conn.send(("dead", f"{type(err).__name__}: {err}"))
+            conn.send(msg.Dead(f"{type(err).__name__}: {err}"))
         except OSError:
             pass
