@@ -290,13 +290,15 @@ class Gateway:
     # ------------------------------------------------------------------ generation
     def sampling(self, max_tokens: int | None, temperature: float, top_p: float, stop: list[str],
                  seed: int | None, adapter: str | None = None, ignore_eos: bool = False,
-                 stream: bool = True, constraint: Constraint | None = None) -> SamplingParams:
+                 stream: bool = True, constraint: Constraint | None = None,
+                 constraint_optional: bool = False) -> SamplingParams:
         wanted = max_tokens if max_tokens is not None else self.cfg.default_max_tokens
         if wanted > self.cfg.max_tokens_limit:
             raise APIError(400, f"max_tokens is {wanted}, the largest allowed is {self.cfg.max_tokens_limit}",
                            param="max_tokens", code="max_tokens_too_large")
         return SamplingParams(max_tokens=wanted, temperature=temperature, top_p=top_p, stop=stop, seed=seed,
-                              adapter=adapter, ignore_eos=ignore_eos, stream=stream, constraint=constraint)
+                              adapter=adapter, ignore_eos=ignore_eos, stream=stream, constraint=constraint,
+                              constraint_optional=constraint_optional)
 
     async def run(self, ctx: RequestContext, variant: str, build: Callable[[Backend], str],
                   params: SamplingParams, n: int = 1) -> AsyncGenerator[tuple[int, Chunk], None]:
@@ -320,6 +322,8 @@ class Gateway:
                     prompt = build(ref.backend)
                     prompt_tokens = self._check_length(ref.backend, prompt, params)
                     counted = dataclasses.replace(params, prompt_tokens=prompt_tokens)
+                    if counted.constraint_optional and not ref.backend.structured_output:
+                        counted.constraint = None  # a preferred format, on a backend that cannot hold to one
                     ctx.variant, ctx.version = name, ref.version
                     if attempt:
                         self.metrics.fallbacks.labels(variant, name).inc()

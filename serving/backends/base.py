@@ -75,6 +75,9 @@ class SamplingParams:
     so the backend need not encode the prompt again."""
     constraint: Constraint | None = None
     """Structured output: the answer must match this (None = free text)."""
+    constraint_optional: bool = False
+    """The constraint is a preference (the JSON-RPC task formats): a backend without structured output
+    decodes freely instead of refusing the request."""
     stream: bool = True
     """The consumer wants tokens as they come. False (a non-streaming response) lets a backend hand
     over the whole completion at once instead of waking the event loop at every engine step."""

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 
 from configs.tasks import BUILTIN_TASKS
 from serving import protocol
-from serving.backends.base import Backend, Constraint
+from serving.backends.base import Constraint
 from serving.errors import APIError
 from serving.protocol import new_id
 from serving.routes.common import context, gateway, read_body
@@ -111,19 +111,15 @@ async def _dispatch(gw: Gateway, base: RequestContext, method: str, params: Any)
                               chosen_by=None)
     route = gw.cfg.task_routes.get(task)
     variant = gw.choose_variant(params.get("model", gw.cfg.served_model), ctx, pinned=route.variant if route else None)
+    # Constrained where the engine can (a label from the set, entity lines of known types): the answer parses.
     pattern = answer_pattern(task) if gw.cfg.constrain_tasks else None
     sampling = gw.sampling(max_tokens, 0.0, 1.0, [], None, adapter=_adapter_name(route.adapter) if route else None,
-                           stream=False)
+                           stream=False, constraint=Constraint("regex", pattern) if pattern else None,
+                           constraint_optional=True)
     messages = task_messages(task, text, gw.templates)
-
-    def prompt(backend: Backend) -> str:
-        # Constrained where the engine can (a label from the set, entity lines of known types): the answer parses.
-        sampling.constraint = Constraint("regex", pattern) if pattern and backend.structured_output else None
-        return backend.render_chat(messages)
-
     output, finish, usage = "", "stop", {}
     try:
-        async with contextlib.aclosing(gw.run(ctx, variant, prompt, sampling)) as stream:
+        async with contextlib.aclosing(gw.run(ctx, variant, lambda b: b.render_chat(messages), sampling)) as stream:
             async for _, chunk in stream:
                 output += chunk.text
                 if chunk.finish_reason:
