@@ -32,6 +32,7 @@ def export(tiny_model_dir, tmp_path_factory, prefect_harness):
         f"home={tiny_model_dir.parent.parent}", f"registry.tracking_uri=sqlite:///{root / 'mlflow.db'}",
         "quantize.variants=[int8, int4, qat_int4]", "quantize.base_ir_weight_format=fp32",
         "quantize.qat_steps=3", "quantize.bench_concurrency=[1, 8]", "quantize.bench_max_new_tokens=8",
+        "quantize.int8_head_group_size=32",  # 2 groups per row of the tiny model's 64-wide logits weight
         "evaluate.max_samples_per_task=4", "evaluate.max_new_tokens=4",
     ])
     adapter = make_adapter(tiny_model_dir, root / "adapter")
@@ -74,6 +75,32 @@ def test_weight_precisions_and_sizes(export):
     assert rows["int4"]["ir_bytes"] <= rows["int8"]["ir_bytes"]
     merged = read_variant(root / "merged_hf")
     assert merged["dtype"] == "float16" and merged["max_weight_delta"] > 0
+
+
+def test_int8_logits_weight_is_grouped_and_within_half_a_step(export):
+    """The weight behind the logits is stored as u8 codes in groups of 32 along the hidden size, with an
+    f16 scale and u8 zero point per group, and every decompressed value is within half a step of fp32."""
+    import openvino as ov
+
+    from tasks.quantize.export import logits_weight_nodes
+
+    root = Path(export["summary"]["root"])
+    assert read_variant(root / "int8")["logits_weight_group_size"] == 32
+    VOCAB = json.loads((Path(export["base"]) / "config.json").read_text())["vocab_size"]  # noqa: N806
+    reference = next(op.get_data() for op in ov.Core().read_model(str(root / "fp32_ir" / "openvino_model.xml")).get_ops()
+                     if op.get_type_name() == "Constant" and op.get_output_shape(0) == [VOCAB, 64])
+    model = ov.Core().read_model(str(root / "int8" / "openvino_model.xml"))
+    codes = [op for op in model.get_ops() if op.get_type_name() == "Constant" and op.get_output_shape(0) == [VOCAB, 2, 32]]
+    assert len(codes) == 1 and codes[0].get_output_element_type(0).get_type_name() == "u8"
+    subtract = next(iter(next(iter(codes[0].output(0).get_target_inputs())).get_node().output(0).get_target_inputs())).get_node()
+    multiply = next(iter(subtract.output(0).get_target_inputs())).get_node()
+    zero = subtract.input_value(1).get_node().input_value(0).get_node().get_data().astype(np.float32)
+    scale = multiply.input_value(1).get_node().get_data().astype(np.float32)
+    assert scale.shape == zero.shape == (VOCAB, 2, 1)
+    restored = ((codes[0].get_data().astype(np.float32) - zero) * scale).reshape(VOCAB, 64)
+    assert np.all(np.abs(restored - reference) <= np.repeat(scale[:, :, 0], 32, axis=1) * 0.51 + 1e-6)
+    # Both readers of that weight (LM head MatMul, embedding Gather) were kept from NNCF's per-channel pass.
+    assert len(logits_weight_nodes(root / "fp32_ir")) == 2
 
 
 def test_fp32_ir_matches_the_merged_model_token_for_token(export):
@@ -193,6 +220,10 @@ def test_report_selection_and_artifacts(export):
         assert 0 < rows[name]["latency_p50_ms"] <= rows[name]["latency_p95_ms"]
         assert rows[name]["latency_measured"].startswith(f"{n_requests} single requests")
         assert rows[name]["metrics"]["n_sentiment"] == 4
+    # The report's P95 column shows the measured latency (it read a key the probe never wrote).
+    head = next(line for line in markdown.splitlines() if line.startswith("| variant |")).split("|")
+    int8_line = next(line for line in markdown.splitlines() if line.startswith("| int8 ")).split("|")
+    assert int8_line[head.index(" P95 ms ")].strip() not in ("", "-")
     # Random tiny weights score the same everywhere, so every IR is eligible and the smallest wins.
     smallest = min(("fp32_ir", "int8", "int4", "qat_int4", "base_ir"), key=lambda n: rows[n]["ir_bytes"])
     assert summary["selected"] == smallest

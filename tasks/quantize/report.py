@@ -182,7 +182,7 @@ def render_markdown(rows: list[dict[str, Any]], selection: dict[str, Any], cfg: 
         share = f"{100 * size / fp32:.1f}%" if size and fp32 else "-"
         mark = " **(selected)**" if row["variant"] == selection.get("variant") else ""
         cells = [f"{row['variant']}{mark}", _mb(size if size else row.get("dir_bytes")), share,
-                 _num(row.get("peak_rss_mb")), *[_num(row.get(r)) for r in rates], _num(row.get("latency_ms_p95")),
+                 _num(row.get("peak_rss_mb")), *[_num(row.get(r)) for r in rates], _num(row.get("latency_p95_ms")),
                  _num(row.get("build_seconds"))]
         lines.append("| " + " | ".join(cells) + " |")
     compare = selection.get("compare", {})

@@ -44,7 +44,7 @@ WORK_DIR = ".work"
 # Settings that change the exported files (selection, benchmark and evaluation settings do not).
 _ARTEFACT_FIELDS = ("int4_group_size", "int4_ratio", "int4_sym", "awq", "scale_estimation", "calibration_samples",
                     "qat_steps", "qat_learning_rate", "qat_loss", "qat_lora_rank", "qat_batch_size", "qat_max_seq_len",
-                    "seed", "merged_dtype", "base_ir_weight_format")
+                    "seed", "merged_dtype", "base_ir_weight_format", "int8_head_group_size")
 
 
 @dataclasses.dataclass(frozen=True)

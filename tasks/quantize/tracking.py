@@ -47,7 +47,6 @@ def log_export(summary: dict[str, Any], tracking_uri: str, experiment: str, arti
                       "peak_rss_mb": row.get("peak_rss_mb"), "model_rss_mb": row.get("model_rss_mb")}
             values |= {k: v for k, v in row.items() if k.startswith(("tok_s_", "latency_p"))}
             values |= {k: v for k, v in row.get("metrics", {}).items() if isinstance(v, (int, float))}
-            values["latency_ms_p95"] = row.get("latency_ms_p95")
             # The paired intervals vs fp32 the selection was made on: <variant>.<task>.diff / .low / .high / .drop_ub
             for task, c in summary["selection"].get("compare", {}).get(name, {}).items():
                 values |= {f"{task}.diff": c["difference"], f"{task}.low": c["low"], f"{task}.high": c["high"],

@@ -31,7 +31,7 @@ DESCRIPTIONS = {
     "merged_hf": "base + adapter merged (PEFT merge_and_unload), HF safetensors for vLLM",
     "adapter": "the LoRA adapter alone (PEFT layout) for runtime LoRA in vLLM",
     "fp32_ir": "OpenVINO IR, fp32 weights (reference)",
-    "int8": "OpenVINO IR, INT8 weight-only PTQ (per-channel, asymmetric)",
+    "int8": "OpenVINO IR, INT8 weight-only PTQ (asymmetric; per channel, the logits weight per group of 64)",
     "int4": "OpenVINO IR, INT4 group-wise weight-only PTQ (data-aware AWQ + scale estimation)",
     "int8_full": "OpenVINO IR, INT8 weights and activations (calibrated PTQ)",
     "qat_int4": "OpenVINO IR, INT4 weights after NNCF QAT with absorbable LoRA (FQ_LORA)",
