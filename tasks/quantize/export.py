@@ -211,11 +211,16 @@ def group_quantize_logits_weight(ir_dir: Path, group_size: int) -> int:
         rows, hidden = weight.shape
         used = max(d for d in range(1, min(group_size, hidden) + 1) if hidden % d == 0)
         groups = weight.reshape(rows, hidden // used, used)
-        low, high = groups.min(-1, keepdims=True), groups.max(-1, keepdims=True)
-        scale = (np.maximum(high - low, 1e-8) / 255.0).astype(np.float16)
+        # The range includes 0 so the zero point is a code; an all-zero group gets scale 1.
+        low = np.minimum(groups.min(-1, keepdims=True), 0)
+        high = np.maximum(groups.max(-1, keepdims=True), 0)
+        exact = np.where(high > low, (high - low) / 255.0, 1.0)
+        # f16 scale rounded up, so the whole range still fits in 255 steps (codes are never clipped).
+        scale = exact.astype(np.float16)
+        scale = np.where(scale.astype(np.float32) < exact, np.nextafter(scale, np.float16(np.inf)), scale)
         step = scale.astype(np.float32)
-        zero = np.clip(np.round(-low / step), 0, 255)
-        codes = np.clip(np.round(groups / step) + zero, 0, 255).astype(np.uint8)
+        zero = np.round(-low / step)
+        codes = np.clip(np.round(groups / step + zero), 0, 255).astype(np.uint8)
         restored = ops.convert(ops.constant(codes), "f16")
         restored = ops.subtract(restored, ops.convert(ops.constant(zero.astype(np.uint8)), "f16"))
         restored = ops.multiply(restored, ops.constant(scale))
