@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import openai
 import pytest
+from pydantic import BaseModel
 
 from configs.schema import ModelConfig, PromotionGates, RegistryConfig, ServeConfig, TinyModelConfig
 from serving.app import build_app
@@ -194,6 +196,21 @@ def test_structured_output_passes_through_to_vllm(gateway, client):
                                             response_format=fmt).choices[0].message.content
     assert shaped == _direct(gateway, server_a, prompt, 24, structured_outputs={"json": schema})
     assert shaped.lstrip().startswith("{") and shaped != _direct(gateway, server_a, prompt, 24)
+
+
+class Flag(BaseModel):
+    color: Literal["red", "green", "blue"]
+    ok: bool
+
+
+def test_openai_parse_with_a_pydantic_model(client):
+    """beta.chat.completions.parse gets a Flag from vLLM through the gateway: the server runs with compact
+    JSON (no free whitespace), so even the random tiny model closes the object within its budget."""
+    parsed = client.beta.chat.completions.parse(model=MODEL, messages=STORY, response_format=Flag, temperature=0,
+                                                max_tokens=24)
+    flag = parsed.choices[0].message.parsed
+    assert isinstance(flag, Flag), parsed.choices[0].message.content
+    assert parsed.choices[0].finish_reason == "stop"
 
 
 def test_serves_the_registered_merged_weights_from_the_alias(gateway, registered, client):

@@ -58,7 +58,7 @@ def variant_row(variant_dir: Path, probe: dict[str, Any] | None, evaluation: dic
     """One report row: identity, sizes (IR alone and whole directory), probe results, metrics, eval table."""
     meta = read_variant(variant_dir) or {}
     row: dict[str, Any] = {"variant": variant_dir.name, "path": str(variant_dir), "dir_bytes": meta.get("size_bytes")}
-    for key in ("build_seconds", "method", "steps"):
+    for key in ("build_seconds", "method", "steps", "logits_weight_group_size"):
         if key in meta:
             row[key] = meta[key]
     if (variant_dir / "openvino_model.xml").is_file():

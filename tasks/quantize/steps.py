@@ -248,6 +248,10 @@ def report_notes(rows: list[dict[str, Any]], selection: dict[str, Any], merge_ch
                              + (f" ({100 * share:.0f}% recovered)" if share is not None else " (PTQ lost nothing)"))
             notes.append(f"QAT `{qat['variant']}` ({qat.get('steps', '?')} steps, {qat.get('build_seconds', '?')} s) "
                          f"vs PTQ `{ptq}`: " + "; ".join(parts))
+    for row in (r for r in rows if r.get("logits_weight_group_size")):
+        notes.append(f"`{row['variant']}`: every linear layer INT8 per output channel (NNCF), except the weight "
+                     f"behind the logits (embedding / LM head), INT8 per group of {row['logits_weight_group_size']} "
+                     "(quantize.int8_head_group_size).")
     for row in (r for r in rows if r.get("screened_out")):
         notes.append(f"`{row['variant']}` was screened out on the first examples of each task and not scored on "
                      f"the rest: {row['screened_out']}.")
