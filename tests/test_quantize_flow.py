@@ -87,13 +87,18 @@ def test_int8_logits_weight_is_grouped_and_within_half_a_step(export):
     root = Path(export["summary"]["root"])
     assert read_variant(root / "int8")["logits_weight_group_size"] == 32
     VOCAB = json.loads((Path(export["base"]) / "config.json").read_text())["vocab_size"]  # noqa: N806
-    reference = next(op.get_data() for op in ov.Core().read_model(str(root / "fp32_ir" / "openvino_model.xml")).get_ops()
-                     if op.get_type_name() == "Constant" and op.get_output_shape(0) == [VOCAB, 64])
-    model = ov.Core().read_model(str(root / "int8" / "openvino_model.xml"))
-    codes = [op for op in model.get_ops() if op.get_type_name() == "Constant" and op.get_output_shape(0) == [VOCAB, 2, 32]]
+    def constants(variant: str, shape: list[int]) -> list:
+        model = ov.Core().read_model(str(root / variant / "openvino_model.xml"))
+        return [op for op in model.get_ops() if op.get_type_name() == "Constant" and op.get_output_shape(0) == shape]
+
+    def consumer(node):
+        return next(iter(node.output(0).get_target_inputs())).get_node()
+
+    reference = constants("fp32_ir", [VOCAB, 64])[0].get_data()
+    codes = constants("int8", [VOCAB, 2, 32])
     assert len(codes) == 1 and codes[0].get_output_element_type(0).get_type_name() == "u8"
-    subtract = next(iter(next(iter(codes[0].output(0).get_target_inputs())).get_node().output(0).get_target_inputs())).get_node()
-    multiply = next(iter(subtract.output(0).get_target_inputs())).get_node()
+    subtract = consumer(consumer(codes[0]))  # codes -> Convert -> Subtract(zero point) -> Multiply(scale)
+    multiply = consumer(subtract)
     zero = subtract.input_value(1).get_node().input_value(0).get_node().get_data().astype(np.float32)
     scale = multiply.input_value(1).get_node().get_data().astype(np.float32)
     assert scale.shape == zero.shape == (VOCAB, 2, 1)
