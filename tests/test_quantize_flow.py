@@ -87,9 +87,12 @@ def test_int8_logits_weight_is_grouped_and_within_half_a_step(export):
     root = Path(export["summary"]["root"])
     assert read_variant(root / "int8")["logits_weight_group_size"] == 32
     VOCAB = json.loads((Path(export["base"]) / "config.json").read_text())["vocab_size"]  # noqa: N806
+    models = []  # a node's consumers live only as long as its model
+
     def constants(variant: str, shape: list[int]) -> list:
-        model = ov.Core().read_model(str(root / variant / "openvino_model.xml"))
-        return [op for op in model.get_ops() if op.get_type_name() == "Constant" and op.get_output_shape(0) == shape]
+        models.append(ov.Core().read_model(str(root / variant / "openvino_model.xml")))
+        return [op for op in models[-1].get_ops()
+                if op.get_type_name() == "Constant" and op.get_output_shape(0) == shape]
 
     def consumer(node):
         return next(iter(node.output(0).get_target_inputs())).get_node()
