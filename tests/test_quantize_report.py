@@ -105,6 +105,7 @@ def test_markdown_and_chart_show_intervals(tmp_path, rows):
     cfg = QuantizeConfig()
     rows = [*rows, {"variant": "merged_hf", "dir_bytes": 270_000_000, "metrics": {}}]
     choice = select_variant(rows, cfg)
+    choice["compare"]["int8"]["ner"]["drop_upper"] = -0.02  # better even at the bound: printed 0.0, not -0.0
     text = render_markdown(rows, choice, cfg, notes=["the base is dequantised from a Q4_1 GGUF"])
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("| variant | IR MB"))
@@ -113,6 +114,8 @@ def test_markdown_and_chart_show_intervals(tmp_path, rows):
     assert "| 136.0 | 25.2% |" in int8
     int4 = [line for line in lines if line.startswith("| int4 |")][-1]  # the metrics table's row
     assert "0.870 (-3.0 [" in int4 and "drop <=" in int4
+    int8_metrics = [line for line in lines if line.startswith("| int8 ")][-1]
+    assert "drop <= 0.0;" in int8_metrics and "-0.0;" not in int8_metrics
     assert "| merged_hf | 270.0 | - |" in text and "- the base is dequantised from a Q4_1 GGUF" in text
     png = render_chart(rows, cfg, tmp_path / "report.png", choice["compare"])
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000

@@ -204,7 +204,7 @@ def render_markdown(rows: list[dict[str, Any]], selection: dict[str, Any], cfg: 
                 text = _num(value, 3)
                 if c:
                     text += (f" ({c['difference']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}]; "
-                             f"drop <= {c['drop_upper']:.1f}; n {c['n']})")
+                             f"drop <= {round(c['drop_upper'], 1) + 0.0:.1f}; n {c['n']})")  # no '-0.0'
                 cells.append(text)
             cells += [_num(row["metrics"].get(f"format_compliance_{t}"), 3) for t in tasks]
             lines.append("| " + " | ".join(cells) + " |")
