@@ -173,3 +173,21 @@ def test_sweep_removes_leftovers_only(tmp_path):
     (tmp_path / "int8").mkdir()
     assert sweep_stale(tmp_path) == [".tmp-int4-abc"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8"]
+
+
+def test_an_ir_without_a_logits_output_keeps_its_files(tmp_path):
+    """Nothing to trace: group_quantize_logits_weight leaves the IR as NNCF wrote it and says so with None."""
+    import numpy as np
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    from tasks.quantize.export import group_quantize_logits_weight, logits_weight_nodes
+
+    x = ops.parameter([1, 8], np.float32, name="x")
+    y = ops.matmul(x, ops.constant(np.ones((8, 4), dtype=np.float32)), False, False)
+    y.output(0).set_names({"out"})
+    ov.save_model(ov.Model([y], [x], "plain"), str(tmp_path / "openvino_model.xml"), compress_to_fp16=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert logits_weight_nodes(tmp_path) == []
+    assert group_quantize_logits_weight(tmp_path, 64) is None
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

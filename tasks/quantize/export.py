@@ -133,7 +133,9 @@ def quantize_ir(
     copy_runtime_files(fp32_ir, out_dir)
     facts: dict[str, Any] = {"method": "ptq"}
     if variant == "int8" and cfg.int8_head_group_size:
-        facts["logits_weight_group_size"] = group_quantize_logits_weight(Path(out_dir), cfg.int8_head_group_size)
+        used = group_quantize_logits_weight(Path(out_dir), cfg.int8_head_group_size)
+        if used:
+            facts["logits_weight_group_size"] = used
     facts["weight_types"] = weight_element_types(Path(out_dir))
     if variant == "int4":
         facts |= {"group_size": cfg.int4_group_size, "ratio": cfg.int4_ratio, "sym": cfg.int4_sym,
@@ -178,10 +180,11 @@ def _constant_source(node):
     return node if node.get_type_name() == "Constant" else None
 
 
-def group_quantize_logits_weight(ir_dir: Path, group_size: int) -> int:
+def group_quantize_logits_weight(ir_dir: Path, group_size: int) -> int | None:
     """Quantise the float weight(s) behind the logits to INT8, asymmetric, per group of ``group_size``
     along the hidden dimension, and rewrite the IR in place (new files, then rename). Returns the group
-    size used (the largest divisor of the hidden size not above ``group_size``).
+    size used (the largest divisor of the hidden size not above ``group_size``), or None when the IR has
+    no ``logits`` output to trace (then NNCF quantised every weight per channel and nothing changes).
 
     Why: NNCF quantises INT8 weights per output channel only. For most layers that loses nothing
     measurable, but the tied embedding / LM head writes the logits directly, and per-channel INT8 of
@@ -196,6 +199,9 @@ def group_quantize_logits_weight(ir_dir: Path, group_size: int) -> int:
 
     ir_dir = Path(ir_dir)
     names = set(logits_weight_nodes(ir_dir))
+    if not names:
+        log.warning("%s: no 'logits' output to trace; the LM head stays INT8 per channel", ir_dir)
+        return None
     model = ov.Core().read_model(str(ir_dir / "openvino_model.xml"))
     constants = {}
     for op in model.get_ops():
