@@ -80,7 +80,7 @@ def align_flow(cfg: LmforgeConfig, sft_adapter: Path | None = None, sft_run: str
     except BaseException:
         mark_failed(cfg.tracking_uri(), run_id)
         raise
-    align_run.write_latest_run(cfg.home, run["name"])
+    align_run.publish_run_task(cfg.home, run["name"])
     if table:
         print("alignment before/after on the validation split:\n" + tracking.compare_markdown(table))
     return AlignResult(

@@ -23,7 +23,7 @@ TIERS = ("unit", "integration", "e2e")
 UNIT_MODULES = {
     "test_config", "test_curate_build", "test_curate_cleaning", "test_curate_loaders", "test_evaluate", "test_parsing",
     "test_quantize_extension_build", "test_quantize_report", "test_registry", "test_rewards", "test_sft_data",
-    "test_stage_cache", "test_task_literals",
+    "test_runs", "test_stage_cache", "test_task_literals",
 }
 E2E_MODULES = {
     "test_pipeline",      # the whole pipeline, then the README command serving its champion

@@ -45,14 +45,15 @@ def test_finetune_flow_trains_evaluates_and_tracks(prefect_harness, flow_config)
     from mlflow import MlflowClient
 
     from flows.finetune import finetune_flow
-    from tasks.sft.tracking import read_latest_run
+    from tasks.runs import StageRuns, read_run_file
 
     cfg, _ = flow_config
     result = finetune_flow(cfg, progress_bar=False)
 
     adapter = Path(result.adapter_dir)
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
-    assert read_latest_run(cfg.home) == result.run_name and result.data_version == VERSION
+    assert StageRuns(cfg.home, "sft").latest() == result.run_name and result.data_version == VERSION
+    assert read_run_file(result.run_dir)["mlflow_run_id"] == result.mlflow_run_id  # what --resume reopens
     assert result.train["steps"] == 4 and result.train["data"]["kept"] == 40
     assert "sentiment_accuracy" in result.base and "sentiment_accuracy" in result.tuned
 

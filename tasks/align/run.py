@@ -7,10 +7,7 @@ and the MLflow run id. ``<home>/runs/align/LATEST`` names the newest *finished* 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,32 +16,14 @@ from prefect import task
 from configs.schema import AlignConfig
 from tasks.align import tracking
 from tasks.align.trainer import train_stages
-from tasks.files import atomic_write_text, read_pointer, write_pointer
+from tasks.runs import StageRuns, read_run_file, update_run_file
 from tasks.runtime import torch_threads
 
 log = logging.getLogger(__name__)
 
-LATEST = "LATEST"
-RUN_FILE = "run.json"
-
 
 class AlignRunError(RuntimeError):
     """No SFT adapter to continue from, or a run that cannot be started as asked."""
-
-
-def align_root(home: Path) -> Path:
-    """``<home>/runs/align``."""
-    return Path(home) / "runs" / "align"
-
-
-def read_latest_run(home: Path) -> str | None:
-    """Name of the newest finished alignment run, or None."""
-    return read_pointer(align_root(home) / LATEST)
-
-
-def write_latest_run(home: Path, name: str) -> None:
-    """Point ``<home>/runs/align/LATEST`` at ``name`` (atomically)."""
-    write_pointer(align_root(home) / LATEST, name)
 
 
 def resolve_sft(home: Path, sft_adapter: Path | None = None, sft_run: str | None = None) -> dict[str, Any]:
@@ -62,26 +41,24 @@ def resolve_sft(home: Path, sft_adapter: Path | None = None, sft_run: str | None
     Raises:
         AlignRunError: nothing found, naming where it looked and how to fix it.
     """
-    sft_root = Path(home) / "runs" / "sft"
+    sft_runs = StageRuns(home, "sft")
     if sft_adapter is None:
         if sft_run is None:
-            sft_run = read_pointer(sft_root / LATEST)
+            sft_run = sft_runs.latest()
             if sft_run is None:
-                raise AlignRunError(f"no SFT run under {sft_root} (no LATEST): run `lmforge finetune` first, "
+                raise AlignRunError(f"no SFT run under {sft_runs.root} (no LATEST): run `lmforge finetune` first, "
                                     f"or pass --sft-run / --adapter")
-        run_dir = sft_root / sft_run
+        run_dir = sft_runs.root / sft_run
         if not run_dir.is_dir():
-            known = ", ".join(sorted(p.name for p in sft_root.glob("sft-*"))) or "none"
-            raise AlignRunError(f"SFT run {sft_run!r} not found under {sft_root} (runs: {known})")
+            known = ", ".join(sft_runs.names()) or "none"
+            raise AlignRunError(f"SFT run {sft_run!r} not found under {sft_runs.root} (runs: {known})")
         sft_adapter = run_dir / "adapter"
     sft_adapter = Path(sft_adapter).resolve()
     if not (sft_adapter / "adapter_config.json").is_file():
         raise AlignRunError(f"{sft_adapter}: not a PEFT adapter directory (no adapter_config.json); "
                             f"did the SFT run finish?")
     run_dir = sft_adapter.parent
-    info: dict[str, Any] = {}
-    if (run_dir / RUN_FILE).is_file():
-        info = json.loads((run_dir / RUN_FILE).read_text())
+    info = read_run_file(run_dir) or {}
     return {
         "adapter_dir": str(sft_adapter),
         "sft_run": info.get("name"),
@@ -94,22 +71,9 @@ def resolve_sft(home: Path, sft_adapter: Path | None = None, sft_run: str | None
 
 def prepare_run(home: Path, sft: dict[str, Any], data_version: str, method: str, cfg: AlignConfig) -> dict[str, Any]:
     """Create ``<home>/runs/align/<name>/`` with its ``run.json``; returns the run info."""
-    name = f"align-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    run_dir = align_root(home) / name
-    run_dir.mkdir(parents=True, exist_ok=False)
-    info = {"name": name, "run_dir": str(run_dir), "sft_adapter": sft["adapter_dir"], "sft_run": sft["sft_run"],
-            "data_version": data_version, "method": method, "mlflow_run_id": None,
-            "align": cfg.model_dump(mode="json")}
-    atomic_write_text(run_dir / RUN_FILE, json.dumps(info, indent=2))
-    return info
-
-
-def remember(run_dir: Path, **values: Any) -> None:
-    """Update fields of ``run.json``."""
-    path = Path(run_dir) / RUN_FILE
-    info = json.loads(path.read_text())
-    info.update(values)
-    atomic_write_text(path, json.dumps(info, indent=2, default=str))
+    return StageRuns(home, "align").create({
+        "sft_adapter": sft["adapter_dir"], "sft_run": sft["sft_run"], "data_version": data_version,
+        "method": method, "mlflow_run_id": None, "align": cfg.model_dump(mode="json")})
 
 
 def make_judge(cfg: AlignConfig, home: Path):
@@ -162,7 +126,7 @@ def start_tracking_task(tracking_uri: str, experiment: str, run: dict[str, Any],
                         tags: dict[str, str], artifact_root: Path | None) -> str:
     """Prefect wrapper: create the MLflow run and remember its id in run.json."""
     run_id = tracking.start_run(tracking_uri, experiment, run["name"], params, tags, artifact_root)
-    remember(Path(run["run_dir"]), mlflow_run_id=run_id)
+    update_run_file(Path(run["run_dir"]), mlflow_run_id=run_id)
     return run_id
 
 
@@ -183,3 +147,9 @@ def log_results_task(tracking_uri: str, run_id: str, result: dict, run_dir: str,
                      evaluations: dict[str, dict[str, float]]) -> dict[str, dict[str, float | None]]:
     """Prefect wrapper of :func:`tasks.align.tracking.log_results`."""
     return tracking.log_results(tracking_uri, run_id, result, Path(run_dir), evaluations)
+
+
+@task(name="align-publish-run")
+def publish_run_task(home: Path, name: str) -> None:
+    """Point ``<home>/runs/align/LATEST`` at a finished run: from now on quantize exports its adapter."""
+    StageRuns(home, "align").set_latest(name)

@@ -24,7 +24,7 @@ from prefect.cache_policies import NONE as NO_CACHE
 
 from configs.schema import EvaluateConfig, QuantizeConfig
 from tasks.code_hash import stage_code_hash
-from tasks.files import atomic_write_text, read_pointer, sha256_dir, write_pointer
+from tasks.files import atomic_write_text, sha256_dir, write_pointer
 from tasks.quantize.validate import AdapterError, AdapterInfo, validate_adapter
 from tasks.quantize.variants import (
     EXPORT_FILE,
@@ -36,6 +36,7 @@ from tasks.quantize.variants import (
     sweep_stale,
     write_json_atomic,
 )
+from tasks.runs import LATEST, StageRuns
 
 log = logging.getLogger(__name__)
 
@@ -311,12 +312,11 @@ def resolve_adapter(home: Path, adapter: Path | None) -> Path:
     which names finished runs only), else the newest SFT run's ``adapter/`` (``runs/sft/LATEST``)."""
     if adapter is not None:
         return Path(adapter)
-    for stage, what in (("align", "alignment"), ("sft", "fine-tuning")):
-        latest = Path(home) / "runs" / stage / "LATEST"
-        name = read_pointer(latest)
+    for runs, what in ((StageRuns(home, "align"), "alignment"), (StageRuns(home, "sft"), "fine-tuning")):
+        name = runs.latest()
         if name is None:
             continue
-        run = Path(name) if Path(name).is_absolute() else latest.parent / name
+        run = Path(name) if Path(name).is_absolute() else runs.root / name
         if (run / "adapter").is_dir():
             log.info("no adapter given: using the newest %s run's, %s", what, run / "adapter")
             return run / "adapter"
@@ -324,9 +324,9 @@ def resolve_adapter(home: Path, adapter: Path | None) -> Path:
             return run
         raise AdapterError(f"the newest {what} run {run} has no adapter/ yet (still training, or it failed); "
                            "wait for it, or pass --adapter PATH")
-    runs = Path(home) / "runs"
-    raise AdapterError(f"no adapter given and no fine-tuning run found (neither {runs / 'align' / 'LATEST'} "
-                       f"nor {runs / 'sft' / 'LATEST'} exists); run `lmforge finetune` first or pass --adapter PATH")
+    align, sft = (StageRuns(home, stage).root / LATEST for stage in ("align", "sft"))
+    raise AdapterError(f"no adapter given and no fine-tuning run found (neither {align} nor {sft} exists); "
+                       "run `lmforge finetune` first or pass --adapter PATH")
 
 
 # --------------------------------------------------------------------------- helpers

@@ -15,14 +15,13 @@ from typing import Any
 from prefect import task
 
 from configs.schema import SFTConfig
-from tasks.files import atomic_write_text
+from tasks.runs import StageRuns, read_run_file, update_run_file
 from tasks.sft import tracking
 from tasks.sft.data import SFTDataError, select_records
 from tasks.sft.train import TrainSpec, run_training, write_records
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
 # Fields that may change between a run and its resume without changing what was trained so far.
 RESUMABLE_CHANGES = {"max_steps", "evaluate", "eval_max_samples_per_task", "checkpoint_every_n_steps",
                      "keep_checkpoints", "num_workers", "cpu_threads"}
@@ -61,23 +60,23 @@ def prepare_run(home: Path, cfg: SFTConfig, data_version: str | None = None, res
     if not records:
         wanted = f" for sft.tasks={cfg.tasks}" if cfg.tasks else ""
         raise SFTDataError(f"curated data {version} has no training records{wanted}; the training set is empty")
-    name = tracking.new_run_name()
-    run_dir = tracking.sft_root(home) / name
-    records_path = run_dir / "train.jsonl"
+    runs = StageRuns(home, "sft")
+    info = runs.create({"data_version": version, "records_path": None, "n_records": len(records),
+                        "mlflow_run_id": None, "sft": cfg.model_dump(mode="json")})
+    records_path = Path(info["run_dir"]) / "train.jsonl"
     write_records(records, records_path)
-    info = {"name": name, "run_dir": str(run_dir), "data_version": version, "records_path": str(records_path),
-            "n_records": len(records), "mlflow_run_id": None, "sft": cfg.model_dump(mode="json")}
-    _write_run_file(run_dir, info)
-    tracking.write_latest_run(home, name)
+    info = update_run_file(Path(info["run_dir"]), records_path=str(records_path))
+    runs.set_latest(info["name"])  # the newest *started* run: what --resume continues
     return {**info, "resume": False}
 
 
 def _resume_info(home: Path, cfg: SFTConfig, data_version: str | None) -> dict[str, Any]:
-    name = tracking.read_latest_run(home)
-    run_dir = tracking.sft_root(home) / name if name else None
-    if run_dir is None or not (run_dir / RUN_FILE).is_file():
-        raise SFTRunError(f"--resume: no SFT run to resume under {tracking.sft_root(home)}; start one without --resume")
-    info = json.loads((run_dir / RUN_FILE).read_text())
+    runs = StageRuns(home, "sft")
+    run_dir = runs.latest_dir()
+    info = read_run_file(run_dir) if run_dir else None
+    if info is None:
+        raise SFTRunError(f"--resume: no SFT run to resume under {runs.root}; start one without --resume")
+    name = info["name"]
     if data_version and data_version != info["data_version"]:
         raise SFTRunError(f"--resume: run {name} trained on data {info['data_version']}, not {data_version}; "
                           f"drop --data-version or start a new run")
@@ -88,17 +87,6 @@ def _resume_info(home: Path, cfg: SFTConfig, data_version: str | None) -> dict[s
         raise SFTRunError(f"--resume: run {name} was started with a different config ({detail}); "
                           f"use the same settings or start a new run")
     return {**info, "sft": current, "resume": True}
-
-
-def _write_run_file(run_dir: Path, info: dict[str, Any]) -> None:
-    atomic_write_text(run_dir / RUN_FILE, json.dumps(info, indent=2))
-
-
-def remember_mlflow_run(run_dir: Path, run_id: str) -> None:
-    """Store the MLflow run id in run.json so a resume logs into the same run."""
-    info = json.loads((Path(run_dir) / RUN_FILE).read_text())
-    info["mlflow_run_id"] = run_id
-    _write_run_file(Path(run_dir), info)
 
 
 # --------------------------------------------------------------------------- Prefect tasks
@@ -114,7 +102,7 @@ def start_tracking_task(tracking_uri: str, experiment: str, run: dict, params: d
     """Prefect wrapper: create (or reopen) the MLflow run and remember its id in run.json."""
     run_id = tracking.start_run(tracking_uri, experiment, run["name"], params, run["data_version"],
                                 artifact_root, run.get("mlflow_run_id"), home)
-    remember_mlflow_run(Path(run["run_dir"]), run_id)
+    update_run_file(Path(run["run_dir"]), mlflow_run_id=run_id)  # a resume logs into the same MLflow run
     return run_id
 
 

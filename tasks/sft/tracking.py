@@ -1,4 +1,4 @@
-"""SFT run bookkeeping: run directories, the MLflow run (params, data version, results, adapter).
+"""The MLflow side of an SFT run: params, data version, results, adapter (run directories: :mod:`tasks.runs`).
 
 Per-step metrics (loss, learning rate, tokens/s, peak RSS) are logged during training by
 Lightning's ``MLFlowLogger`` into the run created here; this module logs everything else.
@@ -7,38 +7,14 @@ Lightning's ``MLFlowLogger`` into the run created here; this module logs everyth
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from configs.schema import SFTConfig
 from tasks import tracking
-from tasks.files import read_pointer, write_pointer
 
 log = logging.getLogger(__name__)
-
-LATEST = "LATEST"
-
-
-def sft_root(home: Path) -> Path:
-    """``<home>/runs/sft``."""
-    return Path(home) / "runs" / "sft"
-
-
-def new_run_name(prefix: str = "sft") -> str:
-    """A sortable, unique run name: ``sft-20260101-120000-<pid>``."""
-    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-
-
-def read_latest_run(home: Path) -> str | None:
-    """Name of the newest SFT run, or None."""
-    return read_pointer(sft_root(home) / LATEST)
-
-
-def write_latest_run(home: Path, name: str) -> None:
-    """Point ``<home>/runs/sft/LATEST`` at ``name`` (atomically)."""
-    write_pointer(sft_root(home) / LATEST, name)
 
 
 def flat_params(cfg: SFTConfig, extra: dict[str, Any] | None = None) -> dict[str, str]:
