@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from configs.data_schema import DataConfig, Task
 
 PRESETS_DIR = Path(__file__).resolve().parent
+# OpenVINO's INFERENCE_PRECISION_HINT; "auto" leaves the plugin's default (bf16 where the CPU has it).
+InferencePrecision = Literal["auto", "f32", "bf16", "f16"]
 
 
 class ConfigError(Exception):
@@ -393,6 +395,10 @@ class EvaluateConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Torch device of the Hugging Face engine; 'auto' = a GPU when torch sees one (the OpenVINO engine
     uses serve.device's plugin, CPU by default)."""
+    inference_precision: InferencePrecision = "auto"
+    """Precision of the OpenVINO evaluation engine (INFERENCE_PRECISION_HINT); 'auto' = the plugin's choice,
+    as the gateway serves by default (bf16 on CPUs with AVX512-BF16/AMX, f32 elsewhere); 'f32' reproduces
+    Hugging Face's fp32 answers token for token."""
     constrained: bool = False
     """Label and entity tasks decode constrained to their answer format (tasks.parsing.answer_pattern), as the
     gateway's JSON-RPC methods do with serve.constrain_tasks; needs the openvino engine."""
@@ -532,6 +538,9 @@ class ServeConfig(Section):
     step instead of a step apart, and holds new requests out of a step that ends every running request;
     0 = neither. A lone finished request never waits; a group that does not come back costs one wait
     (docs/SERVING_RESULTS.md)."""
+    inference_precision: InferencePrecision = "auto"
+    """Precision OpenVINO computes in (INFERENCE_PRECISION_HINT); 'auto' = the plugin's choice: bf16 on CPUs
+    with AVX512-BF16/AMX (faster), f32 elsewhere. Evaluation has its own (evaluate.inference_precision)."""
     prefix_caching: bool = True
     """Reuse the KV cache of prompt prefixes already computed (every JSON-RPC call of a task repeats its system
     prompt and instruction): OpenVINO's enable_prefix_caching, vLLM's --enable-prefix-caching /

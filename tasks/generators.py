@@ -42,6 +42,12 @@ class DecodingSpec:
         return text.strip()
 
 
+def precision_properties(precision: str) -> dict[str, str]:
+    """OpenVINO compile properties for an inference precision ('auto' = none: the plugin decides, which
+    is bf16 on CPUs with AVX512-BF16/AMX, so greedy answers can differ from fp32 torch near a tie)."""
+    return {} if precision == "auto" else {"INFERENCE_PRECISION_HINT": precision}
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     """Token ids that end an assistant turn: the chat template's end-of-turn first, then eos.
 
@@ -81,10 +87,11 @@ class OpenVINOGenerator:
         batch_size: prompts handed to the pipeline at once (it schedules them together).
         cache_gb: KV-cache size.
         device: OpenVINO device.
+        precision: OpenVINO inference precision ('auto' = the plugin's default; 'f32' matches fp32 torch).
     """
 
     def __init__(self, ir_dir: Path, adapter: Path | None = None, batch_size: int = 32, cache_gb: float = 1.0,
-                 device: str = "CPU"):
+                 device: str = "CPU", precision: str = "auto"):
         import openvino_genai as og
         from transformers import AutoTokenizer
 
@@ -93,7 +100,8 @@ class OpenVINOGenerator:
         scheduler = og.SchedulerConfig()
         scheduler.cache_size = max(1, round(cache_gb))
         self._adapters = og.AdapterConfig(og.Adapter(str(adapter))) if adapter else None
-        properties = {"adapters": self._adapters} if self._adapters else {}
+        properties: dict = {"adapters": self._adapters} if self._adapters else {}
+        properties.update(precision_properties(precision))
         self._pipe = og.ContinuousBatchingPipeline(str(self.ir_dir), scheduler, device, properties)
         self._tokenizer = self._pipe.get_tokenizer()
         self.decoding = DecodingSpec.for_tokenizer(AutoTokenizer.from_pretrained(str(self.ir_dir)))

@@ -34,7 +34,7 @@ def make_backend(kind: str, cfg: ServeConfig, url: str | None = None, name: str 
         from serving.backends.openvino import OpenVINOBackend
 
         return OpenVINOBackend(cfg.device, cfg.cache_gb, cfg.max_num_seqs, cfg.num_threads, regroup_ms=cfg.regroup_ms,
-                              prefix_caching=cfg.prefix_caching)
+                              prefix_caching=cfg.prefix_caching, precision=cfg.inference_precision)
     if kind == "vllm":
         from serving.backends.vllm import VLLMBackend
 

@@ -149,9 +149,9 @@ class OpenVINOBackend:
 
     def __init__(self, device: str = "CPU", cache_gb: float = 1.0, max_num_seqs: int = 32,
                  num_threads: int | None = None, keep_awake: bool | None = None, regroup_ms: float = 30.0,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, precision: str = "auto"):
         self.device, self.cache_gb, self.max_num_seqs, self.num_threads = device, cache_gb, max_num_seqs, num_threads
-        self.regroup_ms, self.prefix_caching = regroup_ms, prefix_caching
+        self.regroup_ms, self.prefix_caching, self.precision = regroup_ms, prefix_caching, precision
         if keep_awake is None:  # LMFORGE_OV_KEEP_AWAKE=1 turns the CorePacer on
             keep_awake = os.environ.get("LMFORGE_OV_KEEP_AWAKE", "0").lower() in ("1", "true", "yes")
         self.keep_awake = keep_awake and device.upper().startswith("CPU")
@@ -217,7 +217,8 @@ class OpenVINOBackend:
         self._proc = context.Process(
             target=engine_main, name=f"lmforge-ov-engine-{model_dir.name}", daemon=True,
             args=(child, str(model_dir), self.device, self.cache_gb, self.max_num_seqs, self.num_threads,
-                  {name: str(path) for name, path in self._adapters.items()}, self.regroup_ms, self.prefix_caching))
+                  {name: str(path) for name, path in self._adapters.items()}, self.regroup_ms, self.prefix_caching,
+                  self.precision))
         self._proc.start()
         child.close()
         try:

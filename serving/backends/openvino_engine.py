@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from serving.backends import engine_messages as msg
+from tasks.generators import precision_properties
 
 
 def read_adapter(path: str):
@@ -50,7 +51,8 @@ class _Running:
 
 class _Engine:
     def __init__(self, conn, model_dir: str, device: str, cache_gb: float, max_num_seqs: int,
-                 num_threads: int | None, adapters: dict[str, str], regroup_ms: float, prefix_caching: bool = True):
+                 num_threads: int | None, adapters: dict[str, str], regroup_ms: float, prefix_caching: bool = True,
+                 precision: str = "auto"):
         import openvino_genai as ov_genai
 
         self.ov = ov_genai
@@ -62,6 +64,7 @@ class _Engine:
         properties: dict[str, Any] = {}
         if num_threads:
             properties["INFERENCE_NUM_THREADS"] = num_threads
+        properties.update(precision_properties(precision))
         self.adapters = {name: read_adapter(path) for name, path in adapters.items()}
         self.lora = bool(self.adapters)
         if self.lora:
@@ -266,7 +269,8 @@ class _Engine:
 
 
 def engine_main(conn, model_dir: str, device: str, cache_gb: float, max_num_seqs: int, num_threads: int | None,
-                adapters: dict[str, str], regroup_ms: float, prefix_caching: bool = True) -> None:
+                adapters: dict[str, str], regroup_ms: float, prefix_caching: bool = True,
+                precision: str = "auto") -> None:
     """Entry point of the engine process."""
     import signal
 
@@ -275,7 +279,7 @@ def engine_main(conn, model_dir: str, device: str, cache_gb: float, max_num_seqs
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         engine = _Engine(conn, model_dir, device, cache_gb, max_num_seqs, num_threads, adapters, regroup_ms,
-                         prefix_caching)
+                         prefix_caching, precision)
     except Exception as err:  # noqa: BLE001 - reported to the parent, which raises BackendError
         conn.send(msg.LoadFailed(f"{type(err).__name__}: {err}"))
         return
