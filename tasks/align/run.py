@@ -130,7 +130,9 @@ def start_tracking_task(tracking_uri: str, experiment: str, run: dict[str, Any],
     return run_id
 
 
-@task(name="align-train")
+# log_prints off: TRL maps its datasets, and datasets fingerprints the mapped function with dill, which
+# disassembles it into a captured stdout; Prefect's print logging turns that into pages of bytecode.
+@task(name="align-train", log_prints=False)
 def train_task(home: Path, model_dir: str, run: dict[str, Any], cfg: AlignConfig, tracking_uri: str,
                mlflow_run_id: str) -> dict[str, Any]:
     """Prefect wrapper of :func:`align` (per-step metrics go to the MLflow run as they happen)."""
