@@ -343,8 +343,7 @@ def open_generator(cfg: EvaluateConfig, model_dir: str | Path, adapter_dir: str 
         info = validate_adapter(Path(adapter_dir), Path(model_dir), allow_name_mismatch=True)
         adapter_file = Path(scratch or tempfile.mkdtemp(prefix="lmforge-adapter-")) / "adapter_model.safetensors"
         write_genai_adapter(info, adapter_file)
-    return OpenVINOGenerator(openvino_ir(Path(model_dir)), adapter_file, cfg.batch_size, cfg.cache_gb,
-                             precision=cfg.inference_precision)
+    return OpenVINOGenerator.for_evaluation(openvino_ir(Path(model_dir)), cfg, adapter_file)
 
 
 def _cache_key(model_dir: str | Path, adapter_dir: str | Path | None, selected: list[dict[str, Any]],

@@ -90,6 +90,11 @@ class OpenVINOGenerator:
         precision: OpenVINO inference precision ('auto' = the plugin's default; 'f32' matches fp32 torch).
     """
 
+    @classmethod
+    def for_evaluation(cls, ir_dir: Path, cfg, adapter: Path | None = None) -> OpenVINOGenerator:
+        """The generator an ``evaluate`` section describes (batch size, KV cache, inference precision)."""
+        return cls(ir_dir, adapter, cfg.batch_size, cfg.cache_gb, precision=cfg.inference_precision)
+
     def __init__(self, ir_dir: Path, adapter: Path | None = None, batch_size: int = 32, cache_gb: float = 1.0,
                  device: str = "CPU", precision: str = "auto"):
         import openvino_genai as og

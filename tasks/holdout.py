@@ -21,8 +21,7 @@ def evaluate_holdout(home: Path, ir_dir: Path, data_version: str, eval_cfg: Eval
     from tasks.generators import OpenVINOGenerator
 
     test = list(load_curated(home, data_version)["test"])
-    generate = OpenVINOGenerator(ir_dir, batch_size=eval_cfg.batch_size, cache_gb=eval_cfg.cache_gb,
-                                 precision=eval_cfg.inference_precision)
+    generate = OpenVINOGenerator.for_evaluation(ir_dir, eval_cfg)
     result = evaluate_records(test, generate, eval_cfg)
     return EvaluationResult(metrics=result.metrics, ir_dir=ir_dir, split="test")
 

@@ -31,9 +31,10 @@ class StageRuns:
         """A sortable, unique run name: ``<stage>-20260101-120000-<pid>``."""
         return f"{self.stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
-    def create(self, info: dict[str, Any]) -> dict[str, Any]:
-        """Make a new run directory and write its ``run.json``: ``info`` plus ``name`` and ``run_dir``."""
-        name = self.new_name()
+    def create(self, info: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+        """Make a new run directory and write its ``run.json``: ``info`` plus ``name`` and ``run_dir``
+        (``name`` from :meth:`new_name` when not given, e.g. to name files inside the run beforehand)."""
+        name = name or self.new_name()
         run_dir = self.root / name
         run_dir.mkdir(parents=True, exist_ok=False)
         info = {"name": name, "run_dir": str(run_dir), **info}

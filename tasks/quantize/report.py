@@ -48,8 +48,7 @@ def evaluate_variant(ir_dir: Path, records: Sequence[dict], eval_cfg: EvaluateCo
     from tasks.evaluate import evaluate_records, write_results
     from tasks.generators import OpenVINOGenerator
 
-    generate = OpenVINOGenerator(ir_dir, adapter, eval_cfg.batch_size, eval_cfg.cache_gb,
-                                 precision=eval_cfg.inference_precision)
+    generate = OpenVINOGenerator.for_evaluation(ir_dir, eval_cfg, adapter)
     result = evaluate_records(list(records), generate, eval_cfg)
     paths = write_results(result, out_dir)
     return {"metrics": dict(result.metrics), "table_json": paths["table_json"]}

@@ -61,12 +61,12 @@ def prepare_run(home: Path, cfg: SFTConfig, data_version: str | None = None, res
         wanted = f" for sft.tasks={cfg.tasks}" if cfg.tasks else ""
         raise SFTDataError(f"curated data {version} has no training records{wanted}; the training set is empty")
     runs = StageRuns(home, "sft")
-    info = runs.create({"data_version": version, "records_path": None, "n_records": len(records),
-                        "mlflow_run_id": None, "sft": cfg.model_dump(mode="json")})
-    records_path = Path(info["run_dir"]) / "train.jsonl"
+    name = runs.new_name()
+    records_path = runs.root / name / "train.jsonl"
+    info = runs.create({"data_version": version, "records_path": str(records_path), "n_records": len(records),
+                        "mlflow_run_id": None, "sft": cfg.model_dump(mode="json")}, name)
     write_records(records, records_path)
-    info = update_run_file(Path(info["run_dir"]), records_path=str(records_path))
-    runs.set_latest(info["name"])  # the newest *started* run: what --resume continues
+    runs.set_latest(name)  # only once the records exist: the newest *started* run is what --resume continues
     return {**info, "resume": False}
 
 
