@@ -3,8 +3,8 @@
     flock /tmp/bench.lock .venv/bin/python bench/bench_locust.py --start-stack        # its own stack (tiny IR)
     flock /tmp/bench.lock .venv/bin/python bench/bench_locust.py --stack-dir .lmforge/stack   # a running one
 
-1. Capacity: closed-loop users (direct to the replicas) doubling from 1 until throughput stops
-   growing by 10%; the capacity is the fewest users within 10% of the best throughput.
+1. Capacity: closed-loop users (direct to the replicas) doubling from 1 until answered requests/s
+   stop growing by 10%; the capacity is the fewest users within 10% of the best throughput.
 2. Runs at 8 users, at 1x, 2x and 4x the capacity, and past the gateways' admission limit
    (``--overload-users``, default 2 x replicas x (max_concurrency + max_queue): the queues fill and
    shed low priority first), each directly against the replicas (users
@@ -47,6 +47,10 @@ class Row:
     p95: float
     p99: float
 
+    @property
+    def answered_rps(self) -> float:
+        return self.rps * (1 - self.failures / self.requests) if self.requests else 0.0
+
 
 def run_locust(hosts: list[str], users: int, seconds: int, env: dict[str, str], out: Path) -> list[Row]:
     """One headless Locust run; its per-class rows plus the aggregate."""
@@ -70,11 +74,15 @@ def _ms(value: str) -> float:
 
 
 def capacity(hosts: list[str], env: dict[str, str], out: Path, seconds: int) -> tuple[int, list[tuple[int, float]]]:
-    """The fewest closed-loop users within 10% of the best throughput, and the curve measured."""
+    """The fewest closed-loop users within 10% of the best throughput, and the curve measured.
+
+    Throughput counts answered requests only: past the admission limit the gateways shed requests in
+    milliseconds (503), and counting those would read as capacity growing with the users."""
     curve: list[tuple[int, float]] = []
     users = 1
     while users <= 64:
-        rps = next(r.rps for r in run_locust(hosts, users, seconds, env, out) if r.name == "all")
+        total = next(r for r in run_locust(hosts, users, seconds, env, out) if r.name == "all")
+        rps = total.answered_rps
         curve.append((users, rps))
         print(f"capacity probe: {users} users -> {rps:.1f} req/s", file=sys.stderr)
         if len(curve) >= 2 and rps < curve[-2][1] * 1.10:

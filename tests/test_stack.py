@@ -211,18 +211,23 @@ def test_the_stack_end_to_end(stack, monkeypatch):
     t0 = time.monotonic()
     load = _start_locust(spec, admin_key, ca, users=6, seconds=40)
     time.sleep(8)
-    streams = _open_streams(spec.public_url, admin_key, ca, count=6)
-    time.sleep(1.0)  # the streams are generating, some on each replica (least_conn)
+    # Streams through nginx land where least_conn puts them (maybe all on one replica), so two more go
+    # straight to each replica: those on the killed one must end in an error, the others complete.
+    through_nginx = _open_streams(spec.public_url, admin_key, ca, count=4)
+    on_survivor = _open_streams(gateways[0], admin_key, None, count=2)
+    on_victim = _open_streams(gateways[1], admin_key, None, count=2)
+    time.sleep(1.0)  # the streams are generating
     # The replica and its engine process (supervisord gives each program its own process group).
     os.killpg(stack.pid("gateway-2"), signal.SIGKILL)
-    outcomes = [s.join() for s in streams]
+    outcomes = {name: [s.join() for s in group] for name, group in
+                (("nginx", through_nginx), ("survivor", on_survivor), ("victim", on_victim))}
     stats = _finish_locust(load)
     PHASES["kill under load"] = time.monotonic() - t0
     PHASES["kill: Locust requests (count)"] = stats["requests"]
     assert stats["requests"] > 50, stats
     assert stats["failures"] == 0, stats
-    assert all(o in ("done", "error") for o in outcomes), outcomes  # nothing hung
-    assert "error" in outcomes and "done" in outcomes, outcomes
+    assert all(o in ("done", "error") for o in outcomes["nginx"]), outcomes  # nothing hung
+    assert outcomes["victim"] == ["error"] * 2 and outcomes["survivor"] == ["done"] * 2, outcomes
     _wait(lambda: targets().get(instances[1]) == "down" and targets().get(instances[0]) == "up", 60,
           "the killed replica reported down")
     assert _chat(spec.public_url, admin_key, verify=ca).status_code == 200  # nginx routes around it
@@ -231,7 +236,7 @@ def test_the_stack_end_to_end(stack, monkeypatch):
 class _Stream(threading.Thread):
     """One long streaming request through nginx; ends as 'done', 'error' or (if it hangs) 'hung'."""
 
-    def __init__(self, url: str, key: str, ca: str):
+    def __init__(self, url: str, key: str, ca: str | None):
         super().__init__(daemon=True)
         self.url, self.key, self.ca, self.outcome = url, key, ca, "hung"
 
@@ -239,7 +244,7 @@ class _Stream(threading.Thread):
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 200,
                 "ignore_eos": True, "stream": True}
         try:
-            with httpx.stream("POST", f"{self.url}/v1/chat/completions", json=body, verify=self.ca,
+            with httpx.stream("POST", f"{self.url}/v1/chat/completions", json=body, verify=self.ca or True,
                               headers={"Authorization": f"Bearer {self.key}"}, timeout=60) as response:
                 for line in response.iter_lines():
                     if line.startswith("data: ") and '"error"' in line[:20]:
@@ -257,7 +262,7 @@ class _Stream(threading.Thread):
         return self.outcome
 
 
-def _open_streams(url: str, key: str, ca: str, count: int) -> list[_Stream]:
+def _open_streams(url: str, key: str, ca: str | None, count: int) -> list[_Stream]:
     streams = [_Stream(url, key, ca) for _ in range(count)]
     for stream in streams:
         stream.start()
