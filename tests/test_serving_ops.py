@@ -547,27 +547,64 @@ def test_openvino_matches_hf_reference_greedy(ir_dir, tiny_model_dir):
     assert openvino_out == hf_out
 
 
-def test_openvino_fast_detokenizer_and_pacer(ir_dir):
-    """tokenizer.json decoding (verified at load) streams exactly what the OpenVINO detokenizer would;
-    the CorePacer runs only while requests generate."""
+def test_openvino_gateway_text_without_openvino_and_pacer(ir_dir):
+    """The gateway's text side (tokenizer.json + the chat template, verified at load against the
+    engine's OpenVINO tokenizer) renders, counts and streams exactly what the OpenVINO tokenizer would,
+    and the gateway process never imports OpenVINO; the CorePacer runs only while requests generate."""
     from serving.backends.base import SamplingParams
     from serving.backends.openvino import OpenVINOBackend
+    from serving.backends.text import OpenVINOText
+
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Héllo 🙂 naïve café?"}]
+    params = SamplingParams(max_tokens=24, temperature=1.0, seed=3, ignore_eos=True)
 
     async def main():
         backend = OpenVINOBackend(cache_gb=1, keep_awake=True)
         await backend.load(ir_dir)
         assert backend.info()["detokenizer"] == "tokenizers" and backend.info()["keep_awake"]
-        params = SamplingParams(max_tokens=24, temperature=1.0, seed=3, ignore_eos=True)
-        texts = []
-        for fast in (backend._fast_decode, None):
-            backend._fast_decode = fast
-            chunks = [c async for c in backend.generate("Once upon a time", params)]
-            texts.append(("".join(c.text for c in chunks), chunks[-1].completion_tokens))
+        results = []
+        for codec in (backend._text, OpenVINOText(ir_dir)):
+            backend._text = codec
+            prompt = backend.render_chat(chat)
+            chunks = [c async for c in backend.generate(prompt, params)]
+            results.append((prompt, backend.count_tokens(prompt), "".join(c.text for c in chunks),
+                            chunks[-1].completion_tokens))
         await asyncio.sleep(0.1)
         idle = not backend._pacer._busy.is_set()
         await backend.release()
-        return texts, idle
+        return results, idle
 
+    # A fresh interpreter: this test process may have imported OpenVINO for other tests.
+    probe = ("import asyncio, sys; from pathlib import Path; from serving.backends.openvino import OpenVINOBackend\n"
+             "async def main():\n    b = OpenVINOBackend(cache_gb=1); await b.load(Path(sys.argv[1]))\n"
+             "    b.render_chat([{'role': 'user', 'content': 'Hi'}]); await b.release()\n"
+             "asyncio.run(main()); print(sorted(m for m in sys.modules if m.split('.')[0] == 'openvino_genai'))")
+    loaded = subprocess.run([sys.executable, "-c", probe, str(ir_dir)], capture_output=True, text=True, cwd=REPO,
+                            timeout=300)
+    assert loaded.returncode == 0 and loaded.stdout.strip().endswith("[]"), loaded.stderr[-2000:]
     (fast, slow), idle = asyncio.run(main())
-    assert fast == slow and fast[1] == 24
+    assert fast == slow and fast[3] == 24
     assert idle, "the pacer sleeps when nothing generates"
+
+
+def test_gateway_text_falls_back_to_openvino_when_the_chat_template_differs(ir_dir, tmp_path):
+    """A chat template that renders differently from the engine's tokenizer is not used."""
+    import shutil
+
+    import openvino_genai as ov_genai
+
+    from serving.backends.text import HFText, openvino_reference, text_codec
+
+    reference = openvino_reference(ov_genai.Tokenizer(str(ir_dir)), ir_dir)
+    assert text_codec(ir_dir, reference).kind == "tokenizers"
+    changed = shutil.copytree(ir_dir, tmp_path / "ir")
+    template = changed / "chat_template.jinja"
+    if template.is_file():
+        template.write_text(template.read_text().replace("<|im_start|>", "<|im_start|> "))
+    else:
+        config = json.loads((changed / "tokenizer_config.json").read_text())
+        config["chat_template"] = config["chat_template"].replace("<|im_start|>", "<|im_start|> ")
+        (changed / "tokenizer_config.json").write_text(json.dumps(config))
+    assert "chat template" in (HFText(changed).mismatch(reference) or "")
+    assert text_codec(changed, reference).kind == "openvino"
+    assert text_codec(ir_dir, None).kind == "openvino"  # no reference from the engine: no guessing

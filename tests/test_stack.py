@@ -164,8 +164,12 @@ def test_the_stack_end_to_end(stack, monkeypatch):
     # --- an alias moves only with credentials, and reaches both replicas
     import mlflow
 
+    from configs.schema import GATE_STATUS_TAG
+
     mlflow.set_tracking_uri(spec.mlflow_url)
     second = mlflow.register_model(champion.source, MODEL)  # the same logged model as a new version
+    # The gateway serves only gated versions (serving/promotion.py): the copy carries the champion's result.
+    registry.set_model_version_tag(MODEL, second.version, GATE_STATUS_TAG, champion.tags[GATE_STATUS_TAG])
     with monkeypatch.context() as anonymous:
         anonymous.delenv("MLFLOW_TRACKING_USERNAME")
         anonymous.delenv("MLFLOW_TRACKING_PASSWORD")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from typing import TYPE_CHECKING
 
-from configs.schema import ServeConfig
 from serving.backends.base import Backend, BackendError, BackendInputError, Chunk, SamplingParams
+
+if TYPE_CHECKING:
+    from configs.schema import ServeConfig
 
 __all__ = ["Backend", "BackendError", "BackendInputError", "Chunk", "SamplingParams", "make_backend", "pick_kind"]
 

@@ -5,10 +5,9 @@ batching is meant to be driven by a server (new requests join the running batch 
 Why a process (:mod:`serving.backends.openvino_engine`): ``step()`` holds the GIL for the whole
 step, which would freeze the gateway's event loop. The engine sends each step's new token ids in one
 message; a reader thread here hands them to the event loop in one ``call_soon_threadsafe`` per
-message. Non-streaming requests get their ids once, at the end. Detokenising happens on the event
-loop, with the HF ``tokenizers`` library when the IR directory has a ``tokenizer.json`` that decodes
-exactly like the OpenVINO detokenizer (checked at load): ~2 us per call instead of ~150 us of CPU
-for an OpenVINO detokenizer inference.
+message. Non-streaming requests get their ids once, at the end. Chat templates, prompt token counts
+and detokenising happen here, on the event loop, with HF ``tokenizers`` checked at load against the
+engine's OpenVINO tokenizer, so the gateway does not load OpenVINO (:mod:`serving.backends.text`).
 
 Runtime LoRA, as measured with openvino_genai 2026.4: LoRA is enabled only when the pipeline is
 built with at least one adapter (an empty AdapterConfig silently disables it); after that further
@@ -31,7 +30,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,10 +44,12 @@ from serving.backends.base import (
     SamplingParams,
     StopMatcher,
 )
+from serving.backends.text import TextCodec, text_codec
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
-    from multiprocessing.process import BaseProcess
+
+    from serving.backends.openvino_engine import EngineProcess
 
 log = logging.getLogger(__name__)
 _DONE = object()
@@ -158,13 +159,11 @@ class OpenVINOBackend:
         self._pacer: CorePacer | None = None
         self.model_dir: Path | None = None
         self.context_length = 2048
-        self._proc: BaseProcess | None = None  # the engine process
+        self._proc: EngineProcess | None = None  # the engine process
         self._conn: Connection | None = None
         self._send_lock = threading.Lock()
         self._reader: threading.Thread | None = None
-        self._tokenizer: Any = None  # openvino_genai.Tokenizer
-        # HF tokenizers decode, when verified equal to the OpenVINO detokenizer
-        self._fast_decode: Callable[[list[int]], str] | None = None
+        self._text: TextCodec | None = None  # chat template, token counts, detokenising (serving.backends.text)
         self._lora = False
         self._adapters: dict[str, Path] = {}
         self._default_adapter: str | None = None
@@ -179,7 +178,7 @@ class OpenVINOBackend:
 
     # ------------------------------------------------------------------ lifecycle
     async def load(self, model_dir: Path, adapter: Path | None = None, extra_adapters: Sequence[Path] = ()) -> None:
-        """Start the engine process on the IR in ``model_dir`` and load its tokenizer here.
+        """Start the engine process on the IR in ``model_dir``; the text side here (serving.backends.text).
 
         With ``adapter`` LoRA is enabled and it becomes the default; ``extra_adapters`` (e.g. per-task
         adapters) are loaded too, under their file stems, and also enable LoRA.
@@ -194,11 +193,7 @@ class OpenVINOBackend:
         self._reader.start()
 
     def _load_sync(self, model_dir: Path, adapter: Path | None, extra: list[Path]) -> None:
-        import multiprocessing
-
-        import openvino_genai as ov_genai
-
-        from serving.backends.openvino_engine import engine_main
+        from serving.backends.openvino_engine import EngineProcess
 
         if not (model_dir / "openvino_model.xml").is_file():
             raise BackendError(f"{model_dir} has no openvino_model.xml (not an OpenVINO IR directory)")
@@ -211,16 +206,12 @@ class OpenVINOBackend:
             self._adapters[adapter.stem] = self._adapter_file(adapter)
             self._default_adapter = adapter.stem
         self._lora = bool(self._adapters)
-        # spawn: a fork of a process with threads (the event loop's, uvicorn's) is not safe.
-        context = multiprocessing.get_context("spawn")
-        self._conn, child = context.Pipe()
-        self._proc = context.Process(
-            target=engine_main, name=f"lmforge-ov-engine-{model_dir.name}", daemon=True,
-            args=(child, str(model_dir), self.device, self.cache_gb, self.max_num_seqs, self.num_threads,
-                  {name: str(path) for name, path in self._adapters.items()}, self.regroup_ms, self.prefix_caching,
-                  self.precision))
-        self._proc.start()
-        child.close()
+        # A new interpreter, not a fork: forking a process with threads (the event loop's, uvicorn's) is unsafe.
+        self._proc = EngineProcess(
+            model_dir=str(model_dir), device=self.device, cache_gb=self.cache_gb, max_num_seqs=self.max_num_seqs,
+            num_threads=self.num_threads, adapters={name: str(path) for name, path in self._adapters.items()},
+            regroup_ms=self.regroup_ms, prefix_caching=self.prefix_caching, precision=self.precision)
+        self._conn = self._proc.conn
         try:
             message = self._conn.recv()
         except EOFError:
@@ -230,11 +221,10 @@ class OpenVINOBackend:
             self._stop_process()
             raise BackendError(f"could not load {model_dir} with OpenVINO: {getattr(message, 'message', message)}")
         try:
-            self._tokenizer = ov_genai.Tokenizer(str(model_dir))
+            self._text = text_codec(model_dir, message.info.get("text"))
         except Exception as err:  # noqa: BLE001
             self._stop_process()
             raise BackendError(f"could not load the tokenizer of {model_dir}: {err}") from err
-        self._fast_decode = _fast_decoder(model_dir, self._tokenizer)
         self.model_dir = model_dir
         self.context_length = _context_length(model_dir)
 
@@ -295,7 +285,7 @@ class OpenVINOBackend:
         if self._pacer is not None:
             self._pacer.close()
             self._pacer = None
-        self._tokenizer = self._fast_decode = None
+        self._text = None
         self._adapters.clear()
 
     def _stop_process(self) -> None:
@@ -316,27 +306,28 @@ class OpenVINOBackend:
 
     @property
     def released(self) -> bool:
-        return self._proc is None and self._tokenizer is None
+        return self._proc is None and self._text is None
 
     def info(self) -> dict[str, Any]:
         return {"kind": self.kind, "model_dir": str(self.model_dir), "device": self.device, "lora": self._lora,
                 "adapters": self.adapters(), "default_adapter": self._default_adapter,
                 "context_length": self.context_length, "load_seconds": round(self.load_seconds, 3),
                 "active_adapter": self._active_adapter, "adapter_switch_ms": round(self.adapter_switch_s * 1000, 3),
-                "detokenizer": "tokenizers" if self._fast_decode else "openvino", "keep_awake": self.keep_awake,
+                "detokenizer": self._text.kind if self._text else None, "keep_awake": self.keep_awake,
                 "engine_pid": self._proc.pid if self._proc else None, "dead": self._dead}
 
     # ------------------------------------------------------------------ text
     def render_chat(self, messages: list[dict[str, str]]) -> str:
-        return self._tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        assert self._text is not None, "load() first"
+        return self._text.render_chat(messages)
 
     def count_tokens(self, prompt: str) -> int:
-        return int(self._tokenizer.encode(prompt, add_special_tokens=False).input_ids.get_shape()[1])
+        assert self._text is not None, "load() first"
+        return self._text.count_tokens(prompt)
 
     def _decode(self, ids: list[int]) -> str:
-        if self._fast_decode is not None:
-            return self._fast_decode(ids)
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
+        assert self._text is not None, "load() first"
+        return self._text.decode(ids)
 
     # ------------------------------------------------------------------ generation
     @staticmethod
@@ -468,52 +459,6 @@ class OpenVINOBackend:
         self._replies.clear()
         if self._pacer is not None:
             self._pacer.busy(False)
-
-
-_PROBE = ("Héllo wörld: naïve café, 日本語 and emoji 🙂🚀.\n\tTabs, \"quotes\", code `x = [1, 2]`;  double  spaces "
-          "<|im_start|>user\nHi<|im_end|> 3.14159 -- The quick brown fox jumps over the lazy dog!")
-
-
-# pybind11 initialises its numpy bridge on the first tensor -> numpy conversion through a static
-# guard that waits for the GIL: two variants loading at once (champion and challenger) deadlocked
-# there, both threads parked in `.data` below. One probe at a time avoids it.
-_PROBE_LOCK = threading.Lock()
-
-
-def _fast_decoder(model_dir: Path, tokenizer: Any):
-    with _PROBE_LOCK:
-        return _probe_fast_decoder(model_dir, tokenizer)
-
-
-def _probe_fast_decoder(model_dir: Path, tokenizer: Any):
-    """``tokenizers`` decode for ``model_dir/tokenizer.json`` if it matches the OpenVINO detokenizer, else None.
-
-    Checked on every window of up to 6 ids of a probe text (multi-byte characters split across
-    tokens, special tokens, whitespace) and on random ids, as the incremental decoder uses it.
-    """
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        return None
-    try:
-        import random
-
-        from tokenizers import Tokenizer
-
-        fast = Tokenizer.from_file(str(path))
-        ids = [int(i) for i in tokenizer.encode(_PROBE, add_special_tokens=False).input_ids.data[0]]
-        windows = [ids[i:j] for i in range(len(ids)) for j in range(i + 1, min(len(ids), i + 6) + 1)]
-        rng = random.Random(0)
-        vocab = fast.get_vocab_size(with_added_tokens=True)
-        windows += [[rng.randrange(vocab) for _ in range(4)] for _ in range(32)] + [ids]
-        for window in windows:
-            if fast.decode(window, skip_special_tokens=True) != tokenizer.decode(window, skip_special_tokens=True):
-                log.info("%s: tokenizer.json decodes differently from the OpenVINO detokenizer; using the latter",
-                         model_dir)
-                return None
-    except Exception as err:  # noqa: BLE001 - the OpenVINO detokenizer always works
-        log.info("%s: fast detokenizer unavailable (%s); using the OpenVINO detokenizer", model_dir, err)
-        return None
-    return lambda token_ids: fast.decode(token_ids, skip_special_tokens=True)
 
 
 def _context_length(model_dir: Path) -> int:

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from serving.backends import engine_messages as msg
+from serving.backends.text import openvino_reference
 from tasks.generators import precision_properties
 
 
@@ -283,7 +285,12 @@ def engine_main(conn, model_dir: str, device: str, cache_gb: float, max_num_seqs
     except Exception as err:  # noqa: BLE001 - reported to the parent, which raises BackendError
         conn.send(msg.LoadFailed(f"{type(err).__name__}: {err}"))
         return
-    conn.send(msg.Ready({"lora": engine.lora}))
+    try:
+        # The gateway checks its own tokenizer against this (serving.backends.text).
+        text = openvino_reference(engine.pipe.get_tokenizer(), Path(model_dir))
+    except Exception:  # noqa: BLE001 - without it the gateway loads the OpenVINO tokenizer itself
+        text = None
+    conn.send(msg.Ready({"lora": engine.lora, "text": text}))
     try:
         engine.run()
     except (EOFError, BrokenPipeError):
@@ -293,3 +300,61 @@ def engine_main(conn, model_dir: str, device: str, cache_gb: float, max_num_seqs
             conn.send(msg.Dead(f"{type(err).__name__}: {err}"))
         except OSError:
             pass
+
+
+class EngineProcess:
+    """The engine in a fresh interpreter (``python -m serving.backends.openvino_engine FD``) over a
+    socket pair, with the parts of ``multiprocessing.Process`` the backend uses.
+
+    Not multiprocessing's spawn: it re-runs the parent's main module in the child (for ``lmforge
+    serve`` the whole CLI and config schema, ~26 MiB) and starts a resource-tracker process (~13 MiB),
+    per engine. This child imports the engine module and OpenVINO only. Its arguments go over stdin.
+    """
+
+    def __init__(self, **kwargs: Any):
+        import json
+        import socket
+        import subprocess
+        import sys
+        from multiprocessing.connection import Connection
+
+        ours, theirs = socket.socketpair()
+        with theirs:
+            self._popen = subprocess.Popen(
+                [sys.executable, "-m", "serving.backends.openvino_engine", str(theirs.fileno())],
+                stdin=subprocess.PIPE, pass_fds=(theirs.fileno(),))
+        assert self._popen.stdin is not None
+        with self._popen.stdin as stdin:
+            stdin.write(json.dumps(kwargs).encode())
+        self.conn = Connection(ours.detach())
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._popen.poll()
+
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        import subprocess
+
+        try:
+            self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def kill(self) -> None:
+        self._popen.kill()
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    from multiprocessing.connection import Connection
+
+    engine_main(Connection(int(sys.argv[1])), **json.loads(sys.stdin.read()))
+
