@@ -43,6 +43,7 @@ from serving.backends.base import (
     IncrementalDecoder,
     SamplingParams,
     StopMatcher,
+    release_free_heap,
 )
 from serving.backends.text import TextCodec, text_codec
 
@@ -225,6 +226,7 @@ class OpenVINOBackend:
         except Exception as err:  # noqa: BLE001
             self._stop_process()
             raise BackendError(f"could not load the tokenizer of {model_dir}: {err}") from err
+        release_free_heap()
         self.model_dir = model_dir
         self.context_length = _context_length(model_dir)
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.backends import engine_messages as msg
+from serving.backends.base import release_free_heap
 from serving.backends.text import openvino_reference
 from tasks.generators import precision_properties
 
@@ -290,6 +291,7 @@ def engine_main(conn, model_dir: str, device: str, cache_gb: float, max_num_seqs
         text = openvino_reference(engine.pipe.get_tokenizer(), Path(model_dir))
     except Exception:  # noqa: BLE001 - without it the gateway loads the OpenVINO tokenizer itself
         text = None
+    release_free_heap()
     conn.send(msg.Ready({"lora": engine.lora, "text": text}))
     try:
         engine.run()
