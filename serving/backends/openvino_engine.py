@@ -359,4 +359,3 @@ if __name__ == "__main__":
     from multiprocessing.connection import Connection
 
     engine_main(Connection(int(sys.argv[1])), **json.loads(sys.stdin.read()))
-

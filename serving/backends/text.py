@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import threading
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -113,8 +112,7 @@ class OpenVINOText:
     def __init__(self, model_dir: Path):
         import openvino_genai as ov_genai
 
-        with _OV_LOCK:
-            self.tokenizer = ov_genai.Tokenizer(str(model_dir))
+        self.tokenizer = ov_genai.Tokenizer(str(model_dir))
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -124,12 +122,6 @@ class OpenVINOText:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-
-# pybind11 initialises its numpy bridge on the first tensor -> numpy conversion through a static
-# guard that waits for the GIL: two variants loading at once (champion and challenger) deadlocked
-# there. One OpenVINO tokenizer load at a time avoids it.
-_OV_LOCK = threading.Lock()
 
 
 def text_codec(model_dir: Path, reference: dict[str, Any] | None) -> TextCodec:
