@@ -9,7 +9,7 @@ serving RSS <= 55% of the reference's under the same load.
 For each variant (``--repeats`` rounds, variants interleaved within a round): ``lmforge serve`` in its
 own process with the directory as its one variant (auth off, registry watcher off, a temporary
 LMFORGE_HOME so no real state is touched), the RSS of the gateway and all its descendants (the
-OpenVINO engine process, multiprocessing's helper) summed every ``--interval`` s from launch to the end
+OpenVINO engine process) summed every ``--interval`` s from launch to the end
 of the load; ``C`` clients with the official ``openai`` client, each sending ``--requests-per-client``
 non-streaming chat completions back to back (greedy, up to ``--max-tokens``), short prompts as the
 tasks are served: a sentiment sentence, an NER sentence, a dialogue to summarise, with the preset's
@@ -84,9 +84,7 @@ def _role(proc: psutil.Process, root_pid: int) -> str:
     if proc.pid == root_pid:
         return "gateway"
     cmd = " ".join(proc.cmdline())
-    if "resource_tracker" in cmd:
-        return "mp_resource_tracker"
-    if "spawn_main" in cmd:  # serving.backends.openvino starts its engine with multiprocessing "spawn"
+    if "serving.backends.openvino_engine" in cmd:  # the OpenVINO backend's engine process
         return "engine"
     return proc.name()
 

@@ -245,10 +245,11 @@ def _readme_command_serves_the_champion(home) -> None:
         # (its children are the OpenVINO engine processes only), and SIGTERM drains and exits cleanly.
         children = psutil.Process(proc.pid).children(recursive=True)
         commands = [" ".join(child.cmdline()) for child in children]
-        assert children and all("multiprocessing" in c for c in commands), f"only engine processes expected: {commands}"
+        engine = "-m serving.backends.openvino_engine"
+        assert children and all(engine in c for c in commands), f"only engine processes expected: {commands}"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-        _, alive = psutil.wait_procs(children, timeout=15)  # engines, and multiprocessing's resource tracker
+        _, alive = psutil.wait_procs(children, timeout=15)  # the engines
         assert alive == [], f"processes outlived the gateway: {alive}"
     finally:
         if proc.poll() is None:
