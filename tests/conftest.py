@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 # A module listed in UNIT_MODULES or E2E_MODULES has that tier; every other module is integration (a
 # new module is never unit by accident). In a unit module a test that uses one of HEAVY_FIXTURES is
 # integration. A tier marker written on a test (or as a module's pytestmark) wins over all of this.
-# `slow` is separate and deselected by default (addopts in pyproject.toml); `stack` runs by default, `-m stack` alone.
+# `slow` and `stack` are separate and stay deselected by default (addopts in pyproject.toml).
 TIERS = ("unit", "integration", "e2e")
 UNIT_MODULES = {
     "test_config", "test_curate_build", "test_curate_cleaning", "test_curate_loaders", "test_evaluate", "test_parsing",
